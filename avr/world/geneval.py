@@ -1,0 +1,135 @@
+"""GenEval's output layout, and scoring a folder in it with the ShapeWorld verifier.
+
+```
+OUT/00000/metadata.jsonl     the prompt's spec, one line
+OUT/00000/samples/0000.png   its images, whoever drew them
+OUT/results.jsonl            written by `score_folder`: one line per image
+```
+
+The summary follows GenEval's `summary_scores.py`: accuracy per tag is the mean of `correct` over that
+tag's images, and the overall accuracy is the mean over tags (each tag weighs the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from avr.world.complexity import LEVELS, complexity
+from avr.world.spec import PromptSpec, SpecError, iter_specs
+from avr.world.verify import Verifier, check_spec_vocabulary
+
+
+def prompt_dir(out: str | os.PathLike, index: int) -> Path:
+    """`OUT/<index:05d>`."""
+    return Path(out) / f"{index:05d}"
+
+
+def write_prompt(out: str | os.PathLike, index: int, spec: PromptSpec, images: list[Image.Image]):
+    """Write one prompt's metadata and its images `samples/0000.png`, …"""
+    folder = prompt_dir(out, index)
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    (folder / "metadata.jsonl").write_text(spec.to_line() + "\n", encoding="utf-8")
+    for k, image in enumerate(images):
+        image.save(folder / "samples" / f"{k:04d}.png")
+
+
+def iter_prompts(out: str | os.PathLike) -> Iterator[tuple[str, PromptSpec, list[Path]]]:
+    """Yield `(metadata file:line, spec, sample paths)` for every prompt folder, in index order."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such folder")
+    folders = sorted(p for p in out.iterdir() if p.is_dir() and p.name.isdigit())
+    if not folders:
+        raise FileNotFoundError(f"{out}: no prompt folders (00000/metadata.jsonl, …) inside")
+    for folder in folders:
+        meta = folder / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta}: missing (every prompt folder needs its metadata)")
+        specs = list(iter_specs(meta))
+        if len(specs) != 1:
+            raise SpecError(f"{meta}: expected exactly one spec line, found {len(specs)}")
+        where, spec = specs[0]
+        samples = sorted((folder / "samples").glob("*.png"))
+        yield where, spec, samples
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Accuracy (strict) and partial score by tag and by complexity level, and the overall figures."""
+
+    by_tag: dict[str, tuple[float, float, int]]  # tag -> (accuracy, partial score, images)
+    by_level: dict[str, tuple[float, float, int]]
+    overall: float  # mean over tags of the per-tag accuracy, as GenEval computes it
+    overall_partial: float
+    images: int
+
+
+def score_folder(out: str | os.PathLike, verifier: Verifier | None = None) -> list[dict]:
+    """Score every image under `out`, write `out/results.jsonl`, return its records.
+
+    Every spec is checked against ShapeWorld's vocabulary before any image is scored, so a folder of
+    real GenEval prompts fails at once, naming the first foreign class and where it is.
+    """
+    verifier = verifier or Verifier()
+    prompts = list(iter_prompts(out))
+    for where, spec, _ in prompts:
+        check_spec_vocabulary(spec, where)
+    records = []
+    for _, spec, samples in prompts:
+        level = complexity(spec).level
+        for path in samples:
+            with Image.open(path) as image:
+                verdict = verifier.verify(image.convert("RGB"), spec)
+            records.append(
+                {
+                    "filename": str(path),
+                    "tag": spec.tag,
+                    "prompt": spec.prompt,
+                    "correct": verdict.correct,
+                    "reason": verdict.reason,
+                    "score": verdict.score,
+                    "level": level,
+                    "metadata": spec.to_line(),
+                }
+            )
+    target = Path(out) / "results.jsonl"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, target)
+    return records
+
+
+def summarize(records: list[dict]) -> Summary:
+    """Per-tag and per-level accuracy of scored records (from `score_folder` or results.jsonl)."""
+    if not records:
+        raise ValueError("no scored images to summarize")
+    by_tag, by_level = _group(records, "tag"), _group(records, "level")
+    levels = {level: by_level[level] for level in LEVELS if level in by_level}
+    return Summary(
+        by_tag=by_tag,
+        by_level=levels,
+        overall=sum(a for a, _, _ in by_tag.values()) / len(by_tag),
+        overall_partial=sum(p for _, p, _ in by_tag.values()) / len(by_tag),
+        images=len(records),
+    )
+
+
+def _group(records: list[dict], key: str) -> dict[str, tuple[float, float, int]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r[key]].append(r)
+    return {
+        name: (
+            sum(r["correct"] for r in rs) / len(rs),
+            sum(r["score"] for r in rs) / len(rs),
+            len(rs),
+        )
+        for name, rs in groups.items()
+    }

@@ -1,0 +1,20 @@
+"""Shared fixtures: one seeded verifier and a small seeded prompt set with its scenes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avr.world import Verifier, sample_scene, sample_specs
+
+
+@pytest.fixture(scope="session")
+def verifier() -> Verifier:
+    return Verifier()
+
+
+@pytest.fixture(scope="session")
+def specs_and_scenes():
+    """Forty specs over every tag, each with a scene that satisfies it."""
+    specs = sample_specs(40, seed=123)
+    return [(s, sample_scene(s, np.random.default_rng([123, i]))) for i, s in enumerate(specs)]
