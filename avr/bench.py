@@ -70,6 +70,109 @@ def verifier(args: argparse.Namespace, console: Console) -> str:
     )
 
 
+@bench
+def rollout(args: argparse.Namespace, console: Console) -> str:
+    """Image generation (25 ODE steps, tiny model) with the KV cache vs recomputing the whole
+    sequence at every step, after a prompt alone and after a reflect-style context (two images
+    read back and a critique)."""
+    import torch
+
+    from avr.backbone import Session
+    from avr.defaults import tiny_model
+
+    torch.set_num_threads(args.threads)
+    model = tiny_model(args.seed).eval()
+    specs = sample_specs(2, seed=args.seed)
+    drafts = torch.stack(
+        [_pixels(render(sample_scene(s, np.random.default_rng(i)))) for i, s in enumerate(specs)]
+    )
+    ratios = {}
+    for context, images in (("prompt", 0), ("reflect", 2), ("plan", 4)):
+        seconds = {}
+        for cache in (True, False):
+            session = Session(model, batch_size=1, cache=cache)
+            session.append_text([specs[0].prompt])
+            for k in range(images):
+                session.append_image(drafts[k % 2 : k % 2 + 1])
+                session.append_text(["<refine>make the circle red and move it left</refine>"])
+            tokens = session.cache.length
+            session.generate_image(steps=1, read=False)  # warm-up
+            seconds[cache] = min(
+                _time(lambda s=session: s.generate_image(steps=25, read=False))
+                for _ in range(args.repeats)
+            )
+        ratios[context] = seconds[False] / seconds[True]
+        console.print(
+            f"{context:8s} context {tokens:4d} tokens: cached {seconds[True] * 1000:.0f} ms, "
+            f"recompute {seconds[False] * 1000:.0f} ms, {ratios[context]:.1f}x"
+        )
+    return (
+        f"rollout: cached vs recompute {ratios['plan']:.1f}x after a plan context (4 images), "
+        f"{ratios['reflect']:.1f}x after 2 images, {ratios['prompt']:.1f}x after a prompt alone"
+    )
+
+
+@bench
+def packing(args: argparse.Namespace, console: Console) -> str:
+    """SFT forward+backward tokens/s on a mixed-length batch (direct, reflect and plan-shaped
+    trajectories, a third each): packed rows vs one padded row per trajectory, same model and masks."""
+    import torch
+
+    from avr.backbone import UnifiedLoss, pack
+    from avr.defaults import tiny_model
+    from avr.sequence import Segment, Trajectory
+
+    torch.set_num_threads(args.threads)
+    model = tiny_model(args.seed).train()
+    loss_fn = UnifiedLoss()
+    specs = sample_specs(12, seed=args.seed)
+    trajectories = []
+    for i, spec in enumerate(specs):
+        image = render(sample_scene(spec, np.random.default_rng(i)))
+        segments = [Segment.prompt(spec.prompt)]
+        if i % 3 == 1:  # reflect-shaped: draft, critique
+            segments += [
+                Segment(image=image, role="draft"),
+                Segment(text="<refine>add a blue square</refine>"),
+            ]
+        if i % 3 == 2:  # plan-shaped: three steps, each an instruction and a sketch
+            for _ in range(3):
+                segments += [
+                    Segment(text="<ins>add a red circle</ins><des>a red circle</des>"),
+                    Segment(image=image, role="sketch"),
+                ]
+        trajectories.append(Trajectory([*segments, Segment(image=image, role="final")]))
+    rates = {}
+    for name, packed in (("packed", True), ("padded", False)):
+        batch = pack(trajectories, model.tokenizer, model.geometry, args.max_len, packed=packed)
+
+        def step(batch=batch):
+            model.zero_grad()
+            loss, _ = loss_fn(model(batch))
+            loss.backward()
+
+        step()  # warm-up
+        seconds = min(_time(step) for _ in range(args.repeats))
+        rates[name] = batch.tokens / seconds
+        console.print(
+            f"{name}: {tuple(batch.input_ids.shape)} rows×length, {batch.tokens} tokens, "
+            f"{seconds * 1000:.0f} ms/step, {rates[name]:.0f} tokens/s"
+        )
+    return f"packing: packed vs padded {rates['packed'] / rates['padded']:.2f}x SFT tokens/s"
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _pixels(image):
+    import torch
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark and print its headline last."""
     parser = argparse.ArgumentParser(prog="python -m avr.bench", description=__doc__.split("\n")[0])
@@ -77,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="workload size")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--max-len", type=int, default=512, help="packed row length (packing)")
     args = parser.parse_args(argv)
     console = Console()
     console.print(f"machine: {machine()}")

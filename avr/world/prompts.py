@@ -254,3 +254,11 @@ _WRITERS: dict[str, Callable] = {
     "multi_count": _multi_count,
     "multi_relation": _multi_relation,
 }
+
+
+def corpus(n: int = 4000, seed: int = 0) -> list[str]:
+    """ShapeWorld text to train a tokenizer on: `n` prompts over every tag, plus every word of the
+    vocabulary in the phrases critiques and plans use. Deterministic given `seed`."""
+    words = [*SHAPES, *(f"{s}s" for s in SHAPES), *COLORS, *_NUMBERS]
+    phrases = [w for options in _RELATION_WORDS.values() for w in options]
+    return [s.prompt for s in sample_specs(n, seed=seed)] + [" ".join(words), *phrases]

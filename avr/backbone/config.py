@@ -1,0 +1,115 @@
+"""`UnifiedConfig`: everything that fixes the unified model's shape, as one JSON-able dataclass.
+
+Field docstrings are the `--help` text of the CLI. `from_dict` refuses a key that does not exist,
+naming it and the valid ones, so a typo in a YAML or a checkpoint never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from avr.backbone.tokenizer import DEFAULT_MODES
+
+
+def _tiny_lm() -> dict[str, Any]:
+    return {
+        "model_type": "qwen2",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    }
+
+
+def _tiny_vision() -> dict[str, Any]:
+    return {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+    }
+
+
+@dataclass
+class UnifiedConfig:
+    """Shape of a `UnifiedModel`: language core, latent codec, vision encoder, flow settings."""
+
+    lm: dict[str, Any] = field(default_factory=_tiny_lm)
+    """Language core config as `transformers.AutoConfig.for_model(**lm)` takes it (needs
+    `model_type`; a Llama-family decoder: qwen2, llama, mistral, qwen3). `vocab_size` is set from
+    the tokenizer."""
+    lm_path: str | None = None
+    """Local folder of a pretrained causal LM, loaded offline with `from_pretrained`; overrides `lm`."""
+    image_size: int = 64
+    """Side of the (square) images the model reads and writes, in pixels."""
+    codec: str = "pixel"
+    """Latent space of generation: `pixel` (patches of pixels, ShapeWorld) or `vae` (AutoencoderKL)."""
+    vae: dict[str, Any] | None = None
+    """`diffusers.AutoencoderKL` config for `codec: vae` (random init, e.g. a tiny test VAE)."""
+    vae_path: str | None = None
+    """Local folder of a pretrained AutoencoderKL for `codec: vae`; overrides `vae`."""
+    patch_size: int = 8
+    """Side of one generation token's latent patch (pixels for `pixel`, latent cells for `vae`)."""
+    vision: dict[str, Any] = field(default_factory=_tiny_vision)
+    """`transformers.SiglipVisionConfig` fields of the understanding encoder (`image_size` is set
+    from `image_size`)."""
+    generation_expert: bool = False
+    """Mixture-of-Transformers: separate per-layer weights (q/k/v/o, norms, MLP) for generation
+    tokens, as BAGEL does."""
+    modes: tuple[str, ...] = DEFAULT_MODES
+    """Modes the tokenizer has a `<mode:…>` token for (the adaptive policy's choices)."""
+    ce_weight: float = 1.0
+    """λ_CE in `loss = λ_CE · CE(text) + MSE(velocity)`."""
+    timestep_mean: float = 0.0
+    """Mean of the logit-normal training timestep distribution."""
+    timestep_std: float = 1.0
+    """Std of the logit-normal training timestep distribution."""
+    timestep_shift: float = 1.0
+    """Shift `s` applied to sampled timesteps, `t ← s·t / (1 + (s − 1)·t)` (> 1: noisier)."""
+    cfg_dropout: float = 0.1
+    """Probability that a generated image is trained without its context (for classifier-free
+    guidance)."""
+    max_seq_len: int = 2048
+    """Longest packed row, in tokens."""
+    attention: str = "auto"
+    """Attention kernel: `flex` (FlexAttention block masks), `sdpa` (dense boolean mask) or `auto`
+    (flex on CUDA; sdpa on CPU, where PyTorch's FlexAttention has no backward)."""
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+        if self.codec not in ("pixel", "vae"):
+            raise ValueError(f"config key 'codec': expected 'pixel' or 'vae', got {self.codec!r}")
+        if self.attention not in ("auto", "flex", "sdpa"):
+            raise ValueError(
+                f"config key 'attention': expected 'auto', 'flex' or 'sdpa', got {self.attention!r}"
+            )
+        if self.codec == "pixel" and self.image_size % self.patch_size:
+            raise ValueError(
+                f"config key 'patch_size': {self.patch_size} does not divide image_size {self.image_size}"
+            )
+        if "model_type" not in self.lm and self.lm_path is None:
+            raise ValueError("config key 'lm': needs 'model_type' (e.g. 'qwen2') or set 'lm_path'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (the inverse of `from_dict`)."""
+        out = dataclasses.asdict(self)
+        out["modes"] = list(self.modes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnifiedConfig:
+        """Build from a dict, refusing unknown keys with the list of valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown config key {unknown[0]!r}; expected one of {', '.join(valid)}"
+            )
+        return cls(**data)

@@ -1,0 +1,93 @@
+"""Rectified flow: the noising path, training timesteps, and the ODE / SDE samplers.
+
+Convention (SD3, FLUX): `x_t = (1 − t)·x₀ + t·ε`, `t ∈ [0, 1]`, `t = 1` is pure noise; the model
+predicts the velocity `v = ε − x₀`, and sampling integrates from `t = 1` down to `t = 0`.
+
+The SDE sampler is Flow-GRPO's (Liu et al., 2025, eq. 9): with `σ_t = a·√(t / (1 − t))`,
+
+    x_{t+Δt} = x_t + [v + σ_t² / (2t) · (x_t + (1 − t)·v)]·Δt + σ_t·√(−Δt)·ε,   Δt < 0,
+
+a Gaussian step whose log-density is the policy's log-prob for RL. At `a = 0` it is the Euler ODE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """`s·t / (1 + (s − 1)·t)`: `s > 1` spends more of the schedule at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(
+    n: int, mean: float = 0.0, std: float = 1.0, shift: float = 1.0, generator=None
+) -> torch.Tensor:
+    """`n` training timesteps, logit-normal (`sigmoid(N(mean, std))`) then shifted."""
+    t = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return shift_time(t, shift)
+
+
+def schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """`steps + 1` times from 1 down to 0 (uniform, then shifted)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`x_t = (1 − t)·x₀ + t·ε` (`t` broadcast over all but the first dim)."""
+    t = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * eps
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """One Euler step of `dx/dt = v`."""
+    return x + (t_next - t) * v
+
+
+def sde_std(t: float, t_next: float, noise_level: float, t_max: float) -> float:
+    """Std of one SDE step; `t = 1` uses `t_max` (the schedule's second time) in `σ_t`, as
+    Flow-GRPO does, to keep it finite."""
+    ratio = t / (1 - (t_max if t >= 1 else t))
+    return noise_level * math.sqrt(ratio) * math.sqrt(t - t_next)
+
+
+def sde_mean(
+    x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise_level: float, t_max: float
+):
+    """Mean of one SDE step (the drift part of the formula in the module docstring)."""
+    sigma_sq = noise_level**2 * t / (1 - (t_max if t >= 1 else t))
+    dt = t_next - t
+    return x + (v + sigma_sq / (2 * t) * (x + (1 - t) * v)) * dt
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: float,
+    t_next: float,
+    noise_level: float,
+    t_max: float,
+    generator=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample `x_{t_next}`; returns it and its log-prob per sample (summed over all other dims),
+    or None at `noise_level = 0`, where the step is deterministic."""
+    mean = sde_mean(x, v, t, t_next, noise_level, t_max)
+    std = sde_std(t, t_next, noise_level, t_max)
+    if std == 0:
+        return mean, None
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_next = mean + std * eps
+    return x_next, gaussian_logprob(x_next, mean, std)
+
+
+def gaussian_logprob(
+    x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor
+) -> torch.Tensor:
+    """`log N(x; mean, std²)` summed over all dims but the first."""
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.flatten(1).sum(-1)

@@ -1,0 +1,317 @@
+"""Generation over a growing interleaved context: `Session`.
+
+A session holds a batch of sequences in lockstep. Text is decoded incrementally (temperature,
+top-k, top-p; per-token log-probs); an image is denoised over the cached prefix: each step runs only
+the image's own tokens against the cached keys/values of everything before (`cache=True`), or, as
+the reference the benchmark compares against, recomputes the whole sequence (`cache=False`).
+
+Rows that have stopped (their text hit a stop token) append padding that nothing attends to, so a
+batch can hold sequences of different lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from avr.backbone import flow
+from avr.backbone.model import KVCache, UnifiedModel
+from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
+
+
+@dataclass
+class TextSample:
+    """Decoded text per row: token ids (stop token included), their log-probs, and the string."""
+
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+    text: list[str]
+
+
+@dataclass
+class ImageSample:
+    """A generated image per row, with its denoising path (RL recomputes log-probs on it)."""
+
+    pixels: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    latents: torch.Tensor  # [S + 1, B, N, D_tok]: x at every time of the schedule
+    timesteps: torch.Tensor  # [S + 1], from 1 to 0
+    logprobs: torch.Tensor | None  # [B, S] per SDE step; None for the ODE sampler
+    nfe: int  # velocity evaluations (a CFG step counts two)
+
+
+class Session:
+    """Incremental generation for a batch of `batch_size` sequences on one model."""
+
+    def __init__(self, model: UnifiedModel, batch_size: int, cache: bool = True) -> None:
+        self.model, self.batch_size, self.use_cache = model, batch_size, cache
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache()
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.last_logits: torch.Tensor | None = None  # [B, V] at each row's last valid token
+        # Without a cache, the history of inputs is kept and re-run at every call.
+        self._history: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]
+        ] = []
+        tok = model.tokenizer
+        self.image_start, self.image_end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    # ---- appending context ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def append_text(self, texts: list[str]) -> None:
+        """Append one text per row (the prompt, a forced tag …); rows of different lengths pad."""
+        tok = self.model.tokenizer
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        self.append_tokens(ids)
+
+    @torch.no_grad()
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        """Append token ids per row (an empty list appends nothing to that row)."""
+        if len(ids) != self.batch_size:
+            raise ValueError(f"got {len(ids)} rows for a batch of {self.batch_size}")
+        width = max(1, max(len(r) for r in ids))
+        tokens = torch.full(
+            (self.batch_size, width), self.model.tokenizer.pad_token_id, dtype=torch.long
+        )
+        valid = torch.zeros(self.batch_size, width, dtype=torch.bool)
+        for b, row in enumerate(ids):
+            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            valid[b, : len(row)] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        if not valid.any():
+            return
+        hidden = self._run(
+            self.model.decoder.embed_tokens(tokens), valid, gen=False, full=False, store=True
+        )
+        last = valid.sum(1) - 1
+        rows = torch.arange(self.batch_size, device=self.device)
+        logits = self.model.lm.lm_head(hidden[rows, last.clamp(min=0)]).float()  # [B, V]
+        has = valid.any(1)
+        self.last_logits = (
+            logits
+            if self.last_logits is None
+            else torch.where(has[:, None], logits, self.last_logits)
+        )
+
+    @torch.no_grad()
+    def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Read images `[B, 3, H, W]` (an input image, or one just drawn): `<img>` clean `</img>`."""
+        active = self._active(active)
+        self._append_marker(self.image_start, active)
+        self._append_clean(pixels, active)
+
+    # ---- text -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_text(
+        self,
+        max_new_tokens: int,
+        stop: list[str] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
+    ) -> TextSample:
+        """Decode until a stop token (default `<eos>`) or `max_new_tokens`.
+
+        `temperature = 0` is greedy. Log-probs are `log softmax(logits / temperature)` of the chosen
+        token, before top-k/top-p filtering: the policy's own distribution, as GRPO needs it.
+        """
+        if self.last_logits is None:
+            raise ValueError("append a prompt before sampling text")
+        tok = self.model.tokenizer
+        stop_ids = torch.tensor(
+            tok.convert_tokens_to_ids(stop or [tok.eos_token]), device=self.device
+        )
+        active = self._active(active).clone()
+        warpers = LogitsProcessorList()
+        if temperature > 0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        ids: list[list[int]] = [[] for _ in range(self.batch_size)]
+        logps: list[list[float]] = [[] for _ in range(self.batch_size)]
+        for _ in range(max_new_tokens):
+            if not active.any():
+                break
+            logits = self.last_logits
+            policy = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+            if temperature > 0:
+                probs = torch.softmax(warpers(None, logits.clone()), dim=-1)
+                token = (
+                    torch.multinomial(probs.cpu(), 1, generator=generator)
+                    .squeeze(1)
+                    .to(self.device)
+                )
+            else:
+                token = logits.argmax(-1)
+            for b in torch.nonzero(active).flatten().tolist():
+                ids[b].append(int(token[b]))
+                logps[b].append(float(policy[b, token[b]]))
+            self.append_tokens(
+                [[int(token[b])] if active[b] else [] for b in range(self.batch_size)]
+            )
+            active &= ~torch.isin(token, stop_ids)
+        return TextSample(ids, logps, [tok.decode(r) for r in ids])
+
+    # ---- images -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_image(
+        self,
+        steps: int = 25,
+        cfg_scale: float = 1.0,
+        noise_level: float = 0.0,
+        shift: float = 1.0,
+        read: bool = True,
+        generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
+    ) -> ImageSample:
+        """Draw one image per row after `<img>`.
+
+        `noise_level = 0` is the ODE (Euler) sampler; `> 0` is Flow-GRPO's SDE with per-step
+        log-probs. `cfg_scale ≠ 1` mixes in the unconditional velocity (the image's tokens alone, as
+        trained with CFG dropout): `v = v_u + w·(v_c − v_u)`. With `read`, the image is then read
+        back (clean copy and `</img>`) so later text can refer to it.
+        """
+        model = self.model
+        active = self._active(active)
+        self._append_marker(self.image_start, active)
+        geometry = model.geometry
+        shape = (self.batch_size, geometry.gen_tokens, geometry.token_dim)
+        x = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        times = flow.schedule(steps, shift)
+        path, logps = [x], []
+        for i in range(steps):
+            t, t_next = float(times[i]), float(times[i + 1])
+            v = self._velocity(x, t, conditional=True)
+            if cfg_scale != 1.0:
+                v_u = self._velocity(x, t, conditional=False)
+                v = v_u + cfg_scale * (v - v_u)
+            if noise_level > 0:
+                x, logp = flow.sde_step(x, v, t, t_next, noise_level, float(times[1]), generator)
+                logps.append(logp)
+            else:
+                x = flow.ode_step(x, v, t, t_next)
+            path.append(x)
+        pixels = model.codec.decode(model.codec.from_tokens(x.float()))
+        if read:
+            self._append_clean(pixels.to(self.dtype), active)
+        else:
+            self.position = self.position + active.long()
+        nfe = steps * (2 if cfg_scale != 1.0 else 1)
+        return ImageSample(
+            pixels, torch.stack(path), times, torch.stack(logps, 1) if logps else None, nfe
+        )
+
+    def _velocity(self, x: torch.Tensor, t: float, conditional: bool) -> torch.Tensor:
+        model = self.model
+        time = torch.full((self.batch_size,), t, device=self.device, dtype=self.dtype)
+        embeds = model.embed_latents(x, time)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
+        hidden = self._run(
+            embeds, valid, gen=True, full=True, store=False, context=conditional, advance=False
+        )
+        return model.velocity_out(hidden)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _active(self, active: torch.Tensor | None) -> torch.Tensor:
+        if active is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        return active.to(self.device)
+
+    def _append_marker(self, token: int, active: torch.Tensor) -> None:
+        self.append_tokens([[token] if a else [] for a in active.tolist()])
+
+    def _append_clean(self, pixels: torch.Tensor, active: torch.Tensor) -> None:
+        embeds = self.model.embed_images(pixels.to(self.device))  # [B, P, D]
+        valid = active[:, None].expand(embeds.shape[:2])
+        self._run(embeds, valid, gen=False, full=True, store=True, advance=False)
+        self.position = self.position + active.long()
+        self._append_marker(self.image_end, active)
+
+    def _run(
+        self,
+        x,
+        valid,
+        gen: bool,
+        full: bool,
+        store: bool,
+        context: bool = True,
+        advance: bool = True,
+    ):
+        """Run new tokens `x` `[B, L, D]` after the context; `full`: bidirectional among them
+        (an image copy), else causal. Text advances positions token by token; an image copy sits
+        at one position. `context=False` hides everything before (unconditional velocity)."""
+        batch, length = valid.shape
+        if full:
+            position = self.position[:, None].expand(batch, length)
+        else:
+            position = self.position[:, None] + valid.long().cumsum(1) - 1
+        is_gen = torch.full((batch, length), gen, dtype=torch.bool, device=self.device)
+        own = self._intra(valid, full)  # [B, L, L]
+        if not context:
+            hidden = self.model.run_layers(x, position, is_gen, mask=own[:, None])
+        elif self.use_cache:
+            past = self.cache.valid if self.cache.length else valid.new_zeros(batch, 0)
+            mask = torch.cat([past[:, None, :].expand(batch, length, -1), own], dim=2)[:, None]
+            hidden = self.model.run_layers(
+                x, position, is_gen, mask=mask, cache=self.cache, store=store
+            )
+        else:
+            hidden = self._recompute(x, position, is_gen, own)
+        if store:
+            self.cache.valid = (
+                valid if self.cache.valid is None else torch.cat([self.cache.valid, valid], 1)
+            )
+            if not self.use_cache:
+                self._history.append((x, position, is_gen, valid, full))
+        if advance:
+            self.position = self.position + valid.long().sum(1)
+        return hidden
+
+    def _intra(self, valid: torch.Tensor, full: bool) -> torch.Tensor:
+        """Mask `[B, L, L]` among one chunk of new tokens: all-to-all (`full`) or causal, only to
+        valid tokens; every token also sees itself, so padding rows stay finite."""
+        length = valid.shape[1]
+        idx = torch.arange(length, device=self.device)
+        intra = (
+            torch.ones(length, length, dtype=torch.bool, device=self.device)
+            if full
+            else idx[:, None] >= idx[None, :]
+        )
+        return (
+            intra[None] & valid[:, None, :]
+            | torch.eye(length, dtype=torch.bool, device=self.device)[None]
+        )
+
+    def _recompute(self, x, position, is_gen, own):
+        """Run the whole history plus `x` without a cache; return `x`'s hidden states."""
+        chunks = self._history
+        xs = torch.cat([c[0] for c in chunks] + [x], 1)
+        positions = torch.cat([c[1] for c in chunks] + [position], 1)
+        gens = torch.cat([c[2] for c in chunks] + [is_gen], 1)
+        blocks = [self._intra(c[3], c[4]) for c in chunks] + [own]
+        total = xs.shape[1]
+        mask = torch.zeros(x.shape[0], total, total, dtype=torch.bool, device=self.device)
+        start = 0
+        for block in blocks:  # each chunk sees the valid tokens of every earlier chunk
+            n = block.shape[-1]
+            mask[:, start : start + n, start : start + n] = block
+            if start:
+                mask[:, start : start + n, :start] = self.cache.valid[:, None, :start]
+            start += n
+        hidden = self.model.run_layers(xs, positions, gens, mask=mask[:, None])
+        return hidden[:, total - x.shape[1] :]

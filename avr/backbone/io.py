@@ -1,0 +1,76 @@
+"""`save_pretrained` / `from_pretrained`: safetensors weights, JSON config and the tokenizer.
+
+```
+DIR/config.json          UnifiedConfig (the language core's full config inlined under "lm")
+DIR/model.safetensors    every weight, loaded strictly (a missing or unexpected key is an error)
+DIR/tokenizer/           the tokenizer, saved by transformers
+```
+
+Writes go to a temporary folder beside `DIR` that replaces it in one rename, so a crash never leaves
+a half-written model. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import PreTrainedTokenizerFast
+
+from avr.backbone.config import UnifiedConfig
+from avr.backbone.model import UnifiedModel
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer"
+
+
+def save_pretrained(model: UnifiedModel, directory: str | os.PathLike) -> Path:
+    """Write `model` to `directory` atomically; returns the path."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["lm"] = {**model.lm.config.to_diff_dict(), "model_type": model.lm.config.model_type}
+    config["lm_path"] = None  # the weights below hold the LM: a reload needs no other folder
+    if config["codec"] == "vae":
+        config["vae"], config["vae_path"] = dict(model.codec.vae.config), None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        save_model(model, str(tmp / WEIGHTS))
+        model.tokenizer.save_pretrained(tmp / TOKENIZER)
+        if directory.exists():
+            old = directory.with_name(directory.name + ".old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def from_pretrained(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> UnifiedModel:
+    """Load a model written by `save_pretrained`, strictly and without pickle."""
+    directory = Path(directory)
+    for name in (CONFIG, WEIGHTS, TOKENIZER):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")
+    try:
+        data = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{directory / CONFIG}:{err.lineno}: not valid JSON ({err.msg})") from None
+    try:
+        config = UnifiedConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{directory / CONFIG}: {err}") from None
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)
+    model = UnifiedModel(config, tokenizer)
+    load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
+    return model.to(device)

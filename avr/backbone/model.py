@@ -1,0 +1,314 @@
+"""`UnifiedModel`: one transformer that reads and writes text and images.
+
+Three parts around a Hugging Face causal LM (a Llama-family decoder: Qwen2 by default):
+
+- generation: a latent codec, `latent_in` (BAGEL's vae2llm) + timestep + 2-D position embeddings
+  in, `velocity_out` (llm2vae) out; optionally a generation expert (Mixture-of-Transformers:
+  separate q/k/v/o, norms and MLP per layer for generation tokens);
+- understanding: a SigLIP vision encoder and an MLP connector into the LM's embedding space;
+- the layer loop below, which runs the LM's own modules with the packed mask and a KV cache.
+
+The loop, not the LM's `forward`, is what lets noisy copies, bidirectional image blocks, per-token
+experts and cached denoising share one set of weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
+from einops import rearrange
+from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedTokenizerBase,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from avr.backbone import flow
+from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
+from avr.backbone.config import UnifiedConfig
+from avr.backbone.packing import GEN, READ, FlowSettings, ImageGeometry, PackedBatch
+
+
+@dataclass
+class KVCache:
+    """Keys/values of everything before the current step, per layer `[B, H_kv, L, D_head]`, with
+    which cached positions may be attended (`valid`, `[B, L]`) and the next RoPE position `[B]`."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    valid: torch.Tensor | None = None
+    next_position: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Cached positions."""
+        return 0 if self.valid is None else self.valid.shape[1]
+
+
+@dataclass
+class UnifiedOutput:
+    """Training outputs: logits and labels of the CE targets, predicted and target velocities of
+    the generated images, and the trajectory each belongs to (for per-sample losses)."""
+
+    logits: torch.Tensor  # [T, V]
+    labels: torch.Tensor  # [T]
+    label_sample: torch.Tensor  # [T]
+    velocity: torch.Tensor  # [M, N, D_tok]
+    target: torch.Tensor  # [M, N, D_tok]
+    image_sample: torch.Tensor  # [M]
+
+
+class UnifiedModel(nn.Module):
+    """The unified model; build with `UnifiedModel(config, tokenizer)` (seed first for a
+    reproducible random init) or `avr.backbone.io.from_pretrained(dir)`."""
+
+    def __init__(self, config: UnifiedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.lm = _build_lm(config, len(tokenizer))
+        lm_config = self.lm.config
+        width = lm_config.hidden_size
+        self.codec = _build_codec(config)
+        self.latent_in = nn.Linear(self.codec.token_dim, width)
+        self.velocity_out = nn.Linear(width, self.codec.token_dim)
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(256, width)
+        pos = get_2d_sincos_pos_embed(width, self.codec.grid, output_type="pt")
+        self.register_buffer("latent_pos", pos.float(), persistent=False)  # [N, D]
+        vision_config = SiglipVisionConfig(
+            **{**config.vision, "image_size": config.image_size, "vision_use_head": False}
+        )
+        self.vision = SiglipVisionModel(vision_config)
+        self.connector = nn.Sequential(
+            nn.Linear(vision_config.hidden_size, width), nn.GELU(), nn.Linear(width, width)
+        )
+        self.gen_layers = (
+            nn.ModuleList(copy.deepcopy(layer) for layer in self.decoder.layers)
+            if config.generation_expert
+            else None
+        )
+        self.gen_norm = copy.deepcopy(self.decoder.norm) if config.generation_expert else None
+        self.num_heads = lm_config.num_attention_heads
+        self.num_kv_heads = lm_config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(lm_config, "head_dim", None) or width // self.num_heads
+        patches = (config.image_size // vision_config.patch_size) ** 2
+        self.geometry = ImageGeometry(
+            config.image_size, self.codec.tokens, patches, self.codec.token_dim
+        )
+        self.flow_settings = FlowSettings(
+            config.timestep_mean, config.timestep_std, config.timestep_shift, config.cfg_dropout
+        )
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LM's decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`)."""
+        return self.lm.model
+
+    # ---- embeddings -------------------------------------------------------------------------
+
+    def embed_latents(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noisy latent tokens `[M, N, D_tok]` at times `t` `[M]` → `[M, N, D]`."""
+        expected = (self.geometry.gen_tokens, self.geometry.token_dim)
+        if tuple(x_t.shape[1:]) != expected:
+            raise ValueError(
+                f"expected latent tokens [M, {expected[0]}, {expected[1]}], got {list(x_t.shape)}"
+            )
+        time = self.time_embed(self.time_proj(t * 1000).to(x_t.dtype))  # [M, D]
+        return self.latent_in(x_t) + time[:, None] + self.latent_pos.to(x_t.dtype)
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `[K, 3, H, W]` in [0, 1] read through the vision encoder → `[K, P, D]`."""
+        self.codec.check_pixels(pixels)
+        hidden = self.vision(pixel_values=pixels * 2 - 1).last_hidden_state
+        return self.connector(hidden)
+
+    # ---- the layer loop ---------------------------------------------------------------------
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        position: torch.Tensor,
+        is_gen: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        block_mask=None,
+        cache: KVCache | None = None,
+        store: bool = False,
+    ) -> torch.Tensor:
+        """Run the decoder over `x` `[B, L, D]`; returns final-norm hidden states.
+
+        Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
+        cached keys followed by this step's. With `store`, this step's keys/values are appended to
+        `cache` (prefill, decoding); without, the cache is only read (denoising steps).
+        """
+        cos, sin = self.decoder.rotary_emb(x, position)
+        use_expert = self.gen_layers is not None and bool(is_gen.any())
+        for i, layer in enumerate(self.decoder.layers):
+            expert = self.gen_layers[i] if use_expert else None
+            attn, expert_attn = layer.self_attn, expert.self_attn if expert else None
+            h = _routed(layer.input_layernorm, expert and expert.input_layernorm, x, is_gen)
+            q = self._heads(
+                _routed(attn.q_proj, expert_attn and expert_attn.q_proj, h, is_gen),
+                attn,
+                "q_norm",
+                expert_attn,
+                is_gen,
+            )
+            k = self._heads(
+                _routed(attn.k_proj, expert_attn and expert_attn.k_proj, h, is_gen),
+                attn,
+                "k_norm",
+                expert_attn,
+                is_gen,
+            )
+            v = rearrange(
+                _routed(attn.v_proj, expert_attn and expert_attn.v_proj, h, is_gen),
+                "b l (h d) -> b h l d",
+                d=self.head_dim,
+            )
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if cache is not None and cache.length:
+                keys = torch.cat([cache.keys[i], k], dim=2)
+                values = torch.cat([cache.values[i], v], dim=2)
+            else:
+                keys, values = k, v
+            if store:
+                if cache is None:
+                    raise ValueError("store=True needs a cache")
+                if len(cache.keys) > i:
+                    cache.keys[i], cache.values[i] = keys, values
+                else:
+                    cache.keys.append(keys)
+                    cache.values.append(values)
+            out = self._attend(q, keys, values, mask, block_mask)
+            out = rearrange(out, "b h l d -> b l (h d)")
+            x = x + _routed(attn.o_proj, expert_attn and expert_attn.o_proj, out, is_gen)
+            h = _routed(
+                layer.post_attention_layernorm,
+                expert and expert.post_attention_layernorm,
+                x,
+                is_gen,
+            )
+            x = x + _routed(layer.mlp, expert and expert.mlp, h, is_gen)
+        return _routed(self.decoder.norm, self.gen_norm if use_expert else None, x, is_gen)
+
+    def _heads(self, projected, attn, norm_name, expert_attn, is_gen):
+        heads = rearrange(projected, "b l (h d) -> b h l d", d=self.head_dim)
+        norm = getattr(attn, norm_name, None)  # Qwen3-style per-head q/k norms
+        if norm is None:
+            return heads
+        expert_norm = getattr(expert_attn, norm_name, None) if expert_attn is not None else None
+        routed = _routed(norm, expert_norm, rearrange(heads, "b h l d -> b l h d"), is_gen)
+        return rearrange(routed, "b l h d -> b h l d")
+
+    def _attend(self, q, k, v, mask, block_mask):
+        if block_mask is not None:
+            # Compiled on CUDA (a fused kernel); eager elsewhere, which materializes the scores.
+            kernel = _compiled_flex() if q.is_cuda else flex_attention
+            return kernel(
+                q, k, v, block_mask=block_mask, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+
+    def use_flex(self, device: torch.device) -> bool:
+        """Whether training attention runs on FlexAttention (see `UnifiedConfig.attention`)."""
+        if self.config.attention == "auto":
+            return device.type == "cuda"
+        return self.config.attention == "flex"
+
+    # ---- training forward -------------------------------------------------------------------
+
+    def forward(self, batch: PackedBatch) -> UnifiedOutput:
+        """Packed rows → CE logits at the labelled positions and velocities of the noisy copies."""
+        length = batch.kind.shape[1]
+        if length > self.config.max_seq_len:
+            raise ValueError(
+                f"a packed row of {length} tokens exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        x = self.decoder.embed_tokens(batch.input_ids)  # [R, L, D]
+        x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels))  # [M, N, D_tok]
+        x_t = flow.noise(x0, batch.gen_noise, batch.gen_t)
+        gen_mask, read_mask = batch.kind == GEN, batch.kind == READ
+        if x0.shape[0]:
+            x = x.masked_scatter(
+                gen_mask[..., None], self.embed_latents(x_t, batch.gen_t).to(x.dtype)
+            )
+        if batch.read_pixels.shape[0]:
+            x = x.masked_scatter(
+                read_mask[..., None], self.embed_images(batch.read_pixels).to(x.dtype)
+            )
+        if self.use_flex(x.device):
+            rows, _ = batch.kind.shape
+            block_mask = create_block_mask(
+                batch.mask_mod(), rows, None, length, length, device=x.device
+            )
+            hidden = self.run_layers(x, batch.position, gen_mask, block_mask=block_mask)
+        else:
+            hidden = self.run_layers(x, batch.position, gen_mask, mask=batch.attention_mask())
+        labelled = batch.labels != -100  # text positions, and the last clean token before </img>
+        logits = self.lm.lm_head(hidden[labelled])
+        velocity = self.velocity_out(hidden[gen_mask]).reshape_as(x0) if x0.shape[0] else x0
+        return UnifiedOutput(
+            logits=logits,
+            labels=batch.labels[labelled],
+            label_sample=batch.sample[labelled],
+            velocity=velocity,
+            target=batch.gen_noise - x0,
+            image_sample=batch.gen_sample,
+        )
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _routed(
+    module: nn.Module, expert: nn.Module | None, x: torch.Tensor, is_gen: torch.Tensor
+) -> torch.Tensor:
+    """Apply `module` to every token, or, with a generation expert, `expert` to generation tokens
+    (`is_gen`, `[B, L]`) and `module` to the rest. Token-wise modules only."""
+    if expert is None:
+        return module(x)
+    out_und = module(x[~is_gen])
+    out_gen = expert(x[is_gen])
+    out = out_und.new_empty((*is_gen.shape, *out_und.shape[1:]))
+    out[~is_gen] = out_und
+    out[is_gen] = out_gen
+    return out
+
+
+def _build_lm(config: UnifiedConfig, vocab_size: int) -> nn.Module:
+    if config.lm_path is not None:
+        lm = AutoModelForCausalLM.from_pretrained(
+            config.lm_path, local_files_only=True, attn_implementation="sdpa"
+        )
+        if lm.get_input_embeddings().num_embeddings < vocab_size:
+            lm.resize_token_embeddings(vocab_size)
+        return lm
+    lm_config = AutoConfig.for_model(**{**config.lm, "vocab_size": vocab_size})
+    return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+
+
+def _build_codec(config: UnifiedConfig) -> LatentCodec:
+    if config.codec == "pixel":
+        return PixelCodec(config.image_size, config.patch_size)
+    if config.vae_path is not None:
+        vae = AutoencoderKL.from_pretrained(config.vae_path, local_files_only=True)
+    elif config.vae is not None:
+        vae = AutoencoderKL.from_config(config.vae)
+    else:
+        raise ValueError("config key 'vae': codec 'vae' needs a 'vae' config or a 'vae_path'")
+    return VaeCodec(vae, config.image_size, config.patch_size)

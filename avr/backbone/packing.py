@@ -1,0 +1,280 @@
+"""Pack trajectories into rows of tokens with no padding between samples, and the exact mask.
+
+One trajectory becomes (positions are RoPE positions; an image takes one position):
+
+    <bos> prompt…  <img> [generated: N noisy tokens] [read: M clean tokens] </img>  text…  <eos>
+
+- A generated image (draft, sketch, refined, final) contributes a *noisy copy* that carries the flow
+  loss; if anything follows it, also a *clean copy* (vision-encoder tokens) that later tokens read,
+  and `</img>`. An input image contributes only its clean copy.
+- Masks: text is causal; the tokens of one copy attend to each other bidirectionally; a noisy copy
+  is seen by nobody outside itself; nothing attends across samples; a noisy copy dropped for
+  classifier-free guidance (`uncond`) sees only itself.
+- CE targets: every text token the model writes (`Segment.loss`), `<img>` / `</img>` of generated
+  images and `<eos>`, each predicted from the position before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from einops import rearrange
+from transformers import PreTrainedTokenizerBase
+
+from avr.backbone.flow import sample_timesteps
+from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
+from avr.sequence import Trajectory, image_to_array
+
+PAD, TEXT, GEN, READ = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How many tokens an image takes and what a generation token holds."""
+
+    image_size: int
+    gen_tokens: int
+    read_tokens: int
+    token_dim: int
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """How training images are noised: timestep distribution and CFG dropout."""
+
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    timestep_shift: float = 1.0
+    cfg_dropout: float = 0.0
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed tokens. Per token `[R, L]`: ids, kind (PAD/TEXT/GEN/READ), the trajectory it
+    belongs to (`sample`, −1 for padding), its image copy (`block`, −1 for text), RoPE position,
+    next-token label (−100: none) and `uncond`. Per generated image (row-major order): pixels,
+    noise and timestep; per read image: pixels."""
+
+    input_ids: torch.Tensor
+    kind: torch.Tensor
+    sample: torch.Tensor
+    block: torch.Tensor
+    position: torch.Tensor
+    labels: torch.Tensor
+    uncond: torch.Tensor
+    gen_pixels: torch.Tensor  # [M, 3, H, W]
+    gen_noise: torch.Tensor  # [M, N, D_tok]
+    gen_t: torch.Tensor  # [M]
+    gen_sample: torch.Tensor  # [M] trajectory of each generated image
+    read_pixels: torch.Tensor  # [K, 3, H, W]
+
+    def to(self, device) -> PackedBatch:
+        """The batch on `device`."""
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def tokens(self) -> int:
+        """Non-padding tokens."""
+        return int((self.kind != PAD).sum())
+
+    def attention_mask(self) -> torch.Tensor:
+        """Dense boolean mask `[R, 1, L, L]` (True: may attend), for SDPA."""
+        length = self.kind.shape[1]
+        idx = torch.arange(length, device=self.kind.device)
+        return allowed(
+            self.sample[:, :, None],
+            self.sample[:, None, :],
+            idx[None, :, None],
+            idx[None, None, :],
+            self.block[:, :, None],
+            self.block[:, None, :],
+            self.kind[:, None, :],
+            self.uncond[:, :, None],
+        )[:, None]
+
+    def mask_mod(self):
+        """The same rule as a FlexAttention `mask_mod(b, h, q, kv)`."""
+        sample, block, kind, uncond = self.sample, self.block, self.kind, self.uncond
+
+        def mask_mod(b, h, q, kv):
+            return allowed(
+                sample[b, q],
+                sample[b, kv],
+                q,
+                kv,
+                block[b, q],
+                block[b, kv],
+                kind[b, kv],
+                uncond[b, q],
+            )
+
+        return mask_mod
+
+
+def allowed(q_sample, k_sample, q_pos, k_pos, q_block, k_block, k_kind, q_uncond):
+    """May query token q attend key token k? (see the module docstring). Padding attends itself."""
+    same_block = (q_block == k_block) & (q_block >= 0)
+    visible = (k_pos <= q_pos) & (k_kind != GEN) & ~q_uncond
+    same_sample = (q_sample == k_sample) & (q_sample >= 0)
+    padding_self = (q_sample < 0) & (q_pos == k_pos)
+    return (same_sample & (visible | same_block)) | padding_self
+
+
+def pack(
+    trajectories: Sequence[Trajectory],
+    tokenizer: PreTrainedTokenizerBase,
+    geometry: ImageGeometry,
+    max_len: int,
+    seeds: Sequence[int] | None = None,
+    flow: FlowSettings = FlowSettings(),
+    packed: bool = True,
+) -> PackedBatch:
+    """Pack `trajectories` into rows of at most `max_len` tokens (first fit, longest first);
+    `packed=False` gives the padded baseline instead, one trajectory per row.
+
+    Each trajectory's noise, timesteps and CFG dropout come from its own seed (`seeds[i]`, default
+    `i`), so a trajectory is noised the same whether packed alone or with others.
+    """
+    seeds = list(range(len(trajectories))) if seeds is None else list(seeds)
+    if len(seeds) != len(trajectories):
+        raise ValueError(f"got {len(seeds)} seeds for {len(trajectories)} trajectories")
+    laid = [
+        _layout(t, i, tokenizer, geometry, s, flow)
+        for i, (t, s) in enumerate(zip(trajectories, seeds, strict=True))
+    ]
+    for i, item in enumerate(laid):
+        if len(item["ids"]) > max_len:
+            raise ValueError(
+                f"trajectory {i} takes {len(item['ids'])} tokens, over the maximum length {max_len}"
+            )
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(laid)), key=lambda i: -len(laid[i]["ids"])):
+        n = len(laid[i]["ids"])
+        row = next((r for r in range(len(rows)) if room[r] >= n), None) if packed else None
+        if row is None:
+            rows.append([])
+            room.append(max_len)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= n
+    return _assemble([[laid[i] for i in row] for row in rows], geometry)
+
+
+def _layout(
+    traj: Trajectory, index: int, tokenizer, geometry: ImageGeometry, seed: int, flow: FlowSettings
+):
+    ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
+    copies: list[tuple[int, int]] = [(-1, -1)]  # (copy number within trajectory, -1 text)
+    gen_pixels, read_pixels = [], []
+    p, copy = 1, 0
+    start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    def add(token, k, position, trained, block=-1):
+        ids.append(token)
+        kind.append(k)
+        pos.append(position)
+        train.append(trained)
+        copies.append((block, -1))
+
+    segments = traj.segments
+    for s, seg in enumerate(segments):
+        if not seg.is_image:
+            for token in tokenizer.encode(seg.text, add_special_tokens=False):
+                add(token, TEXT, p, seg.loss)
+                p += 1
+            continue
+        pixels = rearrange(
+            torch.from_numpy(image_to_array(seg.image, geometry.image_size)), "h w c -> c h w"
+        )
+        generated, later = seg.role.generated, s < len(segments) - 1
+        add(start, TEXT, p, generated)
+        if generated:
+            for _ in range(geometry.gen_tokens):
+                add(tokenizer.pad_token_id, GEN, p + 1, False, copy)
+            gen_pixels.append(pixels)
+            copy += 1
+        if not generated or later:
+            for _ in range(geometry.read_tokens):
+                add(tokenizer.pad_token_id, READ, p + 1, False, copy)
+            read_pixels.append(pixels)
+            copy += 1
+            add(end, TEXT, p + 2, generated)
+            p += 3
+        else:
+            p += 2
+    if segments and not segments[-1].is_image and segments[-1].loss:
+        add(tokenizer.eos_token_id, TEXT, p, True)
+    g = torch.Generator().manual_seed(int(seed))
+    n_gen = len(gen_pixels)
+    noise = torch.randn((n_gen, geometry.gen_tokens, geometry.token_dim), generator=g)
+    t = sample_timesteps(n_gen, flow.timestep_mean, flow.timestep_std, flow.timestep_shift, g)
+    uncond = torch.rand(n_gen, generator=g) < flow.cfg_dropout
+    return {
+        "index": index,
+        "ids": ids,
+        "kind": kind,
+        "pos": pos,
+        "train": train,
+        "copy": [c for c, _ in copies],
+        "gen_pixels": gen_pixels,
+        "read_pixels": read_pixels,
+        "noise": noise,
+        "t": t,
+        "uncond": uncond,
+    }
+
+
+def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
+    length = max(sum(len(item["ids"]) for item in row) for row in rows)
+    shape = (len(rows), length)
+    arrays = {
+        "input_ids": np.zeros(shape, np.int64),
+        "kind": np.full(shape, PAD, np.int64),
+        "sample": np.full(shape, -1, np.int64),
+        "block": np.full(shape, -1, np.int64),
+        "position": np.zeros(shape, np.int64),
+        "labels": np.full(shape, -100, np.int64),
+        "uncond": np.zeros(shape, bool),
+    }
+    gen_pixels, noise, t, gen_sample, read_pixels = [], [], [], [], []
+    blocks = 0
+    for r, row in enumerate(rows):
+        offset = 0
+        for item in row:
+            n = len(item["ids"])
+            span = slice(offset, offset + n)
+            arrays["input_ids"][r, span] = item["ids"]
+            arrays["kind"][r, span] = item["kind"]
+            arrays["sample"][r, span] = item["index"]
+            arrays["position"][r, span] = item["pos"]
+            local = np.array(item["copy"])
+            arrays["block"][r, span] = np.where(local >= 0, local + blocks, -1)
+            blocks += int(local.max()) + 1
+            train = np.array(item["train"])
+            labels = np.where(train[1:], np.array(item["ids"][1:]), -100)
+            arrays["labels"][r, offset : offset + n - 1] = labels
+            kinds = np.array(item["kind"])
+            gen_copy = np.where(kinds == GEN, local, -1)
+            for j, copy in enumerate(sorted(set(gen_copy[gen_copy >= 0].tolist()))):
+                arrays["uncond"][r, offset + np.nonzero(gen_copy == copy)[0]] = bool(
+                    item["uncond"][j]
+                )
+            gen_pixels += item["gen_pixels"]
+            read_pixels += item["read_pixels"]
+            noise.append(item["noise"])
+            t.append(item["t"])
+            gen_sample += [item["index"]] * len(item["gen_pixels"])
+            offset += n
+    side = geometry.image_size
+    return PackedBatch(
+        **{k: torch.from_numpy(v) for k, v in arrays.items()},
+        gen_pixels=torch.stack(gen_pixels) if gen_pixels else torch.zeros(0, 3, side, side),
+        gen_noise=torch.cat(noise),
+        gen_t=torch.cat(t),
+        gen_sample=torch.tensor(gen_sample, dtype=torch.long),
+        read_pixels=torch.stack(read_pixels) if read_pixels else torch.zeros(0, 3, side, side),
+    )

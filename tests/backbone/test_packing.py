@@ -1,0 +1,136 @@
+import dataclasses
+
+import pytest
+import torch
+
+from avr.backbone import FlowSettings, UnifiedLoss, pack
+from avr.backbone.packing import GEN, READ, TEXT
+from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
+from avr.defaults import tiny_model
+from avr.sequence import Segment, Trajectory
+
+FLOW = FlowSettings(cfg_dropout=0.5)
+
+
+def _pack(model, trajs, seeds, max_len=2048):
+    return pack(trajs, model.tokenizer, model.geometry, max_len, seeds, FLOW)
+
+
+@pytest.mark.parametrize("expert", [False, True], ids=["dense", "generation-expert"])
+def test_packed_loss_equals_per_sample_losses(trajectories, expert):
+    config = dataclasses.replace(tiny_model(0).config, generation_expert=expert)
+    model = tiny_model(0, config).eval()
+    seeds = [11, 12, 13, 14]
+    batch = _pack(model, trajectories, seeds)
+    assert batch.input_ids.shape[0] == 1  # all four share one row
+    with torch.no_grad():
+        packed = UnifiedLoss.per_sample(model(batch))
+        loss, stats = UnifiedLoss(model.config.ce_weight)(model(batch))
+    sums = [0.0, 0, 0.0, 0]
+    for i, (traj, seed) in enumerate(zip(trajectories, seeds, strict=True)):
+        with torch.no_grad():
+            alone = UnifiedLoss.per_sample(model(_pack(model, [traj], [seed])))[0]
+        assert alone[1] == packed[i][1] and alone[3] == packed[i][3]
+        assert alone[0] == pytest.approx(packed[i][0], rel=1e-5, abs=1e-5)
+        assert alone[2] == pytest.approx(packed[i][2], rel=1e-5, abs=1e-5)
+        sums = [a + b for a, b in zip(sums, alone, strict=True)]
+    expected = model.config.ce_weight * sums[0] / sums[1] + sums[2] / sums[3]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["tokens/text"].item() == sums[1]
+
+
+def test_a_noisy_copy_is_invisible_to_later_tokens(model, trajectories):
+    reflect = trajectories[1]  # draft (noisy + clean copies) → critique → refined → text
+    batch = _pack(model, [reflect], [3])
+    with torch.no_grad():
+        before = model(batch)
+        batch.gen_noise[0] += 1.0  # the draft's noisy copy only
+        after = model(batch)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.velocity[1], after.velocity[1])  # the refined image
+    assert not torch.allclose(before.velocity[0], after.velocity[0])  # the draft itself changes
+
+
+def test_samples_in_one_row_do_not_see_each_other(model, trajectories):
+    a, b = trajectories[0], trajectories[1]
+    batch = _pack(model, [a, b], [1, 2])
+    assert batch.input_ids.shape[0] == 1
+    with torch.no_grad():
+        before = model(batch)
+        a_tokens = (batch.sample == 0) & (batch.kind == TEXT)
+        batch.input_ids[a_tokens] = 5
+        batch.gen_pixels[batch.gen_sample == 0] = 1 - batch.gen_pixels[batch.gen_sample == 0]
+        after = model(batch)
+    in_b = before.label_sample == 1
+    assert torch.equal(before.logits[in_b], after.logits[in_b])
+    assert torch.equal(
+        before.velocity[before.image_sample == 1], after.velocity[after.image_sample == 1]
+    )
+    assert not torch.equal(before.logits[~in_b], after.logits[~in_b])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_block_mask_matches_dense_mask(trajectories):
+    model = tiny_model(0).eval()
+    batch = _pack(model, trajectories, [1, 2, 3, 4], max_len=400)
+    assert batch.input_ids.shape[0] > 1  # several rows, with padding
+    with torch.no_grad():
+        dense = model(batch)
+        model.config.attention = "flex"
+        flex = model(batch)
+    torch.testing.assert_close(flex.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flex.velocity, dense.velocity, rtol=1e-4, atol=1e-4)
+
+
+def test_layout_of_one_trajectory(model, trajectories):
+    tok = model.tokenizer
+    batch = _pack(model, [trajectories[1]], [0])
+    ids, kind, pos, labels = (
+        t[0].tolist() for t in (batch.input_ids, batch.kind, batch.position, batch.labels)
+    )
+    start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+    g, r = model.geometry.gen_tokens, model.geometry.read_tokens
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    first = ids.index(start)
+    assert labels[first - 1] == start  # the model learns to open an image
+    assert kind[first + 1 : first + 1 + g] == [GEN] * g
+    assert kind[first + 1 + g : first + 1 + g + r] == [READ] * r
+    assert ids[first + 1 + g + r] == end and labels[first + g + r] == end
+    assert set(pos[first + 1 : first + 1 + g + r]) == {pos[first] + 1}  # an image is one position
+    assert pos[first + 1 + g + r] == pos[first] + 2
+    prompt_len = first - 1
+    assert all(
+        label == -100 for label in labels[: prompt_len - 1]
+    )  # the prompt is read, not learned
+    assert sum(k == GEN for k in kind) == 2 * g  # draft and refined: two noisy copies
+
+
+def test_bad_input_is_refused(model, trajectories):
+    with pytest.raises(
+        ValueError, match=r"trajectory 0 takes \d+ tokens, over the maximum length 50"
+    ):
+        _pack(model, trajectories[:1], [0], max_len=50)
+    small = Trajectory(
+        [
+            Segment.prompt("a circle"),
+            Segment(image=trajectories[0].final_image.resize((32, 32)), role="final"),
+        ]
+    )
+    with pytest.raises(ValueError, match="expected a 64×64 image, got 32×32"):
+        _pack(model, [small], [0])
+    grey = Trajectory(
+        [Segment.prompt("a"), Segment(image=trajectories[0].final_image.convert("L"), role="final")]
+    )
+    with pytest.raises(ValueError, match="expected an RGB image, got mode 'L'"):
+        _pack(model, [grey], [0])
+    with pytest.raises(ValueError, match="exactly one of text or image"):
+        Segment()
+    with pytest.raises(ValueError, match="'sketchy' is not a valid ImageRole"):
+        Segment(image=trajectories[0].final_image, role="sketchy")
+    batch = _pack(model, trajectories, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="exceeds max_seq_len 100"):
+        model.config.max_seq_len, saved = 100, model.config.max_seq_len
+        try:
+            model(batch)
+        finally:
+            model.config.max_seq_len = saved
