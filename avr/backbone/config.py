@@ -16,8 +16,8 @@ from avr.backbone.tokenizer import DEFAULT_MODES
 def _tiny_lm() -> dict[str, Any]:
     return {
         "model_type": "qwen2",
-        "hidden_size": 128,
-        "intermediate_size": 384,
+        "hidden_size": 192,
+        "intermediate_size": 512,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
@@ -96,6 +96,48 @@ class UnifiedConfig:
             )
         if "model_type" not in self.lm and self.lm_path is None:
             raise ValueError("config key 'lm': needs 'model_type' (e.g. 'qwen2') or set 'lm_path'")
+
+    @classmethod
+    def qwen2_0_5b(cls, **overrides: Any) -> UnifiedConfig:
+        """The 0.5B class: Qwen2-0.5B's decoder shape (random init unless `lm_path` is given), a
+        SigLIP-base-sized reader and a 16-channel VAE with 2×2 latent patches on 256 px images."""
+        lm = {
+            "model_type": "qwen2",
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+        }
+        vision = {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "patch_size": 16,
+        }
+        vae = {
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 16,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+        }
+        base = {
+            "lm": lm,
+            "vision": vision,
+            "codec": "vae",
+            "vae": vae,
+            "patch_size": 2,
+            "image_size": 256,
+            "max_seq_len": 8192,
+        }
+        return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (the inverse of `from_dict`)."""

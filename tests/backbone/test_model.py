@@ -139,3 +139,12 @@ def test_generation_expert_has_its_own_weights(make_trajectories):
     loss.backward()
     assert model.gen_layers[0].mlp.up_proj.weight.grad.abs().sum() > 0  # generation tokens train it
     assert model.decoder.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_same_code_builds_the_half_billion_class(model):
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        big = UnifiedModel(UnifiedConfig.qwen2_0_5b(), model.tokenizer)
+    total = sum(p.numel() for p in big.parameters())
+    assert 4e8 < total < 7e8
+    assert big.geometry.gen_tokens == 256 and big.geometry.token_dim == 16 * 2 * 2
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 1e7  # the tiny default: a few million
