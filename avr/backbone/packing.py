@@ -168,7 +168,7 @@ def _layout(
     traj: Trajectory, index: int, tokenizer, geometry: ImageGeometry, seed: int, flow: FlowSettings
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
-    copies: list[tuple[int, int]] = [(-1, -1)]  # (copy number within trajectory, -1 text)
+    copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
     gen_pixels, read_pixels = [], []
     p, copy = 1, 0
     start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
@@ -178,7 +178,7 @@ def _layout(
         kind.append(k)
         pos.append(position)
         train.append(trained)
-        copies.append((block, -1))
+        copies.append(block)
 
     segments = traj.segments
     for s, seg in enumerate(segments):
@@ -219,7 +219,7 @@ def _layout(
         "kind": kind,
         "pos": pos,
         "train": train,
-        "copy": [c for c, _ in copies],
+        "copy": copies,
         "gen_pixels": gen_pixels,
         "read_pixels": read_pixels,
         "noise": noise,
