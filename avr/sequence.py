@@ -8,12 +8,29 @@ training it is a generation target. Sampled segments may carry the log-probs RL 
 
 from __future__ import annotations
 
+import io
+import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+#: Paired tags a text segment may hold; each must be closed in the same segment, in order.
+TAG_PAIRS: tuple[tuple[str, str], ...] = (
+    ("<ins>", "</ins>"),
+    ("<des>", "</des>"),
+    ("<refine>", "</refine>"),
+)
+_TAG = re.compile(r"</?(?:ins|des|refine)>")
+FORMAT_VERSION = 1
+
+
+class TrajectoryError(ValueError):
+    """A trajectory record that cannot be read; the message names file:line and what is wrong."""
 
 
 class ImageRole(StrEnum):
@@ -46,6 +63,8 @@ class Segment:
     loss: bool = True
     logprobs: list[float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sample: Any = field(default=None, repr=False, compare=False)
+    """In memory only, never written: the sampler's full output (a rollout's latents path, say)."""
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.image is None):
@@ -87,6 +106,109 @@ class Trajectory:
         """The last image the trajectory holds (the answer), or None."""
         images = self.images
         return images[-1].image if images else None
+
+
+def check_tags(text: str) -> None:
+    """Raise `ValueError` unless every `<ins>`, `<des>`, `<refine>` in `text` is closed, unnested."""
+    open_tag = None
+    for match in _TAG.finditer(text):
+        tag = match.group()
+        if not tag.startswith("</"):
+            if open_tag is not None:
+                raise ValueError(
+                    f"unbalanced tags: {tag} opened inside {open_tag} at column {match.start()}"
+                )
+            open_tag = tag
+        elif open_tag is None or tag != open_tag.replace("<", "</", 1):
+            raise ValueError(
+                f"unbalanced tags: {tag} at column {match.start()} closes {open_tag or 'nothing'}"
+            )
+        else:
+            open_tag = None
+    if open_tag is not None:
+        raise ValueError(f"unbalanced tags: {open_tag} is never closed")
+
+
+def trajectory_to_record(traj: Trajectory, key: str, root: str | os.PathLike) -> dict[str, Any]:
+    """One JSONL record for `traj`; its images are written as `root/images/<key>_<k>.png`.
+
+    PNG keeps RGB pixels exactly, and JSON keeps floats exactly, so `record_to_trajectory` gives
+    back an equal trajectory."""
+    images = Path(root) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    segments = []
+    for k, seg in enumerate(traj.segments):
+        item: dict[str, Any] = {"type": "image" if seg.is_image else "text", "loss": seg.loss}
+        if seg.is_image:
+            name = f"images/{key}_{k}.png"
+            seg.image.save(Path(root) / name, format="PNG")
+            item.update(image=name, role=str(seg.role))
+        else:
+            item["text"] = seg.text
+        if seg.logprobs is not None:
+            item["logprobs"] = seg.logprobs
+        if seg.meta:
+            item["meta"] = seg.meta
+        segments.append(item)
+    return {"key": key, "version": FORMAT_VERSION, "meta": traj.meta, "segments": segments}
+
+
+def record_to_trajectory(
+    record: Any, root: str | os.PathLike, where: str, check: bool = True
+) -> Trajectory:
+    """Read a record written by `trajectory_to_record`; errors name `where` (file:line). With
+    `check`, tags must balance within each run of text between images."""
+    if not isinstance(record, dict) or not isinstance(record.get("segments"), list):
+        raise TrajectoryError(f"{where}: expected an object with a 'segments' list")
+    if record.get("version") != FORMAT_VERSION:
+        raise TrajectoryError(
+            f"{where}: format version {record.get('version')!r}, expected {FORMAT_VERSION}"
+        )
+    segments = []
+    for k, item in enumerate(record["segments"]):
+        at = f"{where}: segments[{k}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        try:
+            if kind == "text":
+                text = item["text"]
+                if not isinstance(text, str):
+                    raise ValueError(f"text must be a string, got {type(text).__name__}")
+                segment = Segment(text=text)
+            elif kind == "image":
+                segment = Segment(image=_read_png(Path(root) / item["image"]), role=item["role"])
+            else:
+                raise ValueError(f"unknown segment type {kind!r}; expected 'text' or 'image'")
+            segment.loss = bool(item.get("loss", True))
+            segment.logprobs = item.get("logprobs")
+            segment.meta = item.get("meta", {})
+        except KeyError as err:
+            raise TrajectoryError(f"{at}: missing key {err.args[0]!r}") from None
+        except (ValueError, OSError) as err:
+            raise TrajectoryError(f"{at}: {err}") from None
+        segments.append(segment)
+    if check:
+        run: list[str] = []
+        for k, segment in enumerate([*segments, None]):
+            if segment is None or segment.is_image:
+                try:
+                    check_tags("".join(run))
+                except ValueError as err:
+                    raise TrajectoryError(f"{where}: text before segments[{k}]: {err}") from None
+                run = []
+            else:
+                run.append(segment.text)
+    return Trajectory(segments, record.get("meta", {}))
+
+
+def _read_png(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def image_to_array(image: Image.Image, resolution: int) -> np.ndarray:

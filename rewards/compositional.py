@@ -14,10 +14,12 @@ from einops import rearrange
 from PIL import Image
 from torchmetrics import Metric
 
+from avr.registry import register_reward
 from avr.world.spec import PromptSpec
 from avr.world.verify import Verifier
 
 
+@register_reward("compositional")
 class CompositionalReward(Metric):
     """Reward = the verifier's partial score (fraction of clauses satisfied), or its strict
     correctness (1.0 / 0.0) when `strict=True`.

@@ -177,17 +177,20 @@ class Session:
         read: bool = True,
         generator: torch.Generator | None = None,
         active: torch.Tensor | None = None,
+        start: bool = True,
     ) -> ImageSample:
         """Draw one image per row after `<img>`.
 
         `noise_level = 0` is the ODE (Euler) sampler; `> 0` is Flow-GRPO's SDE with per-step
         log-probs. `cfg_scale ≠ 1` mixes in the unconditional velocity (the image's tokens alone, as
         trained with CFG dropout): `v = v_u + w·(v_c − v_u)`. With `read`, the image is then read
-        back (clean copy and `</img>`) so later text can refer to it.
+        back (clean copy and `</img>`) so later text can refer to it. `start=False` when the model
+        itself already wrote the `<img>`.
         """
         model = self.model
         active = self._active(active)
-        self._append_marker(self.image_start, active)
+        if start:
+            self._append_marker(self.image_start, active)
         geometry = model.geometry
         shape = (self.batch_size, geometry.gen_tokens, geometry.token_dim)
         x = torch.randn(shape, generator=generator).to(self.device, self.dtype)

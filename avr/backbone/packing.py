@@ -278,3 +278,17 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
         gen_sample=torch.tensor(gen_sample, dtype=torch.long),
         read_pixels=torch.stack(read_pixels) if read_pixels else torch.zeros(0, 3, side, side),
     )
+
+
+@dataclass
+class Packer:
+    """`pack` with its settings bound: a picklable collate function for data-loader workers."""
+
+    tokenizer: PreTrainedTokenizerBase
+    geometry: ImageGeometry
+    max_len: int
+    flow: FlowSettings = FlowSettings()
+
+    def __call__(self, trajectories: Sequence[Trajectory], seeds: Sequence[int]) -> PackedBatch:
+        """Pack one batch."""
+        return pack(trajectories, self.tokenizer, self.geometry, self.max_len, seeds, self.flow)

@@ -45,7 +45,7 @@ def test_score_counts_what_the_images_show(tmp_path, capsys):
 
 def test_geneval_folder_fails_naming_the_first_foreign_class(tmp_path, capsys, pytestconfig):
     lines = (
-        (pytestconfig.rootpath / "tests/data/geneval_metadata_sample.jsonl")
+        (pytestconfig.rootpath / "tests/fixtures/geneval_metadata_sample.jsonl")
         .read_text()
         .splitlines()
     )

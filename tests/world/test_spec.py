@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from avr.world import Clause, PromptSpec, SpecError, load_specs, parse_line, parse_spec, save_specs
 from avr.world.scene import COLORS, RELATIONS, SHAPES
 
-GENEVAL_SAMPLE = "tests/data/geneval_metadata_sample.jsonl"
+GENEVAL_SAMPLE = "tests/fixtures/geneval_metadata_sample.jsonl"
 
 
 def test_real_geneval_metadata_reads_without_error(pytestconfig):

@@ -1,0 +1,79 @@
+"""Critique language: the verifier's diagnostic as text, and the edit a `<refine>` asks for.
+
+A right image gets a verdict sentence; a wrong one gets what is wrong, then `<refine>edits</refine>`.
+`is_verdict_ok` reads a critique back (the policy's too): it is right exactly when it holds no
+`<refine>`.
+"""
+
+from __future__ import annotations
+
+from avr.world.spec import Clause, PromptSpec
+from avr.world.verify import ClauseResult, ProblemKind, Verdict
+
+OK_IMAGE = "the image matches the prompt."
+OK_STEP = "this step is done."
+_NUMBER = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+def critique_text(verdict: Verdict, spec: PromptSpec, ok_text: str = OK_IMAGE) -> str:
+    """The critique of an image the verifier judged with `verdict` against `spec`."""
+    if verdict.correct:
+        return ok_text
+    problems = [_problem(p, spec, verdict) for p in verdict.problems]
+    said = "; ".join(dict.fromkeys(text for text, _ in problems))
+    edits = "; ".join(dict.fromkeys(edit for _, edit in problems))
+    return f"{said}. <refine>{edits}</refine>"
+
+
+def is_verdict_ok(text: str) -> bool:
+    """Whether a critique judges the image right (no `<refine>` in it)."""
+    return "<refine>" not in text
+
+
+def name(clause: Clause, count: int = 1) -> str:
+    """`red circle`, `two red circles`, `circle`."""
+    noun = f"{clause.color} {clause.cls}" if clause.color else clause.cls
+    if count == 1:
+        return noun
+    return f"{_NUMBER[count] if count < len(_NUMBER) else count} {noun}s"
+
+
+def _problem(result: ClauseResult, spec: PromptSpec, verdict: Verdict) -> tuple[str, str]:
+    clause, found = result.clause, result.found
+    if result.kind == "exclude":
+        extra = found - clause.count + 1
+        return (
+            f"there are {found} {name(clause)}s, too many",
+            f"remove {name(clause, extra) if extra > 1 else 'one ' + name(clause)}",
+        )
+    missing = clause.count - found
+    if result.problem is ProblemKind.MISSING:
+        return f"there is no {name(clause)}", f"add {_a(name(clause, clause.count))}"
+    if result.problem is ProblemKind.WRONG_COLOR:
+        wanted = {c.color for c in spec.include if c.cls == clause.cls}
+        others = [
+            d.color for d in verdict.detections if d.shape == clause.cls and d.color not in wanted
+        ]
+        wrong = others[0] if others else "other"
+        return (
+            f"the {clause.cls} should be {clause.color}, not {wrong}",
+            f"make the {wrong} {clause.cls} {clause.color}",
+        )
+    if result.problem is ProblemKind.WRONG_COUNT:
+        return (
+            f"there {'is' if found == 1 else 'are'} {_NUMBER[found]} {name(clause)}"
+            f"{'' if found == 1 else 's'}, not {_NUMBER[clause.count]}",
+            f"add {_a(name(clause, missing))}",
+        )
+    relation, target = clause.position
+    target_name = name(spec.include[target])
+    return (
+        f"the {name(clause)} is not {relation} the {target_name}",
+        f"move the {name(clause)} {relation} the {target_name}",
+    )
+
+
+def _a(noun: str) -> str:
+    if noun.split()[0] in _NUMBER:
+        return noun
+    return ("an " if noun[0] in "aeiou" else "a ") + noun

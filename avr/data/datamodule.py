@@ -1,0 +1,168 @@
+"""`TrajectoryDataModule`: streams a built data set (sharded JSONL + PNG) into training batches.
+
+- Deterministic: epoch `e` visits records in the permutation drawn from `(seed, e)`; batch `b`
+  holds the same records whatever the number of workers (worker `w` builds batches `w, w + W, …`,
+  and the loader takes them round-robin).
+- Resumable: `state_dict()` counts the batches the trainer has received; a restored module starts
+  at the next one (Lightning saves and restores this with the checkpoint).
+- Packing happens in the workers, through the backbone's `Packer`, with per-record noise seeds
+  `(seed, epoch, record)` so a record is noised the same however it is batched.
+- Bad records raise `TrajectoryError` naming file:line; with `skip_invalid`, each is logged with
+  the running count and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from avr.sequence import FORMAT_VERSION, Trajectory, TrajectoryError, record_to_trajectory
+
+log = logging.getLogger("avr.data")
+
+
+class TrajectoryStream(IterableDataset):
+    """Endless stream of batches (lists of trajectories, or packed batches with a `packer`)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        skip_invalid: bool = False,
+        packer: Callable[[list[Trajectory], list[int]], Any] | None = None,
+        start: int = 0,
+    ) -> None:
+        self.root, self.batch_size, self.seed, self.shuffle = Path(root), batch_size, seed, shuffle
+        self.skip_invalid, self.packer, self.start = skip_invalid, packer, start
+        self.manifest = read_manifest(self.root)
+        self.index = [
+            (s["file"], line) for s in self.manifest["shards"] for line in range(s["records"])
+        ]
+        if len(self.index) < batch_size:
+            raise ValueError(
+                f"{self.root}: {len(self.index)} records, fewer than one batch of {batch_size}"
+            )
+        self.per_epoch = (
+            len(self.index) // batch_size
+        )  # the remainder waits for the next epoch's order
+
+    def batch_records(self, batch: int) -> tuple[int, list[int]]:
+        """Epoch and record indices of global batch number `batch`."""
+        epoch, within = divmod(batch, self.per_epoch)
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
+            if self.shuffle
+            else np.arange(len(self.index))
+        )
+        return epoch, order[within * self.batch_size : (within + 1) * self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        lines: dict[str, list[str]] = {}
+        skipped = 0
+        batch = self.start + worker  # the loader takes workers round-robin: start, start + 1, …
+        while True:
+            epoch, records = self.batch_records(batch)
+            trajectories, seeds = [], []
+            for record in records:
+                file, line = self.index[record]
+                if file not in lines:
+                    lines[file] = (self.root / file).read_text(encoding="utf-8").splitlines()
+                try:
+                    trajectories.append(self._read(file, line, lines[file][line]))
+                    seeds.append(
+                        int(np.random.SeedSequence([self.seed, epoch, record]).generate_state(1)[0])
+                    )
+                except TrajectoryError as err:
+                    if not self.skip_invalid:
+                        raise
+                    skipped += 1
+                    log.warning(
+                        "skipped invalid record (%d so far in worker %d): %s", skipped, worker, err
+                    )
+            if trajectories:
+                yield self.packer(trajectories, seeds) if self.packer else trajectories
+            batch += workers
+
+    def _read(self, file: str, line: int, text: str) -> Trajectory:
+        where = f"{self.root / file}:{line + 1}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TrajectoryError(
+                f"{where}: not valid JSON ({err.msg} at column {err.colno})"
+            ) from None
+        return record_to_trajectory(record, self.root, where)
+
+
+def read_manifest(root: Path) -> dict:
+    """The data set's manifest, checked for its format version."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (build the data with `python -m avr.data build`)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Training batches from a data set built by `python -m avr.data build`."""
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        skip_invalid: bool = False,
+    ) -> None:
+        """`path`: the data folder; `batch_size`: trajectories per batch (packed into rows);
+        `skip_invalid`: log and skip bad records instead of stopping."""
+        super().__init__()
+        self.path, self.batch_size, self.seed = path, batch_size, seed
+        self.num_workers, self.shuffle, self.skip_invalid = num_workers, shuffle, skip_invalid
+        self.packer: Callable | None = None  # set by the training module (it knows the backbone)
+        self.batches_seen = 0
+
+    def train_dataloader(self) -> DataLoader:
+        stream = TrajectoryStream(
+            self.path,
+            self.batch_size,
+            self.seed,
+            self.shuffle,
+            self.skip_invalid,
+            self.packer,
+            self.batches_seen,
+        )
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the batches the trainer actually received (the resume position)."""
+        self.batches_seen += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data seed {state['seed']} differs from this run's {self.seed}"
+            )
+        self.batches_seen = int(state["batches_seen"])

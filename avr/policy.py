@@ -1,0 +1,159 @@
+"""`PolicyActor`: the unified model performing a mode's steps, for RL rollouts and evaluation.
+
+Each rollout holds one `Session` (its KV cache): the prompt is read once, then every step samples
+text or an image on top of everything before. Structure is scaffolded, content is sampled: the
+control flow opens `<ins>` and `<img>` where the mode says a plan step or an image comes; the
+model writes what is inside. A critique stops at `</refine>` or `<eos>`, or where the model itself
+opens the next plan step or image (`<ins>`, `<img>`), which is then not opened twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from PIL import Image
+
+from avr.backbone.generation import Session, TextSample
+from avr.backbone.model import UnifiedModel
+from avr.backbone.tokenizer import IMAGE_START, mode_token
+from avr.data.critique import is_verdict_ok
+from avr.protocol import Critique, Episode
+from avr.sequence import ImageRole, Segment
+
+_STEP = re.compile(r"step (\d+) of (\d+)")
+
+
+@dataclass
+class SamplingConfig:
+    """How a policy samples. `noise_level = 0` draws images with the ODE (evaluation); `> 0` with
+    Flow-GRPO's SDE, keeping per-step log-probs (RL)."""
+
+    max_text_tokens: int = 96
+    """Longest text a single step may write."""
+    temperature: float = 1.0
+    """Text sampling temperature (0: greedy)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    steps: int = 25
+    """Denoising steps per image."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance weight (1: none)."""
+    noise_level: float = 0.0
+    """SDE noise level `a` (0: ODE)."""
+    shift: float = 1.0
+    """Timestep schedule shift."""
+
+
+class PolicyActor:
+    """Runs a mode's steps with `model`; deterministic given `generator`'s seed."""
+
+    def __init__(
+        self,
+        model: UnifiedModel,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.sampling = model, sampling or SamplingConfig()
+        self.generator = generator or torch.Generator().manual_seed(0)
+        tok = model.tokenizer
+        self.stop_critique = ["</refine>", tok.eos_token, "<ins>", IMAGE_START]
+
+    def begin(self, episode: Episode) -> None:
+        session = Session(self.model, batch_size=1)
+        session.append_tokens([[self.model.tokenizer.bos_token_id]])
+        session.append_text([episode.spec.prompt])
+        episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
+        episode.state.update(session=session, opened=None, steps=None, nfe=0, text_tokens=0)
+
+    def choose(self, episode: Episode, modes: list[str]) -> str:
+        """Sample a mode token, restricted to `modes`' tokens (log-prob under the full policy)."""
+        session: Session = episode.state["session"]
+        tok = self.model.tokenizer
+        ids = tok.convert_tokens_to_ids([mode_token(m) for m in modes])
+        logits = session.last_logits[0]
+        temperature = self.sampling.temperature or 1.0
+        policy = torch.log_softmax(logits / temperature, -1)
+        if self.sampling.temperature > 0:
+            probs = torch.softmax(logits[ids] / temperature, -1)
+            pick = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        else:
+            pick = int(logits[ids].argmax())
+        session.append_tokens([[ids[pick]]])
+        sample = TextSample([[ids[pick]]], [[float(policy[ids[pick]])]], [mode_token(modes[pick])])
+        episode.add_text(mode_token(modes[pick]), sample, sample.logprobs[0])
+        episode.state["text_tokens"] += 1
+        return modes[pick]
+
+    def plan(self, episode: Episode, step: int) -> bool:
+        steps = episode.state["steps"]
+        if steps is not None and step >= steps:
+            return False
+        if episode.state["opened"] != "<ins>":
+            episode.state["session"].append_text(["<ins>"])
+            episode.add_text("<ins>")  # scaffolding: forced, not sampled (no log-probs)
+        episode.state["opened"] = None
+        sample = self._text(episode, stop=["</des>"])
+        text = sample.text[0]
+        episode.add_text(text, sample, sample.logprobs[0])
+        found = _STEP.search(text)
+        episode.state["steps"] = int(found.group(2)) if found else step + 1
+        return True
+
+    def draft(self, episode: Episode, role: ImageRole) -> None:
+        self._image(episode, role)
+
+    def reflect(self, episode: Episode) -> Critique:
+        sample = self._text(episode, stop=self.stop_critique)
+        text = sample.text[0]
+        last = (
+            self.model.tokenizer.convert_ids_to_tokens(sample.ids[0][-1:]) if sample.ids[0] else []
+        )
+        episode.state["opened"] = last[0] if last and last[0] in ("<ins>", IMAGE_START) else None
+        episode.add_text(text, sample, sample.logprobs[0])
+        return Critique(text, is_verdict_ok(text))
+
+    def refine(self, episode: Episode, role: ImageRole) -> None:
+        self._image(episode, role)
+
+    def _text(self, episode: Episode, stop: list[str]) -> TextSample:
+        s = self.sampling
+        sample = episode.state["session"].sample_text(
+            s.max_text_tokens,
+            stop=stop,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            generator=self.generator,
+        )
+        episode.state["text_tokens"] += len(sample.ids[0])
+        return sample
+
+    def _image(self, episode: Episode, role: ImageRole) -> None:
+        s = self.sampling
+        session: Session = episode.state["session"]
+        opened = episode.state["opened"] == IMAGE_START
+        episode.state["opened"] = None
+        sample = session.generate_image(
+            steps=s.steps,
+            cfg_scale=s.cfg_scale,
+            noise_level=s.noise_level,
+            shift=s.shift,
+            generator=self.generator,
+            start=not opened,
+        )
+        episode.state["nfe"] += sample.nfe
+        pixels = rearrange(sample.pixels[0].float().cpu(), "c h w -> h w c")
+        image = Image.fromarray((pixels.numpy() * 255).round().astype("uint8"), "RGB")
+        logprobs = sample.logprobs[0].tolist() if sample.logprobs is not None else None
+        episode.add_image(image, role, sample, logprobs)
+
+    def finish(self, episode: Episode) -> None:
+        """Record the rollout's compute: velocity evaluations and text tokens written."""
+        episode.trajectory.meta.update(
+            nfe=episode.state["nfe"], text_tokens=episode.state["text_tokens"]
+        )

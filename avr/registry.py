@@ -1,0 +1,135 @@
+"""The plugin registry: modes and rewards by name, from this package or anyone's.
+
+A plugin registers with a decorator in its own module and exposes that module through an entry point
+of the group `avr.modes` or `avr.rewards`; `load_plugins()` imports every such entry point once. The
+built-ins (`avr.modes.*`, `avr.rewards.*`) take exactly the same path, so a user's package is a
+peer, not a special case. `python -m avr.registry` lists what is registered and who provides it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TypeVar
+
+T = TypeVar("T", bound=type)
+GROUPS: tuple[str, ...] = ("avr.modes", "avr.rewards")
+
+
+class RegistryError(LookupError):
+    """An unknown or duplicate plugin name."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered plugin: its name, class and the distribution (package) that provides it."""
+
+    name: str
+    cls: type
+    provider: str
+
+
+class Registry:
+    """Name → class for one entry-point group."""
+
+    def __init__(self, group: str, kind: str) -> None:
+        self.group, self.kind = group, kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator: register under `name`; a name already taken is an error."""
+
+        def decorate(cls: T) -> T:
+            existing = self._entries.get(name)
+            if existing is not None and existing.cls is not cls:
+                raise RegistryError(
+                    f"{self.kind} {name!r} is already registered by {_path(existing.cls)}; "
+                    f"{_path(cls)} cannot take the same name"
+                )
+            cls.name = name
+            self._entries[name] = Entry(name, cls, _provider(cls))
+            return cls
+
+        return decorate
+
+    def get(self, name: str) -> type:
+        """The class registered as `name` (plugins loaded first); unknown names list the known."""
+        load_plugins()
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise RegistryError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {known}")
+        return self._entries[name].cls
+
+    def names(self) -> list[str]:
+        """Registered names, sorted (plugins loaded first)."""
+        load_plugins()
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        """Registered entries, sorted by name."""
+        load_plugins()
+        return [self._entries[n] for n in sorted(self._entries)]
+
+
+MODES = Registry("avr.modes", "mode")
+REWARDS = Registry("avr.rewards", "reward")
+register_mode = MODES.register
+register_reward = REWARDS.register
+_loaded: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import every entry point of the `avr.modes` and `avr.rewards` groups (once each)."""
+    for group in GROUPS:
+        for ep in entry_points(group=group):
+            key = f"{group}:{ep.name}={ep.value}"
+            if key in _loaded:
+                continue
+            _loaded.add(key)
+            ep.load()
+
+
+def list_modes() -> list[str]:
+    """Names of every registered mode."""
+    return MODES.names()
+
+
+def list_rewards() -> list[str]:
+    """Names of every registered reward."""
+    return REWARDS.names()
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _provider(cls: type) -> str:
+    from importlib.metadata import packages_distributions
+
+    top = cls.__module__.split(".")[0]
+    dists = packages_distributions().get(top, [])
+    return dists[0] if dists else top
+
+
+def main() -> int:
+    """Print every registered mode and reward with the package that provides it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="avr plugins")
+    for column in ("kind", "name", "class", "provided by"):
+        table.add_column(column)
+    for registry in (MODES, REWARDS):
+        for entry in registry.entries():
+            table.add_row(registry.kind, entry.name, _path(entry.cls), entry.provider)
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's `main`: plugins register into `avr.registry`, not into `__main__`.
+    from avr.registry import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,122 @@
+"""Every registered mode builds teacher trajectories and rolls out with the tiny policy."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avr.data.critique import is_verdict_ok
+from avr.data.teacher import ShapeWorldTeacher
+from avr.defaults import tiny_model
+from avr.policy import PolicyActor, SamplingConfig
+from avr.registry import MODES, list_modes
+from avr.sequence import ImageRole
+from avr.world import Verifier, sample_scene, sample_specs
+
+SPECS = {
+    tag: sample_specs(1, [tag], seed=5)[0]
+    for tag in ("colors", "counting", "position", "multi_count", "multi_relation")
+}
+BUILTIN = ("direct", "reflect", "plan", "adaptive")
+
+
+def _teacher(spec, seed=0, **kwargs):
+    return ShapeWorldTeacher(
+        sample_scene(spec, np.random.default_rng(seed)), np.random.default_rng(seed), **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def policy_model():
+    return tiny_model(0).eval()
+
+
+@pytest.mark.parametrize("mode", [m for m in list_modes() if m in BUILTIN])
+@pytest.mark.parametrize("tag", sorted(SPECS))
+def test_teacher_trajectories_end_on_a_correct_image(mode, tag):
+    spec = SPECS[tag]
+    trajectory = MODES.get(mode)().build(_teacher(spec, sketch_error_rate=0.5), spec)
+    assert trajectory.segments[0].text == spec.prompt and not trajectory.segments[0].loss
+    assert Verifier().verify(trajectory.final_image, spec).correct
+    assert trajectory.meta["mode"] in BUILTIN and trajectory.meta["spec"] == spec.to_json()
+
+
+def test_reflect_drafts_carry_real_errors_and_critiques_name_them():
+    for seed in range(12):
+        spec = SPECS["multi_count"]
+        trajectory = MODES.get("reflect")().build(_teacher(spec, seed), spec)
+        kinds = [s.role if s.is_image else s.text for s in trajectory.segments[1:]]
+        assert (
+            kinds[0] is ImageRole.DRAFT
+            and not Verifier().verify(trajectory.segments[1].image, spec).correct
+        )
+        assert "<refine>" in kinds[1] and kinds[2] is ImageRole.REFINED
+        assert is_verdict_ok(kinds[3]) and len(kinds) == 4
+
+
+def test_plan_steps_follow_the_spec_and_sketches_grow():
+    spec = SPECS["multi_relation"]
+    trajectory = MODES.get("plan")().build(_teacher(spec, sketch_error_rate=0.0), spec)
+    plans = [s.text for s in trajectory.segments if not s.is_image and s.text.startswith("<ins>")]
+    assert len(plans) == len(spec.include)
+    assert plans[0].startswith(f"<ins>step 1 of {len(spec.include)}: add a")
+    counts = [len(Verifier().detect(s.image)) for s in trajectory.images]
+    assert counts == list(range(1, len(spec.include) + 1))
+    assert [s.role for s in trajectory.images][-1] is ImageRole.FINAL
+
+
+def test_adaptive_labels_by_level_or_by_the_cheapest_mode_that_succeeds():
+    labels = {
+        tag: MODES.get("adaptive")().build(_teacher(spec), spec).meta["mode"]
+        for tag, spec in SPECS.items()
+    }
+    assert labels == {
+        "colors": "direct",
+        "counting": "reflect",
+        "position": "reflect",
+        "multi_count": "plan",
+        "multi_relation": "plan",
+    }
+    spec = SPECS["multi_count"]
+    tried = []
+    teacher = _teacher(spec, mode_succeeds=lambda mode, s: tried.append(mode) or mode == "reflect")
+    trajectory = MODES.get("adaptive")().build(teacher, spec)
+    assert trajectory.meta["mode"] == "reflect" and tried == ["direct", "reflect"]
+    assert trajectory.segments[1].text == "<mode:reflect>"
+
+
+def test_self_sampled_drafts_come_from_the_given_model():
+    spec = SPECS["colors"]
+    drawn = []
+
+    def draw(s):  # stands in for a trained model that draws nothing
+        drawn.append(s)
+        return Image.new("RGB", (64, 64), "white")
+
+    trajectory = MODES.get("reflect")().build(_teacher(spec, draft_model=draw), spec)
+    assert drawn == [spec]
+    clause = spec.include[0]
+    assert trajectory.segments[2].text.startswith(
+        f"there is no {clause.color} {clause.cls}. <refine>add a"
+    )
+
+
+@pytest.mark.parametrize("mode", BUILTIN)
+def test_policy_rollouts_carry_log_probs_and_compute(policy_model, mode):
+    spec = SPECS["multi_count"]
+    sampling = SamplingConfig(steps=3, max_text_tokens=6, noise_level=0.7)
+
+    def run(seed):
+        return MODES.get(mode)().rollout(
+            PolicyActor(policy_model, sampling, torch.Generator().manual_seed(seed)), spec
+        )
+
+    trajectory = run(0)
+    images = trajectory.images
+    assert images and all(len(s.logprobs) == 3 for s in images)
+    assert trajectory.meta["nfe"] == 3 * len(images)
+    sampled = [s for s in trajectory.segments[1:] if not s.is_image and s.logprobs is not None]
+    assert trajectory.meta["text_tokens"] == sum(len(s.logprobs) for s in sampled)
+    again = run(0)
+    assert [s.text for s in again.segments] == [s.text for s in trajectory.segments]
+    assert np.array_equal(np.asarray(again.final_image), np.asarray(trajectory.final_image))
