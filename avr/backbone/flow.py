@@ -48,20 +48,37 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch
     return x + (t_next - t) * v
 
 
-def sde_std(t: float, t_next: float, noise_level: float, t_max: float) -> float:
-    """Std of one SDE step; `t = 1` uses `t_max` (the schedule's second time) in `σ_t`, as
-    Flow-GRPO does, to keep it finite."""
-    ratio = t / (1 - (t_max if t >= 1 else t))
-    return noise_level * math.sqrt(ratio) * math.sqrt(t - t_next)
+def _sigma_sq(t, noise_level: float, t_max):
+    # σ_t² = a²·t / (1 − t), with t = 1 replaced by t_max in the denominator (Flow-GRPO).
+    return noise_level**2 * t / (1 - torch.where(t >= 1, torch.as_tensor(t_max, dtype=t.dtype), t))
+
+
+def _times(x: torch.Tensor, *times):
+    """Times as tensors shaped to broadcast over `x` (scalars, or one per sample)."""
+    shaped = []
+    for t in times:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        shaped.append(t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t)
+    return shaped
+
+
+def sde_std(t, t_next, noise_level: float, t_max) -> torch.Tensor:
+    """Std `σ_t·√(t − t_next)` of one SDE step (scalar or one per sample)."""
+    t, t_next = (
+        torch.as_tensor(t, dtype=torch.float64),
+        torch.as_tensor(t_next, dtype=torch.float64),
+    )
+    return torch.sqrt(_sigma_sq(t, noise_level, t_max) * (t - t_next))
 
 
 def sde_mean(
-    x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, noise_level: float, t_max: float
-):
-    """Mean of one SDE step (the drift part of the formula in the module docstring)."""
-    sigma_sq = noise_level**2 * t / (1 - (t_max if t >= 1 else t))
-    dt = t_next - t
-    return x + (v + sigma_sq / (2 * t) * (x + (1 - t) * v)) * dt
+    x: torch.Tensor, v: torch.Tensor, t, t_next, noise_level: float, t_max
+) -> torch.Tensor:
+    """Mean of one SDE step (the drift part of the formula in the module docstring); `t`,
+    `t_next` are scalars or one per sample."""
+    t, t_next = _times(x, t, t_next)
+    sigma_sq = _sigma_sq(t, noise_level, t_max)
+    return x + (v + sigma_sq / (2 * t) * (x + (1 - t) * v)) * (t_next - t)
 
 
 def sde_step(
@@ -76,18 +93,16 @@ def sde_step(
     """Sample `x_{t_next}`; returns it and its log-prob per sample (summed over all other dims),
     or None at `noise_level = 0`, where the step is deterministic."""
     mean = sde_mean(x, v, t, t_next, noise_level, t_max)
-    std = sde_std(t, t_next, noise_level, t_max)
+    std = float(sde_std(t, t_next, noise_level, t_max))
     if std == 0:
         return mean, None
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     x_next = mean + std * eps
     return x_next, gaussian_logprob(x_next, mean, std)
 
 
-def gaussian_logprob(
-    x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor
-) -> torch.Tensor:
-    """`log N(x; mean, std²)` summed over all dims but the first."""
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """`log N(x; mean, std²)` summed over all dims but the first (`std`: scalar or per sample)."""
+    (std,) = _times(x, std)
     logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return logp.flatten(1).sum(-1)

@@ -28,15 +28,22 @@ from avr.backbone.model import UnifiedModel
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer"
 
 
+def portable_config(model: UnifiedModel) -> dict:
+    """`model`'s config with the LM's (and VAE's) full configs inlined instead of paths: with the
+    weights, everything needed to rebuild it."""
+    config = model.config.to_dict()
+    config["lm"] = {**model.lm.config.to_diff_dict(), "model_type": model.lm.config.model_type}
+    config["lm_path"] = None
+    if config["codec"] == "vae":
+        config["vae"], config["vae_path"] = dict(model.codec.vae.config), None
+    return config
+
+
 def save_pretrained(model: UnifiedModel, directory: str | os.PathLike) -> Path:
     """Write `model` to `directory` atomically; returns the path."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config["lm"] = {**model.lm.config.to_diff_dict(), "model_type": model.lm.config.model_type}
-    config["lm_path"] = None  # the weights below hold the LM: a reload needs no other folder
-    if config["codec"] == "vae":
-        config["vae"], config["vae_path"] = dict(model.codec.vae.config), None
+    config = portable_config(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")

@@ -238,8 +238,11 @@ class UnifiedModel(nn.Module):
                 f"a packed row of {length} tokens exceeds max_seq_len {self.config.max_seq_len}"
             )
         x = self.decoder.embed_tokens(batch.input_ids)  # [R, L, D]
-        x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels))  # [M, N, D_tok]
-        x_t = flow.noise(x0, batch.gen_noise, batch.gen_t)
+        if batch.gen_xt is not None:  # RL: the sampled noisy states themselves
+            x_t = x0 = batch.gen_xt
+        else:
+            x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels))  # [M, N, D_tok]
+            x_t = flow.noise(x0, batch.gen_noise, batch.gen_t)
         gen_mask, read_mask = batch.kind == GEN, batch.kind == READ
         if x0.shape[0]:
             x = x.masked_scatter(

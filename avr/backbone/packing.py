@@ -70,10 +70,14 @@ class PackedBatch:
     gen_t: torch.Tensor  # [M]
     gen_sample: torch.Tensor  # [M] trajectory of each generated image
     read_pixels: torch.Tensor  # [K, 3, H, W]
+    gen_xt: torch.Tensor | None = (
+        None  # [M, N, D_tok]: given noisy states (RL) instead of noising pixels
+    )
 
     def to(self, device) -> PackedBatch:
         """The batch on `device`."""
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
 
     @property
     def tokens(self) -> int:
@@ -131,9 +135,14 @@ def pack(
     seeds: Sequence[int] | None = None,
     flow: FlowSettings = FlowSettings(),
     packed: bool = True,
+    rl: bool = False,
 ) -> PackedBatch:
     """Pack `trajectories` into rows of at most `max_len` tokens (first fit, longest first);
     `packed=False` gives the padded baseline instead, one trajectory per row.
+
+    `rl=True` lays out policy rollouts as they were sampled: text from the sampled token ids, CE
+    targets exactly the sampled tokens (segments with log-probs), no forced markers or `<eos>`
+    as targets, `<img>` not repeated where the model wrote it.
 
     Each trajectory's noise, timesteps and CFG dropout come from its own seed (`seeds[i]`, default
     `i`), so a trajectory is noised the same whether packed alone or with others.
@@ -142,7 +151,7 @@ def pack(
     if len(seeds) != len(trajectories):
         raise ValueError(f"got {len(seeds)} seeds for {len(trajectories)} trajectories")
     laid = [
-        _layout(t, i, tokenizer, geometry, s, flow)
+        _layout(t, i, tokenizer, geometry, s, flow, rl)
         for i, (t, s) in enumerate(zip(trajectories, seeds, strict=True))
     ]
     for i, item in enumerate(laid):
@@ -165,7 +174,13 @@ def pack(
 
 
 def _layout(
-    traj: Trajectory, index: int, tokenizer, geometry: ImageGeometry, seed: int, flow: FlowSettings
+    traj: Trajectory,
+    index: int,
+    tokenizer,
+    geometry: ImageGeometry,
+    seed: int,
+    flow: FlowSettings,
+    rl: bool = False,
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
     copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
@@ -183,15 +198,24 @@ def _layout(
     segments = traj.segments
     for s, seg in enumerate(segments):
         if not seg.is_image:
-            for token in tokenizer.encode(seg.text, add_special_tokens=False):
-                add(token, TEXT, p, seg.loss)
+            sampled = getattr(seg.sample, "ids", None)
+            tokens = (
+                sampled[0]
+                if rl and sampled
+                else tokenizer.encode(seg.text, add_special_tokens=False)
+            )
+            for token in tokens:
+                add(token, TEXT, p, seg.logprobs is not None if rl else seg.loss)
                 p += 1
             continue
         pixels = rearrange(
             torch.from_numpy(image_to_array(seg.image, geometry.image_size)), "h w c -> c h w"
         )
         generated, later = seg.role.generated, s < len(segments) - 1
-        add(start, TEXT, p, generated)
+        if rl and ids[-1] == start:  # the model wrote <img> itself, at the end of its text
+            p -= 1
+        else:
+            add(start, TEXT, p, generated and not rl)
         if generated:
             for _ in range(geometry.gen_tokens):
                 add(tokenizer.pad_token_id, GEN, p + 1, False, copy)
@@ -202,11 +226,11 @@ def _layout(
                 add(tokenizer.pad_token_id, READ, p + 1, False, copy)
             read_pixels.append(pixels)
             copy += 1
-            add(end, TEXT, p + 2, generated)
+            add(end, TEXT, p + 2, generated and not rl)
             p += 3
         else:
             p += 2
-    if segments and not segments[-1].is_image and segments[-1].loss:
+    if not rl and segments and not segments[-1].is_image and segments[-1].loss:
         add(tokenizer.eos_token_id, TEXT, p, True)
     g = torch.Generator().manual_seed(int(seed))
     n_gen = len(gen_pixels)

@@ -5,6 +5,7 @@
   and the loader takes them round-robin).
 - Resumable: `state_dict()` counts the batches the trainer has received; a restored module starts
   at the next one (Lightning saves and restores this with the checkpoint).
+- Distributed: rank `r` of `W` takes global batches `r, r + W, …`.
 - Packing happens in the workers, through the backbone's `Packer`, with per-record noise seeds
   `(seed, epoch, record)` so a record is noised the same however it is batched.
 - Bad records raise `TrajectoryError` naming file:line; with `skip_invalid`, each is logged with
@@ -40,9 +41,12 @@ class TrajectoryStream(IterableDataset):
         skip_invalid: bool = False,
         packer: Callable[[list[Trajectory], list[int]], Any] | None = None,
         start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.root, self.batch_size, self.seed, self.shuffle = Path(root), batch_size, seed, shuffle
         self.skip_invalid, self.packer, self.start = skip_invalid, packer, start
+        self.rank, self.world_size = rank, world_size
         self.manifest = read_manifest(self.root)
         self.index = [
             (s["file"], line) for s in self.manifest["shards"] for line in range(s["records"])
@@ -70,9 +74,11 @@ class TrajectoryStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         lines: dict[str, list[str]] = {}
         skipped = 0
-        batch = self.start + worker  # the loader takes workers round-robin: start, start + 1, …
+        # This process's local batches are start, start + 1, … (the loader takes its workers
+        # round-robin); local batch k is global batch k·world_size + rank.
+        local = self.start + worker
         while True:
-            epoch, records = self.batch_records(batch)
+            epoch, records = self.batch_records(local * self.world_size + self.rank)
             trajectories, seeds = [], []
             for record in records:
                 file, line = self.index[record]
@@ -92,7 +98,7 @@ class TrajectoryStream(IterableDataset):
                     )
             if trajectories:
                 yield self.packer(trajectories, seeds) if self.packer else trajectories
-            batch += workers
+            local += workers
 
     def _read(self, file: str, line: int, text: str) -> Trajectory:
         where = f"{self.root / file}:{line + 1}"
@@ -139,6 +145,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.batches_seen = 0
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         stream = TrajectoryStream(
             self.path,
             self.batch_size,
@@ -147,6 +155,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             self.skip_invalid,
             self.packer,
             self.batches_seen,
+            rank,
+            world,
         )
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False

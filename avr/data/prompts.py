@@ -1,0 +1,84 @@
+"""`PromptDataModule`: an endless, seeded stream of ShapeWorld prompt batches for RL.
+
+Batch `b` holds the specs drawn from the generator `(seed, b)`, its complexity levels mixed as
+configured; `state_dict()` is the number of batches the trainer received, so a resumed run draws
+exactly the prompts it would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset
+
+from avr.data.build import LEVEL_TAGS, parse_mix
+from avr.world import PromptSpec, sample_spec
+
+
+class PromptStream(IterableDataset):
+    """Batches of `batch_size` specs from batch number `start` on."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        mix: dict[str, float],
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.batch_size, self.mix, self.seed, self.start = batch_size, mix, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def batch(self, number: int) -> list[PromptSpec]:
+        """The specs of batch `number`."""
+        rng = np.random.default_rng([self.seed, number])
+        levels = list(self.mix)
+        chosen = rng.choice(levels, size=self.batch_size, p=[self.mix[lv] for lv in levels])
+        return [sample_spec(str(rng.choice(LEVEL_TAGS[level])), rng) for level in chosen]
+
+    def __iter__(self) -> Iterator[list[PromptSpec]]:
+        local = self.start  # local batch k is global batch k·world_size + rank
+        while True:
+            yield self.batch(local * self.world_size + self.rank)
+            local += 1
+
+
+def _as_is(batch):
+    return batch
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for RL: `batch_size` prompts per step (each rolled out `group_size` times by the
+    module)."""
+
+    def __init__(
+        self, batch_size: int = 4, mix: str = "simple=0.3,medium=0.4,complex=0.3", seed: int = 0
+    ) -> None:
+        """`mix`: share of each complexity level, as for `python -m avr.data build`."""
+        super().__init__()
+        self.batch_size, self.mix, self.seed = batch_size, parse_mix(mix), seed
+        self.batches_seen = 0
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = PromptStream(self.batch_size, self.mix, self.seed, self.batches_seen, rank, world)
+        return DataLoader(stream, batch_size=None, collate_fn=_as_is)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.batches_seen += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's prompt seed {state['seed']} differs from this run's {self.seed}"
+            )
+        self.batches_seen = int(state["batches_seen"])

@@ -1,0 +1,40 @@
+"""`python -m avr.export CKPT -o DIR`: a Lightning checkpoint → the `save_pretrained` format.
+
+The checkpoint is read with `weights_only=True`; with an EMA in it, the EMA weights are exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from avr.backbone import save_pretrained
+from avr.lit.backbone import backbone_from_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export; a bad checkpoint prints `error: …` and returns 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m avr.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("checkpoint")
+    parser.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+    try:
+        keys = torch.load(args.checkpoint, map_location="cpu", weights_only=True)[
+            "state_dict"
+        ].keys()
+        prefix = "ema.module." if any(k.startswith("ema.module.") for k in keys) else "backbone."
+        model = backbone_from_checkpoint(args.checkpoint, prefix)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
+        return 2
+    save_pretrained(model, args.output)
+    print(f"exported {args.checkpoint} ({prefix.rstrip('.')}) → {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Lightning modules: SFT and RL on one shared backbone."""

@@ -1,0 +1,276 @@
+"""`RLModule`: GRPO on text tokens and Flow-GRPO on denoising steps, from an exported SFT model.
+
+One training step reads as the algorithm (formulas in `avr.lit.grpo`):
+
+    rollouts   = G rollouts per prompt through the configured mode (SDE sampling, log-probs kept)
+    rewards    = Σ weight · reward(rollouts)                    (each component logged on its own)
+    advantages = group-relative, clipped
+    loss       = PPO-clip(text tokens) + Flow-GRPO(one SDE step per image) + KL to the reference
+
+Rollouts are seeded by `(seed, step, prompt, sample)`, so a resumed run repeats them exactly. A
+step whose rewards, advantages or loss are not finite is skipped, counted and logged; after
+`max_bad_steps` in a row the run stops with an error (the last good checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from avr.backbone import flow
+from avr.backbone.packing import pack
+from avr.lit.backbone import BackboneModule
+from avr.lit.grpo import PolicyLoss, group_advantages, k3
+from avr.policy import PolicyActor, SamplingConfig
+from avr.protocol import Mode
+from avr.registry import MODES, REWARDS
+from avr.reward import CompositeReward, RewardTerm, Rollouts
+from avr.world import PromptSpec, complexity
+
+
+class RLModule(BackboneModule):
+    """RL of the unified model on ShapeWorld prompts (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        seed: int = 0,
+        mode: str | Mode = "adaptive",
+        rewards: dict[str, RewardTerm] | None = None,
+        group_size: int = 4,
+        sampling: SamplingConfig | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
+        clip_eps: float = 0.2,
+        kl_text: float = 0.01,
+        kl_image: float = 0.01,
+        scale_std: bool = True,
+        advantage_clip: float = 5.0,
+        sde_window: tuple[int, int] | None = None,
+        max_len: int = 2048,
+        max_bad_steps: int = 5,
+    ) -> None:
+        """`model`: exported SFT model folder (None: the tiny model at random init, for tests);
+        `mode`: a registered name or a `Mode`; `rewards`: `{name: {reward, weight}}` (default: the
+        compositional verifier, weight 1); `sampling`: rollout sampling (its `noise_level` must be
+        > 0: Flow-GRPO needs SDE log-probs); `sde_window`: the SDE steps `[first, last)` a training
+        step may draw from (default all); `kl_text` / `kl_image`: β of each KL term."""
+        super().__init__(model, seed, lr, weight_decay, warmup_steps, min_lr_ratio)
+        self.seed = seed
+        self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
+        terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
+        self.rewards = CompositeReward(terms)
+        self.group_size = group_size
+        self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
+        if self.sampling.noise_level <= 0:
+            raise ValueError(
+                "sampling.noise_level must be > 0 for RL: Flow-GRPO needs the SDE's log-probs"
+            )
+        if self.sampling.cfg_scale != 1.0:
+            raise ValueError(
+                "sampling.cfg_scale must be 1 for RL here: CFG rollouts are not trained yet"
+            )
+        self.text_loss, self.image_loss = (
+            PolicyLoss(clip_eps, kl_text),
+            PolicyLoss(clip_eps, kl_image),
+        )
+        self.scale_std, self.advantage_clip = scale_std, advantage_clip
+        self.sde_window, self.max_len, self.max_bad_steps = sde_window, max_len, max_bad_steps
+        self.reference = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+        self.bad_in_a_row = 0
+        self.skipped = 0
+
+    def state_dict(self, *args, **kwargs):
+        """The policy only: the frozen reference is the starting model, rebuilt, not saved."""
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = {k: v for k, v in super().state_dict().items() if k.startswith("reference.")}
+        return super().load_state_dict({**state_dict, **own}, strict=strict, assign=assign)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """A batch is a list of prompt specs: nothing to move."""
+        return batch
+
+    # ---- the algorithm ----------------------------------------------------------------------
+
+    def training_step(self, prompts: list[PromptSpec], batch_idx: int) -> torch.Tensor | None:
+        start = time.perf_counter()
+        trajectories, specs, groups = self.rollout(prompts)
+        rolled = time.perf_counter()
+        rollouts = Rollouts(trajectories, specs, groups)
+        rewards, parts = self.rewards.score_parts(rollouts)  # [B]
+        advantages = group_advantages(rewards, groups, self.scale_std, self.advantage_clip)  # [B]
+        scored = time.perf_counter()
+        loss, stats = self.policy_loss(trajectories, advantages)
+        self._log_step(
+            trajectories,
+            rewards,
+            parts,
+            stats,
+            (rolled - start, scored - rolled, time.perf_counter() - scored),
+        )
+        if not (
+            torch.isfinite(rewards).all()
+            and torch.isfinite(advantages).all()
+            and torch.isfinite(loss)
+        ):
+            return self._skip("non-finite reward, advantage or loss")
+        self.bad_in_a_row = 0
+        return loss
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
+        """`group_size` rollouts of each prompt with the current policy (eval mode, SDE)."""
+        self.backbone.eval()
+        trajectories, specs, groups = [], [], []
+        for p, spec in enumerate(prompts):
+            for g in range(self.group_size):
+                seed = int(
+                    np.random.SeedSequence([self.seed, self.global_step, p, g]).generate_state(1)[0]
+                )
+                actor = PolicyActor(
+                    self.backbone, self.sampling, torch.Generator().manual_seed(seed)
+                )
+                trajectory = self.mode.rollout(actor, spec)
+                trajectory.meta.update(spec=spec.to_json(), level=complexity(spec).level)
+                trajectories.append(trajectory)
+                specs.append(spec)
+                groups.append(p)
+        self.backbone.train()
+        return trajectories, specs, groups
+
+    def policy_loss(
+        self, trajectories: list, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image."""
+        batch, steps = self._rl_batch(trajectories)
+        out = self.backbone(batch)
+        with torch.no_grad():
+            ref = self.reference(batch)
+        temperature = self.sampling.temperature or 1.0
+        logp = torch.log_softmax(out.logits.float() / temperature, -1).gather(
+            -1, out.labels[:, None]
+        )[:, 0]  # [T]
+        logp_ref = torch.log_softmax(ref.logits.float() / temperature, -1).gather(
+            -1, ref.labels[:, None]
+        )[:, 0]
+        rollout_logp = _sampled_logprobs(trajectories, out.label_sample.tolist())
+        # One update per batch of rollouts: π_old is the policy that just sampled, so ρ = 1 exactly.
+        text_loss, text_stats = self.text_loss(
+            logp, logp.detach(), advantages[out.label_sample], k3(logp, logp_ref)
+        )
+        image_logp, image_kl = self._image_terms(batch.gen_xt, out.velocity, ref.velocity, steps)
+        image_loss, image_stats = self.image_loss(
+            image_logp, image_logp.detach(), advantages[out.image_sample], image_kl
+        )
+        stats = {f"text/{k}": v for k, v in text_stats.items()} | {
+            f"image/{k}": v for k, v in image_stats.items()
+        }
+        stats["text/tokens"] = torch.tensor(float(logp.numel()))
+        if (
+            logp.numel()
+        ):  # sampling (cached, incremental) vs training (packed) forward: should be ~0
+            stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
+        return text_loss + image_loss, stats
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _rl_batch(self, trajectories: list):
+        tok, geometry = self.backbone.tokenizer, self.backbone.geometry
+        batch = pack(
+            trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True
+        ).to(self.device)
+        images = {
+            b: [s for s in t.segments if s.is_image and s.sample is not None]
+            for b, t in enumerate(trajectories)
+        }
+        taken: Counter = Counter()
+        xs, ts, steps = [], [], []
+        rng = np.random.default_rng([self.seed, self.global_step, 2**20])
+        for b in batch.gen_sample.tolist():
+            sample = images[b][taken[b]].sample
+            taken[b] += 1
+            total = len(sample.timesteps) - 1
+            first, last = self.sde_window or (0, total)
+            j = int(rng.integers(max(0, first), min(total, last)))
+            t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
+            xs.append(sample.latents[j, 0])
+            ts.append(t)
+            steps.append((sample.latents[j + 1, 0], t, t_next, float(sample.timesteps[1])))
+        if xs:
+            batch.gen_xt = torch.stack(xs).to(self.device, self.backbone.latent_in.weight.dtype)
+            batch.gen_t = torch.tensor(ts, device=self.device)
+        return batch, steps
+
+    def _image_terms(
+        self, x_t, velocity: torch.Tensor, velocity_ref: torch.Tensor, steps: list
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: the SDE step's log-prob (mean over dimensions) and the KL to the reference."""
+        if not steps:
+            empty = velocity.sum() * 0
+            return empty.reshape(0), empty.reshape(0)
+        x_next = torch.stack([s[0] for s in steps]).to(velocity)
+        t = torch.tensor([s[1] for s in steps], device=velocity.device)
+        t_next = torch.tensor([s[2] for s in steps], device=velocity.device)
+        t_max = steps[0][3]
+        a = self.sampling.noise_level
+        mean = flow.sde_mean(x_t, velocity, t, t_next, a, t_max)  # [M, N, D]
+        mean_ref = flow.sde_mean(x_t, velocity_ref, t, t_next, a, t_max)
+        std = flow.sde_std(t, t_next, a, t_max).to(velocity)  # [M]
+        dims = x_next[0].numel()
+        logp = flow.gaussian_logprob(x_next, mean, std) / dims  # [M]
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(-1) / (2 * std**2)  # [M]
+        return logp, kl
+
+    def _skip(self, why: str) -> None:
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        self.log("train/skipped_steps", float(self.skipped))
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} training steps in a row were skipped ({why}); stopping. "
+                "The last good checkpoint is kept."
+            )
+        return None
+
+    def _log_step(self, trajectories, rewards, parts, stats, seconds) -> None:
+        self.log("train/reward", rewards.nanmean(), prog_bar=True)
+        for name, values in parts.items():
+            if not torch.isnan(values).all():
+                self.log(f"train/reward/{name}", values.nanmean())
+        for name, value in stats.items():
+            self.log(f"train/{name}", value)
+        for name, value in zip(("rollout", "reward", "update"), seconds, strict=True):
+            self.log(f"train/time/{name}", value)
+        self.log("train/rollouts_per_s", len(trajectories) / max(seconds[0], 1e-9))
+        self.log("train/nfe", float(np.mean([t.meta.get("nfe", 0) for t in trajectories])))
+        self.log(
+            "train/text_tokens",
+            float(np.mean([t.meta.get("text_tokens", 0) for t in trajectories])),
+        )
+        by_level: dict[str, Counter] = {}
+        for t in trajectories:
+            by_level.setdefault(t.meta["level"], Counter())[t.meta["mode"]] += 1
+        for level, counts in by_level.items():
+            total = sum(counts.values())
+            for mode, n in counts.items():
+                self.log(f"train/mode/{level}/{mode}", n / total)
+
+
+def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:
+    """The rollouts' own per-token log-probs, in the packed batch's label order (rows reorder
+    trajectories; each trajectory's tokens stay contiguous and in order)."""
+    per_trajectory = {
+        b: [lp for s in t.segments if not s.is_image and s.logprobs for lp in s.logprobs]
+        for b, t in enumerate(trajectories)
+    }
+    order = list(dict.fromkeys(label_sample))
+    return torch.tensor([lp for b in order for lp in per_trajectory[b]])

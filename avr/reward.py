@@ -1,0 +1,116 @@
+"""Rewards: `torchmetrics.Metric` objects that score rollouts, one value per trajectory.
+
+The same object scores an evaluation (`update` over batches, `compute` is the mean) and returns
+per-sample rewards in RL (`score`). A reward returns NaN where it does not apply to a sample (a
+step-wise reward on a `direct` rollout); means and the composite ignore NaN. `CompositeReward`
+holds `{name: RewardTerm(reward, weight)}` together and reports every component under its name.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torchmetrics import Metric
+
+from avr.sequence import Trajectory
+from avr.world.spec import PromptSpec, parse_spec
+
+
+@dataclass
+class Rollouts:
+    """A batch of trajectories with each one's spec and group (rollouts of the same prompt share
+    a group id)."""
+
+    trajectories: Sequence[Trajectory]
+    specs: Sequence[PromptSpec]
+    groups: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not len(self.trajectories) == len(self.specs) == len(self.groups):
+            raise ValueError(
+                f"got {len(self.trajectories)} trajectories, {len(self.specs)} specs, {len(self.groups)} groups"
+            )
+
+    @classmethod
+    def of(
+        cls, trajectories: Sequence[Trajectory], groups: Sequence[int] | None = None
+    ) -> Rollouts:
+        """Rollouts whose specs are read from each trajectory's `meta["spec"]`."""
+        specs = [
+            t.meta["spec"] if isinstance(t.meta["spec"], PromptSpec) else parse_spec(t.meta["spec"])
+            for t in trajectories
+        ]
+        return cls(
+            trajectories,
+            specs,
+            list(groups) if groups is not None else list(range(len(trajectories))),
+        )
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+
+class Reward(Metric):
+    """Base class: implement `score`; NaN marks samples the reward does not apply to."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @abstractmethod
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        """Per-trajectory rewards `[B]`, float32, NaN where not applicable."""
+
+    def update(self, rollouts: Rollouts) -> None:
+        """Accumulate the applicable rewards of a batch."""
+        rewards = self.score(rollouts)
+        valid = ~torch.isnan(rewards)
+        self.total += rewards[valid].sum().to(self.total)
+        self.count += int(valid.sum())
+
+    def compute(self) -> torch.Tensor:
+        """Mean over applicable samples since the last reset (NaN if none applied)."""
+        if self.count == 0:
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
+
+
+@dataclass
+class RewardTerm:
+    """One component of a composite: the reward and its weight, kept together."""
+
+    reward: Reward
+    weight: float = 1.0
+
+
+class CompositeReward(Reward):
+    """`Σ weight · reward` over components, NaN components contributing nothing."""
+
+    def __init__(self, terms: Mapping[str, RewardTerm], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not terms:
+            raise ValueError("a composite reward needs at least one term")
+        self.terms = dict(terms)
+        for name, term in self.terms.items():
+            self.add_module(f"term_{name}", term.reward)
+
+    def score_parts(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The composite `[B]` and each component's own scores (NaN kept, for logging)."""
+        parts = {name: term.reward.score(rollouts) for name, term in self.terms.items()}
+        total = sum(
+            term.weight * torch.nan_to_num(parts[name], nan=0.0)
+            for name, term in self.terms.items()
+        )
+        return total, parts
+
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        return self.score_parts(rollouts)[0]

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from avr.lit.rl import RLModule
+from avr.policy import SamplingConfig
+from avr.reward import Reward, RewardTerm
+from avr.world import sample_specs
+
+SAMPLING = SamplingConfig(steps=3, max_text_tokens=8, noise_level=0.7)
+
+
+class ConstantReward(Reward):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def score(self, rollouts):
+        return torch.full((len(rollouts),), self.value)
+
+
+def _module(**kwargs):
+    return RLModule(model=None, seed=0, group_size=2, sampling=SAMPLING, **kwargs)
+
+
+def test_first_step_ratio_is_exactly_one_and_log_probs_agree():
+    module = _module(mode="adaptive")
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=0))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss, stats = module.policy_loss(trajectories, advantages)
+    assert stats["text/ratio"].item() == 1.0 and stats["image/ratio"].item() == 1.0
+    assert stats["text/logprob_gap"].item() < 1e-2  # the sampler's log-probs are the trainer's
+    loss.backward()
+    assert module.backbone.velocity_out.weight.grad.abs().sum() > 0
+
+
+def test_equal_rewards_give_no_gradient_and_no_nan():
+    module = _module(
+        mode="direct",
+        rewards={"c": RewardTerm(ConstantReward(0.7), 1.0)},
+        kl_text=0.0,
+        kl_image=0.0,
+    )
+    loss = module.training_step(sample_specs(2, seed=1), 0)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    grads = [p.grad for p in module.backbone.parameters() if p.grad is not None]
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_non_finite_rewards_skip_steps_then_stop():
+    module = _module(
+        mode="direct", rewards={"c": RewardTerm(ConstantReward(float("inf")), 1.0)}, max_bad_steps=2
+    )
+    assert module.training_step(sample_specs(1, seed=2), 0) is None
+    assert module.skipped == 1
+    with pytest.raises(
+        RuntimeError, match=r"2 training steps in a row were skipped .*last good checkpoint is kept"
+    ):
+        module.training_step(sample_specs(1, seed=2), 1)
+
+
+def test_rl_refuses_ode_sampling():
+    with pytest.raises(ValueError, match="noise_level must be > 0"):
+        RLModule(sampling=SamplingConfig(noise_level=0.0))

@@ -1,0 +1,134 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avr.data.teacher import ShapeWorldTeacher
+from avr.registry import MODES, REWARDS, list_rewards
+from avr.reward import CompositeReward, RewardTerm, Rollouts
+from avr.sequence import Segment, Trajectory
+from avr.world import render, sample_scene, sample_specs
+
+SPEC = sample_specs(1, ["multi_count"], seed=2)[0]
+SCENE = sample_scene(SPEC, np.random.default_rng(0))
+
+
+def _traj(mode, seed=0, **kw):
+    teacher = ShapeWorldTeacher(SCENE, np.random.default_rng(seed), **kw)
+    return MODES.get(mode)().build(teacher, SPEC)
+
+
+def _direct(image, nfe):
+    return Trajectory(
+        [Segment.prompt(SPEC.prompt), Segment(image=image, role="final")],
+        {"nfe": nfe, "spec": SPEC.to_json(), "mode": "direct"},
+    )
+
+
+BLANK = Image.new("RGB", (64, 64), "white")
+
+
+@pytest.mark.parametrize("name", list_rewards())
+def test_every_reward_scores_one_value_per_rollout_and_accumulates(name):
+    reward = REWARDS.get(name)()
+    rollouts = Rollouts.of(
+        [_traj("direct"), _traj("reflect"), _traj("plan"), _direct(BLANK, 25)], groups=[0, 0, 0, 0]
+    )
+    scores = reward.score(rollouts)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    reward.update(rollouts)
+    valid = scores[~torch.isnan(scores)]
+    assert reward.compute().item() == pytest.approx(
+        valid.mean().item() if len(valid) else float("nan"), nan_ok=True
+    )
+
+
+def test_compositional_partial_and_strict():
+    from avr.rewards.compositional import CompositionalReward
+
+    good, half = render(SCENE), render(SCENE.remove(0))
+    rollouts = Rollouts.of([_direct(good, 1), _direct(half, 1), _direct(BLANK, 1)])
+    partial = CompositionalReward().score(rollouts).tolist()
+    assert partial[0] == 1.0 and 0.0 < partial[1] < 1.0 and partial[2] < partial[1]
+    assert CompositionalReward(strict=True).score(rollouts).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_complexity_penalty_charges_extra_compute_relative_to_the_cheapest_success():
+    from avr.rewards.complexity_penalty import ComplexityPenalty
+
+    good = render(SCENE)
+    rollouts = Rollouts.of(
+        [
+            _direct(good, 25),
+            _direct(good, 50),
+            _direct(BLANK, 100),
+            _direct(BLANK, 25),
+            _direct(BLANK, 75),
+        ],
+        groups=[0, 0, 0, 1, 1],
+    )
+    assert ComplexityPenalty().score(rollouts).tolist() == [
+        0.0,
+        -1.0,
+        -1.0,
+        0.0,
+        0.0,
+    ]  # group 1: none succeeded
+    rollouts = Rollouts.of([_direct(good, 40), _direct(good, 50)], groups=[0, 0])
+    assert ComplexityPenalty().score(rollouts).tolist() == pytest.approx([0.0, -0.25])
+
+
+def test_format_reward_accepts_teacher_trajectories_and_rejects_broken_ones():
+    from avr.rewards.format import FormatReward
+
+    good = [_traj("direct"), _traj("reflect"), _traj("plan"), _traj("adaptive")]
+    assert FormatReward().score(Rollouts.of(good)).tolist() == [1.0] * 4
+    broken = _traj("reflect")
+    broken.segments[2].text = broken.segments[2].text.replace("</refine>", "")
+    wrong_mode = _traj("adaptive")
+    wrong_mode.segments[1].text = "<mode:direct>"
+    plan = _traj("plan")
+    plan.segments[1].text = plan.segments[1].text.replace("step 1 of", "step 2 of")
+    assert FormatReward().score(Rollouts.of([broken, wrong_mode, plan])).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_stepwise_reward_credits_right_steps_and_is_nan_without_steps():
+    from avr.rewards.stepwise import StepwiseReasoningReward
+
+    reward = StepwiseReasoningReward()
+    teacher = [_traj("reflect"), _traj("plan", sketch_error_rate=0.0)]
+    scores = reward.score(Rollouts.of([*teacher, _traj("direct")]))
+    assert scores[:2].tolist() == [
+        1.0,
+        1.0,
+    ]  # the teacher's steps, critiques and refinements are right
+    assert math.isnan(scores[2].item())
+    flawed = _traj("plan", sketch_error_rate=1.0)  # every sketch drawn wrong, then refined
+    steps = len(SPEC.include)
+    # per step: a wrong first sketch (0), a right critique (1), a better redraw (1), a right verdict (1)
+    assert reward.score(Rollouts.of([flawed])).item() == pytest.approx(3 * steps / (4 * steps))
+    lying = _traj("reflect")
+    lying.segments[
+        -1
+    ].text = "wrong. <refine>add a circle</refine>"  # says the refined image is wrong
+    assert reward.score(Rollouts.of([lying])).item() == pytest.approx(2 / 3)
+
+
+def test_composite_keeps_names_with_weights_and_ignores_nan():
+    from avr.rewards.compositional import CompositionalReward
+    from avr.rewards.stepwise import StepwiseReasoningReward
+
+    composite = CompositeReward(
+        {
+            "accuracy": RewardTerm(CompositionalReward(), 1.0),
+            "steps": RewardTerm(StepwiseReasoningReward(), 0.5),
+        }
+    )
+    rollouts = Rollouts.of([_traj("direct"), _direct(BLANK, 1)])
+    total, parts = composite.score_parts(rollouts)
+    assert set(parts) == {"accuracy", "steps"} and torch.isnan(parts["steps"]).all()
+    assert total.tolist() == parts["accuracy"].tolist()
+    with pytest.raises(ValueError, match="at least one term"):
+        CompositeReward({})

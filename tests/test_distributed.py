@@ -1,0 +1,116 @@
+"""Scale-out and faults: DDP on 2 CPU processes, rank sharding, kill and exact resume."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from avr.data.prompts import PromptStream
+
+FAST_RL = [
+    "--model.init_args.model",
+    "null",
+    "--model.init_args.group_size",
+    "2",
+    "--model.init_args.sampling.steps",
+    "3",
+    "--model.init_args.sampling.max_text_tokens",
+    "6",
+    "--data.init_args.batch_size",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.callbacks",
+    "[]",
+]
+
+
+def _fit(root, *extra, wait=True):
+    logger = f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{root}"}}}}'
+    checkpoint = (
+        '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+        f'"init_args": {{"dirpath": "{root}/ckpt", "every_n_train_steps": 1, "save_last": true, "save_top_k": -1}}}}]'
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "avr.fit",
+        "experiments/rl.yaml",
+        *FAST_RL,
+        logger,
+        checkpoint,
+        f"--trainer.default_root_dir={root}",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _rewards(root):
+    values = {}
+    for metrics in sorted(Path(root).rglob("metrics.csv")):
+        for row in csv.DictReader(metrics.open()):
+            if row.get("train/reward"):
+                values[int(row["step"])] = (
+                    float(row["train/reward"]),
+                    float(row["train/text/tokens"]),
+                )
+    return values
+
+
+def test_ranks_draw_different_prompts():
+    mix = {"simple": 0.5, "complex": 0.5}
+    first = [PromptStream(2, mix, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    batches = [next(iter(s)) for s in first]
+    assert batches[0] != batches[1]
+    assert batches[0] == PromptStream(2, mix, seed=0).batch(0) and batches[1] == PromptStream(
+        2, mix, seed=0
+    ).batch(1)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path):
+    _fit(
+        tmp_path,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+    )
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["PromptDataModule"]["batches_seen"] == 2
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_metrics(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _fit(straight, "--trainer.max_steps", "4")
+    run = _fit(killed, "--trainer.max_steps", "4", wait=False)
+    deadline = time.time() + 300
+    while not list(killed.glob("ckpt/*step=2*.ckpt")):
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    (step2,) = list((killed / "ckpt").glob("*step=2*.ckpt"))
+    _fit(killed, "--trainer.max_steps", "4", f"--ckpt_path={step2}")
+    expected, resumed = _rewards(straight), _rewards(killed)
+    assert sorted(expected) == [0, 1, 2, 3]
+    for step in (2, 3):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step

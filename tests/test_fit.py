@@ -1,0 +1,93 @@
+"""The command line: every shipped config parses, SFT and RL train a few steps, export round-trips."""
+
+import csv
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from avr.backbone import from_pretrained
+from avr.data.build import build, parse_mix
+from avr.export import main as export
+from avr.fit import main as fit
+
+CONFIGS = sorted(glob.glob("experiments/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        fit([config, "--print_config"])
+    assert done.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "class_path:" in printed and "trainer:" in printed
+
+
+def test_a_misspelt_key_names_the_valid_ones():
+    with pytest.raises(
+        SystemExit,
+        match=r"takes no argument 'group_sise' \(did you mean 'group_size'\?\); valid: model, seed",
+    ):
+        fit(["experiments/rl.yaml", "--model.init_args.group_sise", "3"])
+
+
+@pytest.mark.slow
+def test_sft_trains_checkpoints_and_exports(tmp_path):
+    data = tmp_path / "data"
+    build(data, 16, parse_mix("simple=1,medium=1,complex=1"), seed=0)
+    root = tmp_path / "run"
+    fit(
+        [
+            "experiments/sft.yaml",
+            "--trainer.max_steps",
+            "3",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+            "--data.init_args.path",
+            str(data),
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batch_size",
+            "4",
+        ]
+    )
+    (checkpoint,) = Path(root).rglob("last.ckpt")
+    torch.load(checkpoint, map_location="cpu", weights_only=True)  # no pickle needed
+    assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
+    model = from_pretrained(tmp_path / "export")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[f"backbone.{name}"]), name
+
+
+@pytest.mark.slow
+def test_rl_trains_and_logs_every_component(tmp_path):
+    fit(
+        [
+            "experiments/rl.yaml",
+            "--trainer.max_steps",
+            "2",
+            f"--trainer.default_root_dir={tmp_path}",
+            f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{tmp_path}"}}}}',
+            "--model.init_args.model",
+            "null",
+            "--model.init_args.group_size",
+            "2",
+            "--model.init_args.sampling.steps",
+            "3",
+            "--data.init_args.batch_size",
+            "1",
+        ]
+    )
+    (metrics,) = Path(tmp_path).rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {
+        "train/reward",
+        "train/reward/compositional",
+        "train/reward/format",
+        "train/text/ratio",
+        "train/time/rollout",
+    } <= logged
+    assert len([r for r in rows if r.get("train/reward")]) == 2
