@@ -30,9 +30,55 @@ def _direct(image, nfe):
 BLANK = Image.new("RGB", (64, 64), "white")
 
 
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP model and processor saved where `CLIPScoreReward(path)` reads them."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizerFast,
+    )
+
+    from avr.defaults import shapeworld_tokenizer
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    text = {
+        "vocab_size": 600,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(path)
+    bpe = shapeworld_tokenizer().backend_tokenizer
+    tokenizer = CLIPTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token="<|pad|>",
+    )
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("name", list_rewards())
-def test_every_reward_scores_one_value_per_rollout_and_accumulates(name):
-    reward = REWARDS.get(name)()
+def test_every_reward_scores_one_value_per_rollout_and_accumulates(name, tiny_clip):
+    reward = REWARDS.get(name)(**({"path": tiny_clip} if name == "clip_score" else {}))
     rollouts = Rollouts.of(
         [_traj("direct"), _traj("reflect"), _traj("plan"), _direct(BLANK, 25)], groups=[0, 0, 0, 0]
     )
@@ -132,3 +178,31 @@ def test_composite_keeps_names_with_weights_and_ignores_nan():
     assert total.tolist() == parts["accuracy"].tolist()
     with pytest.raises(ValueError, match="at least one term"):
         CompositeReward({})
+
+
+def test_clip_score_reward_with_a_tiny_random_clip(tiny_clip, tmp_path):
+    from avr.rewards.clip import CLIPScoreReward
+    from transformers import CLIPModel, CLIPProcessor
+
+    reward = CLIPScoreReward(tiny_clip)
+    trajectories = [_traj("direct"), _direct(BLANK, 1)]
+    scores = reward.score(Rollouts.of(trajectories))
+    model, processor = (
+        CLIPModel.from_pretrained(tiny_clip),
+        CLIPProcessor.from_pretrained(tiny_clip),
+    )
+    for trajectory, score in zip(
+        trajectories, scores, strict=True
+    ):  # the same number, computed directly
+        inputs = processor(
+            text=[SPEC.prompt], images=[trajectory.final_image], return_tensors="pt", padding=True
+        )
+        with torch.no_grad():
+            image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            text = model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).pooler_output
+        cosine = torch.nn.functional.cosine_similarity(image, text).item()
+        assert score.item() == pytest.approx(max(cosine, 0.0), abs=1e-4)
+    with pytest.raises(FileNotFoundError, match="not a folder with a saved CLIPModel"):
+        CLIPScoreReward(str(tmp_path / "missing"))
