@@ -62,3 +62,12 @@ def test_non_finite_rewards_skip_steps_then_stop():
 def test_rl_refuses_ode_sampling():
     with pytest.raises(ValueError, match="noise_level must be > 0"):
         RLModule(sampling=SamplingConfig(noise_level=0.0))
+
+
+def test_trajectory_grid_shows_every_image_of_each_rollout():
+    from avr.defaults import tiny_model
+    from avr.lit.callbacks import TrajectoryGrid
+
+    grid, captions = TrajectoryGrid(prompts=2, mode="reflect", steps=2).grid(tiny_model(0))
+    assert grid.dtype == "uint8" and grid.shape[0] == 2 * 64 and grid.shape[1] % 64 == 0
+    assert len(captions) == 2 and all("→ reflect" in c for c in captions)
