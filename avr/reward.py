@@ -52,6 +52,12 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.trajectories)
 
+    def finals(self):
+        """`(final image as RGB or None, spec)` per rollout."""
+        for trajectory, spec in zip(self.trajectories, self.specs, strict=True):
+            image = trajectory.final_image
+            yield (image.convert("RGB") if image is not None else None), spec
+
 
 class Reward(Metric):
     """Base class: implement `score`; NaN marks samples the reward does not apply to."""

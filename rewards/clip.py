@@ -57,11 +57,10 @@ class CLIPScoreReward(Reward):
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         rewards = []
-        for trajectory, spec in zip(rollouts.trajectories, rollouts.specs, strict=True):
-            image = trajectory.final_image
+        for image, spec in rollouts.finals():
             if image is None:
                 rewards.append(0.0)
                 continue
-            pixels = rearrange(torch.from_numpy(np.array(image.convert("RGB"))), "h w c -> 1 c h w")
+            pixels = rearrange(torch.from_numpy(np.array(image)), "h w c -> 1 c h w")
             rewards.append(float(self.clip(pixels, [spec.prompt])) / 100.0)
         return torch.tensor(rewards, dtype=torch.float32)

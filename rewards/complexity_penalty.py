@@ -38,9 +38,8 @@ class ComplexityPenalty(Reward):
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         success = [
-            t.final_image is not None
-            and self.verifier.verify(t.final_image.convert("RGB"), s).correct
-            for t, s in zip(rollouts.trajectories, rollouts.specs, strict=True)
+            image is not None and self.verifier.verify(image, spec).correct
+            for image, spec in rollouts.finals()
         ]
         costs = [rollout_cost(t) for t in rollouts.trajectories]
         cheapest: dict[int, float] = defaultdict(lambda: float("inf"))

@@ -21,11 +21,10 @@ class CompositionalReward(Reward):
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         rewards = []
-        for trajectory, spec in zip(rollouts.trajectories, rollouts.specs, strict=True):
-            image = trajectory.final_image
+        for image, spec in rollouts.finals():
             if image is None:
                 rewards.append(0.0)
                 continue
-            verdict = self.verifier.verify(image.convert("RGB"), spec)
+            verdict = self.verifier.verify(image, spec)
             rewards.append(float(verdict.correct) if self.strict else verdict.score)
         return torch.tensor(rewards, dtype=torch.float32)

@@ -124,7 +124,35 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-class TrajectoryDataModule(L.LightningDataModule):
+class StreamPosition(L.LightningDataModule):
+    """A data module over an endless seeded stream: it counts the batches the trainer received
+    (the resume position, saved in checkpoints) and knows its rank's share of the stream."""
+
+    seed: int
+    batches_seen: int = 0
+
+    def shard(self) -> tuple[int, int]:
+        """`(rank, world size)` of this process (`(0, 1)` outside a trainer)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the batches the trainer actually received."""
+        self.batches_seen += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data seed {state['seed']} differs from this run's {self.seed}"
+            )
+        self.batches_seen = int(state["batches_seen"])
+
+
+class TrajectoryDataModule(StreamPosition):
     """Training batches from a data set built by `python -m avr.data build`."""
 
     def __init__(
@@ -145,8 +173,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.batches_seen = 0
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = self.shard()
         stream = TrajectoryStream(
             self.path,
             self.batch_size,
@@ -161,18 +188,3 @@ class TrajectoryDataModule(L.LightningDataModule):
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the batches the trainer actually received (the resume position)."""
-        self.batches_seen += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_seen": self.batches_seen, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"the checkpoint's data seed {state['seed']} differs from this run's {self.seed}"
-            )
-        self.batches_seen = int(state["batches_seen"])

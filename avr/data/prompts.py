@@ -8,13 +8,12 @@ exactly the prompts it would have.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
-import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
 
 from avr.data.build import LEVEL_TAGS, parse_mix
+from avr.data.datamodule import StreamPosition
 from avr.world import PromptSpec, sample_spec
 
 
@@ -51,7 +50,7 @@ def _as_is(batch):
     return batch
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(StreamPosition):
     """Prompts for RL: `batch_size` prompts per step (each rolled out `group_size` times by the
     module)."""
 
@@ -64,21 +63,6 @@ class PromptDataModule(L.LightningDataModule):
         self.batches_seen = 0
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = self.shard()
         stream = PromptStream(self.batch_size, self.mix, self.seed, self.batches_seen, rank, world)
         return DataLoader(stream, batch_size=None, collate_fn=_as_is)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        self.batches_seen += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches_seen": self.batches_seen, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"the checkpoint's prompt seed {state['seed']} differs from this run's {self.seed}"
-            )
-        self.batches_seen = int(state["batches_seen"])
