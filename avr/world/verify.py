@@ -128,6 +128,9 @@ class Verifier:
     """Smallest object, as a fraction of the image area (noise specks are smaller)."""
     split_share: float = 0.25
     """A second color splits a component when it holds at least this share of its pixels."""
+    max_fit_error: float = 0.15
+    """A blob is an object only if its best shape fit leaves at most this squared error per unit
+    of area (clean renders: ≤ 0.03; blurred and noisy: ≤ 0.06; speckled generated noise: ~0.4)."""
 
     def detect(self, image: Image.Image | np.ndarray) -> list[Detection]:
         """Every object in `image`, largest first."""
@@ -152,7 +155,7 @@ class Verifier:
                 masks += [(parts == j, int(c)) for j in range(1, n + 1)]
         detections = []
         for mask, color in masks:
-            found = _fit(mask, raw[..., color], foreground & ~mask, min_pixels)
+            found = _fit(mask, raw[..., color], foreground & ~mask, min_pixels, self.max_fit_error)
             if found is not None:
                 shape, box, area = found
                 detections.append(Detection(shape, COLORS[color], box, area))
@@ -301,12 +304,15 @@ _FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 _PAD = 2
 
 
-def _fit(mask: np.ndarray, alpha: np.ndarray, others: np.ndarray, min_area: float):
+def _fit(
+    mask: np.ndarray, alpha: np.ndarray, others: np.ndarray, min_area: float, max_error: float
+):
     """Fit each shape to one object's blend weights and keep the best.
 
     The soft area `Σα` and centroid survive anti-aliasing and blur (blur moves mass, it does not
     create it); given a shape they fix its box, and the rendered coverage of that box is compared
-    with the observed weights. Returns `(shape, box, area)` or None for a speck.
+    with the observed weights. Returns `(shape, box, area)`, or None for a speck or for a blob no
+    shape explains (squared error above `max_error` per unit of area).
     """
     ys, xs = np.nonzero(mask)
     height, width = mask.shape
@@ -328,4 +334,6 @@ def _fit(mask: np.ndarray, alpha: np.ndarray, others: np.ndarray, min_area: floa
         error = float((((observed - coverage(shape, box, (x0, y0, x1, y1))) * valid) ** 2).sum())
         if best is None or error < best[0]:
             best = (error, shape, box)
+    if best[0] > max_error * area:
+        return None
     return best[1], best[2], area

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from avr.world import (
     TAGS,
@@ -158,3 +158,15 @@ def test_touching_objects_of_two_colors_are_split(verifier):
     )
     found = sorted((d.shape, d.color) for d in verifier.detect(render(scene)))
     assert [c for _, c in found] == ["blue", "red"]
+
+
+def test_speckled_noise_is_not_read_as_objects(verifier):
+    """What an untrained generator draws: colored speckle. No shape explains it, so nothing counts."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        pixels = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+        pixels[rng.random((64, 64)) < 0.5] = 255
+        image = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(0.8))
+        assert verifier.detect(image) == []
+        spec = _spec("single_object", [Clause("circle")])
+        assert not verifier.verify(image, spec).correct
