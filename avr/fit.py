@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> LightningCLI:
     )
 
 
+#: The classes avr ships for each section (a full `class_path` to any other class works too).
+KNOWN = {
+    "model": ("avr.lit.sft.SFTModule", "avr.lit.rl.RLModule"),
+    "data": ("avr.data.datamodule.TrajectoryDataModule", "avr.data.prompts.PromptDataModule"),
+}
+
+
 def check_init_args(args: list[str]) -> None:
     """Fail early, listing the valid keys, when the YAML or a `--model.init_args.x` / `--data.init_args.x`
     override names an argument the chosen class does not take (jsonargparse names only the bad one)."""
@@ -58,8 +65,11 @@ def check_init_args(args: list[str]) -> None:
             continue
         try:
             cls = _import(class_path)
-        except (ImportError, AttributeError):
-            continue  # jsonargparse reports an unknown class itself
+        except (ImportError, AttributeError, ValueError) as err:
+            known = ", ".join(KNOWN[section])
+            raise SystemExit(
+                f"error: {section}: cannot import {class_path!r} ({err}); avr provides: {known}"
+            ) from None
         valid = [
             p
             for p in inspect.signature(cls.__init__).parameters

@@ -32,6 +32,14 @@ def test_a_misspelt_key_names_the_valid_ones():
         fit(["experiments/rl.yaml", "--model.init_args.group_sise", "3"])
 
 
+def test_an_unknown_class_names_the_known_ones():
+    with pytest.raises(
+        SystemExit,
+        match=r"model: cannot import 'avr\.lit\.rl\.RLModul' .*avr provides: avr\.lit\.sft\.SFTModule, avr\.lit\.rl\.RLModule",
+    ):
+        fit(["experiments/rl.yaml", "--model.class_path", "avr.lit.rl.RLModul"])
+
+
 @pytest.mark.slow
 def test_sft_trains_checkpoints_and_exports(tmp_path):
     data = tmp_path / "data"
