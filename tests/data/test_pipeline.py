@@ -62,6 +62,14 @@ def test_mix_and_mode_errors(tmp_path, capsys):
     )
 
 
+def test_every_tag_belongs_to_exactly_one_level():
+    from avr.data.build import LEVEL_TAGS
+    from avr.world import TAGS
+
+    listed = [t for tags in LEVEL_TAGS.values() for t in tags]
+    assert sorted(listed) == sorted(TAGS)
+
+
 def test_complexity_mix_is_honoured():
     assert parse_mix("simple=1,complex=3") == {"simple": 0.25, "complex": 0.75}
 
