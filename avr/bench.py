@@ -161,6 +161,33 @@ def packing(args: argparse.Namespace, console: Console) -> str:
     return f"packing: packed vs padded {rates['packed'] / rates['padded']:.2f}x SFT tokens/s"
 
 
+@bench
+def adaptive(args: argparse.Namespace, console: Console) -> str:
+    """Accuracy and mean NFE of the adaptive policy vs always planning, side by side on one prompt
+    set (`--model`, default the shipped tiny SFT model; `--n` prompts over every tag)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from avr.backbone import from_pretrained
+    from avr.evaluate import evaluate
+    from avr.policy import SamplingConfig
+
+    torch.set_num_threads(args.threads)
+    model = from_pretrained(args.model)
+    specs = sample_specs(args.n, seed=args.seed)
+    with tempfile.TemporaryDirectory() as out:
+        metrics = evaluate(
+            model, specs, ["adaptive", "plan"], Path(out), SamplingConfig(steps=25, temperature=0.0)
+        )
+    rows = {m: (v["overall"], v["per_prompt"]["nfe"]) for m, v in metrics["modes"].items()}
+    for mode, (accuracy, nfe) in rows.items():
+        console.print(f"{mode:9s} accuracy {accuracy:.1%}, {nfe:.1f} NFE per prompt")
+    (acc_a, nfe_a), (acc_p, nfe_p) = rows["adaptive"], rows["plan"]
+    return f"adaptive: {acc_a:.1%} at {nfe_a:.0f} NFE vs always-plan {acc_p:.1%} at {nfe_p:.0f} NFE ({nfe_p / max(nfe_a, 1e-9):.2f}x the compute)"
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -183,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-len", type=int, default=512, help="packed row length (packing)")
+    parser.add_argument(
+        "--model", default="checkpoints/shapeworld-tiny-sft", help="exported model (adaptive)"
+    )
     args = parser.parse_args(argv)
     console = Console()
     console.print(f"machine: {machine()}")
