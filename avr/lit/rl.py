@@ -66,6 +66,14 @@ class RLModule(BackboneModule):
         self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
         terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
         self.rewards = CompositeReward(terms)
+        if group_size < 2:
+            raise ValueError(
+                f"group_size must be at least 2 (advantages are relative to the group), got {group_size}"
+            )
+        if sde_window is not None and not 0 <= sde_window[0] < sde_window[1]:
+            raise ValueError(
+                f"sde_window must be [first, last) with 0 ≤ first < last, got {list(sde_window)}"
+            )
         self.group_size = group_size
         self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
         if self.sampling.noise_level <= 0:

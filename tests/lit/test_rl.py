@@ -59,9 +59,13 @@ def test_non_finite_rewards_skip_steps_then_stop():
         module.training_step(sample_specs(1, seed=2), 1)
 
 
-def test_rl_refuses_ode_sampling():
+def test_rl_refuses_settings_it_cannot_train_with():
     with pytest.raises(ValueError, match="noise_level must be > 0"):
         RLModule(sampling=SamplingConfig(noise_level=0.0))
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        RLModule(group_size=1)
+    with pytest.raises(ValueError, match=r"sde_window must be \[first, last\)"):
+        RLModule(sde_window=(3, 3))
 
 
 def test_trajectory_grid_shows_every_image_of_each_rollout():
