@@ -49,6 +49,7 @@ def save_pretrained(model: UnifiedModel, directory: str | os.PathLike) -> Path:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         save_model(model, str(tmp / WEIGHTS))
         model.tokenizer.save_pretrained(tmp / TOKENIZER)
+        _readable(tmp)
         if directory.exists():
             old = directory.with_name(directory.name + ".old")
             os.replace(directory, old)
@@ -59,6 +60,14 @@ def save_pretrained(model: UnifiedModel, directory: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _readable(root: Path) -> None:
+    """Give the folder the permissions a normal save would (`mkdtemp` makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def from_pretrained(
