@@ -8,6 +8,7 @@ exactly the prompts it would have.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset
@@ -66,3 +67,7 @@ class PromptDataModule(StreamPosition):
         rank, world = self.shard()
         stream = PromptStream(self.batch_size, self.mix, self.seed, self.batches_seen, rank, world)
         return DataLoader(stream, batch_size=None, collate_fn=_as_is)
+
+    def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:
+        """A batch is a list of prompt specs: nothing to move."""
+        return batch

@@ -103,10 +103,6 @@ class RLModule(BackboneModule):
         own = {k: v for k, v in super().state_dict().items() if k.startswith("reference.")}
         return super().load_state_dict({**state_dict, **own}, strict=strict, assign=assign)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        """A batch is a list of prompt specs: nothing to move."""
-        return batch
-
     # ---- the algorithm ----------------------------------------------------------------------
 
     def training_step(self, prompts: list[PromptSpec], batch_idx: int) -> torch.Tensor | None:
