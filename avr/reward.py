@@ -90,6 +90,21 @@ class Reward(Metric):
         return (self.total / self.count).float()
 
 
+class FinalImageReward(Reward):
+    """A reward on each rollout's final image and its spec; a rollout that drew nothing scores 0."""
+
+    @abstractmethod
+    def score_image(self, image, spec: PromptSpec) -> float:
+        """The reward of one final image (PIL, RGB) for `spec`."""
+
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        rewards = [
+            0.0 if image is None else self.score_image(image, spec)
+            for image, spec in rollouts.finals()
+        ]
+        return torch.tensor(rewards, dtype=torch.float32)
+
+
 @dataclass
 class RewardTerm:
     """One component of a composite: the reward and its weight, kept together."""

@@ -15,7 +15,7 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 from avr.registry import register_reward
-from avr.reward import Reward, Rollouts
+from avr.reward import FinalImageReward
 
 
 class _Features(torch.nn.Module):
@@ -39,7 +39,7 @@ def _tensor(output) -> torch.Tensor:
 
 
 @register_reward("clip_score")
-class CLIPScoreReward(Reward):
+class CLIPScoreReward(FinalImageReward):
     """CLIP score / 100 (cosine similarity of image and prompt embeddings, floored at 0)."""
 
     def __init__(self, path: str, **kwargs) -> None:
@@ -55,12 +55,6 @@ class CLIPScoreReward(Reward):
             )
         )
 
-    def score(self, rollouts: Rollouts) -> torch.Tensor:
-        rewards = []
-        for image, spec in rollouts.finals():
-            if image is None:
-                rewards.append(0.0)
-                continue
-            pixels = rearrange(torch.from_numpy(np.array(image)), "h w c -> 1 c h w")
-            rewards.append(float(self.clip(pixels, [spec.prompt])) / 100.0)
-        return torch.tensor(rewards, dtype=torch.float32)
+    def score_image(self, image, spec) -> float:
+        pixels = rearrange(torch.from_numpy(np.array(image)), "h w c -> 1 c h w")
+        return float(self.clip(pixels, [spec.prompt])) / 100.0

@@ -157,25 +157,15 @@ class UnifiedModel(nn.Module):
             expert = self.gen_layers[i] if use_expert else None
             attn, expert_attn = layer.self_attn, expert.self_attn if expert else None
             h = _routed(layer.input_layernorm, expert and expert.input_layernorm, x, is_gen)
-            q = self._heads(
-                _routed(attn.q_proj, expert_attn and expert_attn.q_proj, h, is_gen),
-                attn,
-                "q_norm",
-                expert_attn,
-                is_gen,
-            )
-            k = self._heads(
-                _routed(attn.k_proj, expert_attn and expert_attn.k_proj, h, is_gen),
-                attn,
-                "k_norm",
-                expert_attn,
-                is_gen,
-            )
-            v = rearrange(
-                _routed(attn.v_proj, expert_attn and expert_attn.v_proj, h, is_gen),
-                "b l (h d) -> b h l d",
-                d=self.head_dim,
-            )
+
+            def project(name: str, h=h, attn=attn, expert_attn=expert_attn) -> torch.Tensor:
+                return _routed(
+                    getattr(attn, name), expert_attn and getattr(expert_attn, name), h, is_gen
+                )
+
+            q = self._heads(project("q_proj"), attn, "q_norm", expert_attn, is_gen)
+            k = self._heads(project("k_proj"), attn, "k_norm", expert_attn, is_gen)
+            v = rearrange(project("v_proj"), "b l (h d) -> b h l d", d=self.head_dim)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if cache is not None and cache.length:
                 keys = torch.cat([cache.keys[i], k], dim=2)
