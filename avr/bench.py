@@ -179,9 +179,13 @@ def adaptive(args: argparse.Namespace, console: Console) -> str:
     specs = sample_specs(args.n, seed=args.seed)
     with tempfile.TemporaryDirectory() as out:
         metrics = evaluate(
-            model, specs, ["adaptive", "plan"], Path(out), SamplingConfig(steps=25, temperature=0.0)
+            {"model": model},
+            specs,
+            ["adaptive", "plan"],
+            Path(out),
+            SamplingConfig(steps=25, temperature=0.0),
         )
-    rows = {m: (v["overall"], v["per_prompt"]["nfe"]) for m, v in metrics["modes"].items()}
+    rows = {m: (v["overall"], v["per_prompt"]["nfe"]) for m, v in metrics["runs"].items()}
     for mode, (accuracy, nfe) in rows.items():
         console.print(f"{mode:9s} accuracy {accuracy:.1%}, {nfe:.1f} NFE per prompt")
     (acc_a, nfe_a), (acc_p, nfe_p) = rows["adaptive"], rows["plan"]

@@ -1,11 +1,14 @@
 """`python -m avr.evaluate --model DIR --prompts FILE --modes direct,reflect,plan,adaptive -o OUT`.
 
-Rolls every prompt out with every mode (ODE sampling), and writes per mode, in GenEval's output
-layout, `OUT/<mode>/<00000>/samples/0000.png` (the final image) with its `metadata.jsonl`, so the
-official GenEval scorer can judge a real backbone's images; then scores them with the ShapeWorld
-verifier and writes `OUT/metrics.json` and `OUT/report.md`: accuracy per tag (overall = mean over
-tags, as GenEval computes it), per complexity level and per mode, with the compute each mode spent
-per prompt (velocity evaluations, text tokens written, seconds).
+Rolls every prompt out with every mode (ODE sampling, greedy text) and writes per run, in
+GenEval's output layout, `OUT/<mode>/<00000>/samples/0000.png` (the final image) with its
+`metadata.jsonl`, so the official GenEval scorer can judge a real backbone's images, plus the whole
+trajectories (`OUT/<mode>/trajectories/trajectories.jsonl`, readable with `avr.sequence`) and a
+grid of the first ones (`trajectories.png`). Then it scores the images with the ShapeWorld verifier
+and writes `OUT/metrics.json`, `OUT/report.md` and two plots: accuracy per tag (overall = mean over
+tags, as GenEval computes it), per complexity level and per mode, against the compute each mode
+spent per prompt (velocity evaluations, text tokens written, seconds). `--model` repeated as
+`NAME=DIR` compares models in one report (runs `OUT/<name>/<mode>`).
 """
 
 from __future__ import annotations
@@ -13,107 +16,188 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import matplotlib
 import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from avr.backbone import from_pretrained
+from avr.backbone import UnifiedModel, from_pretrained
 from avr.policy import PolicyActor, SamplingConfig
 from avr.registry import MODES
-from avr.world import LEVELS, TAGS, complexity, load_specs
+from avr.sequence import trajectory_to_record
+from avr.world import LEVELS, TAGS, PromptSpec, complexity, load_specs
 from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.verify import check_spec_vocabulary
 
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
 
 def evaluate(
-    model, specs, modes: list[str], out: Path, sampling: SamplingConfig, seed: int = 0
+    models: Mapping[str, UnifiedModel],
+    specs: list[PromptSpec],
+    modes: list[str],
+    out: Path,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    grid_prompts: int = 8,
 ) -> dict:
-    """Roll out, write images, score; returns the metrics (also written to `out/metrics.json`)."""
-    metrics: dict = {"modes": {}, "prompts": len(specs), "sampling": vars(sampling)}
-    model.eval()
-    for name in modes:
-        mode = MODES.get(name)()
-        cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
-        chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
-        for i, spec in enumerate(specs):
-            start = time.perf_counter()
-            with torch.no_grad():
-                trajectory = mode.rollout(
-                    PolicyActor(model, sampling, torch.Generator().manual_seed(seed + i)), spec
-                )
-            cost["seconds"] += time.perf_counter() - start
-            cost["nfe"] += trajectory.meta.get("nfe", 0)
-            cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
-            level = complexity(spec).level
-            chosen[level][trajectory.meta["mode"]] = (
-                chosen[level].get(trajectory.meta["mode"], 0) + 1
-            )
-            final = (
-                trajectory.final_image
-            )  # a rollout that drew nothing is judged on a blank canvas
-            side = model.config.image_size
-            write_prompt(
-                out / name,
-                i,
-                spec,
-                [final if final is not None else Image.new("RGB", (side, side), "white")],
-            )
-        summary = summarize(score_folder(out / name))
-        metrics["modes"][name] = {
-            "overall": summary.overall,
-            "overall_partial": summary.overall_partial,
-            "by_tag": {t: a for t, (a, _, _) in summary.by_tag.items()},
-            "by_level": {lv: a for lv, (a, _, _) in summary.by_level.items()},
-            "per_prompt": {k: v / len(specs) for k, v in cost.items()},
-            "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
-        }
+    """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
+
+    Runs are labelled by mode, or `<model>/<mode>` when there are several models; each run's
+    outputs land in `out/<label>/`. Returns the metrics (also written to `out/metrics.json`)."""
+    metrics: dict = {"runs": {}, "prompts": len(specs), "sampling": vars(sampling)}
+    for model_name, model in models.items():
+        for mode_name in modes:
+            label = mode_name if len(models) == 1 else f"{model_name}/{mode_name}"
+            run = _run(model, MODES.get(mode_name)(), specs, out / label, sampling, seed)
+            metrics["runs"][label] = {"model": model_name, "mode": mode_name, **run}
+            plot_trajectories(out / label, grid_prompts)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_accuracy(metrics, out)
     (out / "report.md").write_text(report(metrics), encoding="utf-8")
     return metrics
 
 
-def report(metrics: dict) -> str:
-    """Markdown tables: accuracy by tag, level and mode, and compute per prompt."""
-    modes = list(metrics["modes"])
-    tags = [t for t in TAGS if any(t in m["by_tag"] for m in metrics["modes"].values())]
-    lines = [
-        f"# ShapeWorld evaluation ({metrics['prompts']} prompts)",
-        "",
-        "| group | " + " | ".join(modes) + " |",
-        "|---" * (len(modes) + 1) + "|",
-    ]
-    for tag in tags:
-        lines.append(
-            f"| {tag} | "
-            + " | ".join(_pct(metrics["modes"][m]["by_tag"].get(tag)) for m in modes)
-            + " |"
+def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) -> dict:
+    """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores."""
+    model.eval()
+    cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
+    chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
+    records = []
+    side = model.config.image_size
+    for i, spec in enumerate(specs):
+        start = time.perf_counter()
+        with torch.no_grad():
+            trajectory = mode.rollout(
+                PolicyActor(model, sampling, torch.Generator().manual_seed(seed + i)), spec
+            )
+        cost["seconds"] += time.perf_counter() - start
+        cost["nfe"] += trajectory.meta.get("nfe", 0)
+        cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
+        level, picked = complexity(spec).level, trajectory.meta["mode"]
+        chosen[level][picked] = chosen[level].get(picked, 0) + 1
+        final = trajectory.final_image  # a rollout that drew nothing is judged on a blank canvas
+        write_prompt(
+            folder,
+            i,
+            spec,
+            [final if final is not None else Image.new("RGB", (side, side), "white")],
         )
-    for level in LEVELS:
-        lines.append(
-            f"| level: {level} | "
-            + " | ".join(_pct(metrics["modes"][m]["by_level"].get(level)) for m in modes)
-            + " |"
-        )
-    lines.append(
-        "| **overall (mean over tags)** | "
-        + " | ".join(_pct(metrics["modes"][m]["overall"]) for m in modes)
-        + " |"
+        trajectory.meta.setdefault("prompt", spec.prompt)
+        records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
+    with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = summarize(score_folder(folder))
+    return {
+        "overall": summary.overall,
+        "overall_partial": summary.overall_partial,
+        "by_tag": {t: a for t, (a, _, _) in summary.by_tag.items()},
+        "by_level": {lv: a for lv, (a, _, _) in summary.by_level.items()},
+        "per_prompt": {k: v / len(specs) for k, v in cost.items()},
+        "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
+    }
+
+
+def plot_accuracy(metrics: dict, out: Path) -> None:
+    """`out/accuracy_vs_compute.png` (overall accuracy against NFE and text tokens per prompt,
+    one point per run) and `out/accuracy_by_level.png` (grouped bars)."""
+    runs = metrics["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, key, name in zip(axes, ("nfe", "text_tokens"), ("NFE", "text tokens"), strict=True):
+        for label, run in runs.items():
+            x, y = run["per_prompt"][key], 100 * run["overall"]
+            ax.scatter([x], [y], s=40)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel=f"{name} per prompt", ylabel="overall accuracy (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"accuracy against compute ({metrics['prompts']} prompts)")
+    fig.savefig(out / "accuracy_vs_compute.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) + 3), 4), constrained_layout=True)
+    width = 0.8 / len(runs)
+    for k, (label, run) in enumerate(runs.items()):
+        values = [100 * (run["by_level"].get(level) or 0.0) for level in LEVELS]
+        ax.bar([i + k * width for i in range(len(LEVELS))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(LEVELS))], LEVELS)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per complexity level")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "accuracy_by_level.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_trajectories(folder: Path, prompts: int) -> None:
+    """`folder/trajectories.png`: the first `prompts` trajectories, one row each: every image in
+    order with its role, then the prompt and the verifier's verdict on the final image."""
+    lines = (folder / "trajectories" / "trajectories.jsonl").read_text(encoding="utf-8")
+    records = [json.loads(line) for line in lines.splitlines()[:prompts]]
+    verdicts = {Path(r["filename"]).parent.parent.name: r for r in _results(folder)}
+    columns = max(1, *(sum(s["type"] == "image" for s in r["segments"]) for r in records))
+    fig, axes = plt.subplots(
+        len(records),
+        columns + 1,
+        figsize=(1.3 * columns + 4.5, 1.4 * len(records)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1] * columns + [3.5]},
     )
+    for row, record in zip(axes, records, strict=True):
+        for ax in row:
+            ax.axis("off")
+        images = [s for s in record["segments"] if s["type"] == "image"]
+        for ax, segment in zip(row, images, strict=False):  # rows are as wide as the longest
+            ax.imshow(Image.open(folder / "trajectories" / segment["image"]))
+            ax.set_title(segment["role"], fontsize=7, pad=2)
+        verdict = verdicts[record["key"]]
+        caption = "\n".join(textwrap.wrap(record["meta"]["prompt"], 48))
+        status = "correct" if verdict["correct"] else f"wrong: {verdict['reason']}"
+        row[-1].text(0, 0.5, f"{caption}\n{textwrap.shorten(status, 60)}", fontsize=7, va="center")
+    fig.savefig(folder / "trajectories.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _results(folder: Path) -> list[dict]:
+    path = folder / "results.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def report(metrics: dict) -> str:
+    """Markdown: accuracy by tag, level and run, compute per prompt, the adaptive policy's
+    choices, and the plots and trajectory grids beside it."""
+    runs = metrics["runs"]
+    labels = list(runs)
+    header = ["| group | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    tags = [t for t in TAGS if any(t in r["by_tag"] for r in runs.values())]
+    rows = [(tag, [r["by_tag"].get(tag) for r in runs.values()]) for tag in tags]
+    rows += [(f"level: {lv}", [r["by_level"].get(lv) for r in runs.values()]) for lv in LEVELS]
+    rows.append(("**overall (mean over tags)**", [r["overall"] for r in runs.values()]))
+    lines = [f"# ShapeWorld evaluation ({metrics['prompts']} prompts)", "", *header]
+    lines += [f"| {name} | " + " | ".join(_pct(v) for v in values) + " |" for name, values in rows]
+    lines += ["", "| compute per prompt | " + " | ".join(labels) + " |", header[1]]
+    for key in ("nfe", "text_tokens", "seconds"):
+        values = [f"{r['per_prompt'][key]:.1f}" for r in runs.values()]
+        lines.append(f"| {key} | " + " | ".join(values) + " |")
+    lines += ["", "Modes chosen per complexity level:", ""]
+    for label, run in runs.items():
+        choices = "; ".join(
+            f"{lv}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items()))
+            for lv, c in run["chosen_mode_by_level"].items()
+        )
+        lines.append(f"- {label}: {choices}")
     lines += [
         "",
-        "| compute per prompt | " + " | ".join(modes) + " |",
-        "|---" * (len(modes) + 1) + "|",
+        "![accuracy against compute](accuracy_vs_compute.png)",
+        "![accuracy per level](accuracy_by_level.png)",
+        "",
+        "Trajectories (first prompts, every image in order): "
+        + ", ".join(f"[{label}]({label}/trajectories.png)" for label in labels),
     ]
-    for key in ("nfe", "text_tokens", "seconds"):
-        lines.append(
-            f"| {key} | "
-            + " | ".join(f"{metrics['modes'][m]['per_prompt'][key]:.1f}" for m in modes)
-            + " |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -121,12 +205,30 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:
+    """`DIR` or `NAME=DIR` entries → models by name (a bare `DIR` is named by its folder)."""
+    models = {}
+    for entry in entries:
+        name, _, path = entry.rpartition("=")
+        name = name or Path(path).name
+        if name in models:
+            raise ValueError(f"--model {entry}: the name {name!r} is given twice")
+        models[name] = from_pretrained(path)
+    return models
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; bad input prints `error: …` and returns 2."""
     parser = argparse.ArgumentParser(
         prog="python -m avr.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--model", required=True, help="exported model folder")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="exported model folder; repeat as NAME=DIR to compare models in one report",
+    )
     parser.add_argument("--prompts", required=True, help="prompt JSONL (GenEval metadata format)")
     parser.add_argument("--modes", default="direct,reflect,plan,adaptive")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
@@ -142,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         for name in modes:
             MODES.get(name)
-        model = from_pretrained(args.model)
+        models = _load_models(args.model)
     except (ValueError, LookupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         temperature=0.0,
         max_text_tokens=args.max_text_tokens,
     )
-    metrics = evaluate(model, specs, modes, Path(args.output), sampling, args.seed)
+    metrics = evaluate(models, specs, modes, Path(args.output), sampling, args.seed)
     table = Table(title=f"{args.output}: {len(specs)} prompts")
-    for column in ("mode", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
+    for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
         table.add_column(column, justify="right")
-    for name, m in metrics["modes"].items():
+    for name, m in metrics["runs"].items():
         table.add_row(
             name,
             _pct(m["overall"]),

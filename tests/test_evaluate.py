@@ -1,8 +1,11 @@
 import json
 
+from PIL import Image
+
 from avr.backbone import save_pretrained
 from avr.defaults import tiny_model
 from avr.evaluate import main
+from avr.sequence import record_to_trajectory
 from avr.world import TAGS, sample_specs, save_specs
 
 
@@ -28,13 +31,39 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["modes"]) == {"direct", "adaptive"}
-    direct = metrics["modes"]["direct"]
+    assert set(metrics["runs"]) == {"direct", "adaptive"}
+    direct = metrics["runs"]["direct"]
     assert set(direct["by_tag"]) == set(TAGS) and direct["per_prompt"]["nfe"] == 2.0
     assert (out / "direct" / "00007" / "samples" / "0000.png").is_file()
     assert len((out / "adaptive" / "results.jsonl").read_text().splitlines()) == 8
     assert "overall (mean over tags)" in (out / "report.md").read_text()
     assert "report:" in capsys.readouterr().out
+    for plot in ("accuracy_vs_compute.png", "accuracy_by_level.png", "direct/trajectories.png"):
+        with Image.open(out / plot) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+    lines = (out / "adaptive" / "trajectories" / "trajectories.jsonl").read_text().splitlines()
+    trajectories = [
+        record_to_trajectory(json.loads(line), out / "adaptive" / "trajectories", "", check=False)
+        for line in lines  # a random model's text need not balance its tags
+    ]
+    assert len(trajectories) == 8 and all(t.meta["prompt"] for t in trajectories)
+    assert trajectories[0].segments[0].text == trajectories[0].meta["prompt"]
+
+
+def test_evaluate_compares_named_models_in_one_report(tmp_path, capsys):
+    for seed in (0, 1):
+        save_pretrained(tiny_model(seed), tmp_path / f"m{seed}")
+    save_specs(sample_specs(2, seed=0), tmp_path / "prompts.jsonl")
+    base = ["--prompts", str(tmp_path / "prompts.jsonl"), "--modes", "direct", "--steps", "1"]
+    models = ["--model", f"sft={tmp_path / 'm0'}", "--model", f"rl={tmp_path / 'm1'}"]
+    assert main([*base, *models, "-o", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(metrics["runs"]) == ["sft/direct", "rl/direct"]
+    assert metrics["runs"]["rl/direct"]["model"] == "rl"
+    assert (tmp_path / "eval" / "rl" / "direct" / "00001" / "samples" / "0000.png").is_file()
+    twice = ["--model", f"a={tmp_path / 'm0'}", "--model", f"a={tmp_path / 'm1'}"]
+    assert main([*base, *twice, "-o", str(tmp_path / "o")]) == 2
+    assert "the name 'a' is given twice" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, pytestconfig):

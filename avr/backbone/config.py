@@ -73,6 +73,13 @@ class UnifiedConfig:
     """Std of the logit-normal training timestep distribution."""
     timestep_shift: float = 1.0
     """Shift `s` applied to sampled timesteps, `t ← s·t / (1 + (s − 1)·t)` (> 1: noisier)."""
+    prediction: str = "x0"
+    """What the image head outputs: `x0` (the clean latent; the velocity is derived as
+    `(x_t − x̂₀) / max(t, min_t)`, which is what pixel-space models with large patches need, Li &
+    He 2025, "Back to Basics: Let Denoising Generative Models Denoise") or `velocity` (BAGEL, SD3).
+    The loss is the velocity MSE either way."""
+    x0_min_t: float = 0.05
+    """Floor on `t` when an x₀ prediction is turned into a velocity (`prediction: x0`)."""
     cfg_dropout: float = 0.1
     """Probability that a generated image is trained without its context (for classifier-free
     guidance)."""
@@ -89,6 +96,10 @@ class UnifiedConfig:
         if self.attention not in ("auto", "flex", "sdpa"):
             raise ValueError(
                 f"config key 'attention': expected 'auto', 'flex' or 'sdpa', got {self.attention!r}"
+            )
+        if self.prediction not in ("x0", "velocity"):
+            raise ValueError(
+                f"config key 'prediction': expected 'x0' or 'velocity', got {self.prediction!r}"
             )
         if self.codec == "pixel" and self.image_size % self.patch_size:
             raise ValueError(
@@ -136,6 +147,7 @@ class UnifiedConfig:
             "patch_size": 2,
             "image_size": 256,
             "max_seq_len": 8192,
+            "prediction": "velocity",
         }
         return cls(**{**base, **overrides})
 

@@ -226,7 +226,7 @@ class Session:
         hidden = self._run(
             embeds, valid, gen=True, full=True, store=False, context=conditional, advance=False
         )
-        return model.velocity_out(hidden)
+        return model.velocity(hidden, x, time)
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 Three parts around a Hugging Face causal LM (a Llama-family decoder: Qwen2 by default):
 
 - generation: a latent codec, `latent_in` (BAGEL's vae2llm) + timestep + 2-D position embeddings
-  in, `velocity_out` (llm2vae) out; optionally a generation expert (Mixture-of-Transformers:
-  separate q/k/v/o, norms and MLP per layer for generation tokens);
+  in, `velocity_out` (llm2vae) out (a velocity, or x₀ turned into one); optionally a generation
+  expert (Mixture-of-Transformers: separate q/k/v/o, norms and MLP per layer for generation
+  tokens);
 - understanding: a SigLIP vision encoder and an MLP connector into the LM's embedding space;
 - the layer loop below, which runs the LM's own modules with the packed mask and a KV cache.
 
@@ -126,6 +127,16 @@ class UnifiedModel(nn.Module):
             )
         time = self.time_embed(self.time_proj(t * 1000).to(x_t.dtype))  # [M, D]
         return self.latent_in(x_t) + time[:, None] + self.latent_pos.to(x_t.dtype)
+
+    def velocity(self, hidden: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The image head: hidden states of the noisy tokens `[M, N, D]` at times `t` `[M]` →
+        velocity `[M, N, D_tok]`, read directly or derived from an x₀ prediction (see
+        `UnifiedConfig.prediction`)."""
+        out = self.velocity_out(hidden)
+        if self.config.prediction == "velocity":
+            return out
+        t = t.to(out.dtype).clamp(min=self.config.x0_min_t).reshape(-1, 1, 1)
+        return (x_t.to(out.dtype) - out) / t
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images `[K, 3, H, W]` in [0, 1] read through the vision encoder → `[K, P, D]`."""
@@ -252,7 +263,11 @@ class UnifiedModel(nn.Module):
             hidden = self.run_layers(x, batch.position, gen_mask, mask=batch.attention_mask())
         labelled = batch.labels != -100  # text positions, and the last clean token before </img>
         logits = self.lm.lm_head(hidden[labelled])
-        velocity = self.velocity_out(hidden[gen_mask]).reshape_as(x0) if x0.shape[0] else x0
+        velocity = (
+            self.velocity(hidden[gen_mask].reshape(*x_t.shape[:2], -1), x_t, batch.gen_t)
+            if x0.shape[0]
+            else x0
+        )
         return UnifiedOutput(
             logits=logits,
             labels=batch.labels[labelled],

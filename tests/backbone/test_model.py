@@ -60,6 +60,24 @@ def test_config_errors_name_the_key():
         UnifiedConfig(patch_size=7)
 
 
+@pytest.mark.parametrize("prediction", ["x0", "velocity"])
+def test_image_head_prediction_kinds(prediction):
+    """x₀: one Euler step from t to 0 with the derived velocity lands on the head's x̂₀ (t above
+    the floor); velocity: the head's output is the velocity."""
+    model = tiny_model(0, UnifiedConfig(prediction=prediction))
+    hidden = torch.randn(2, 64, 192)
+    x_t = torch.randn(2, 64, model.codec.token_dim)
+    t = torch.tensor([0.7, 0.3])
+    velocity = model.velocity(hidden, x_t, t)
+    head = model.velocity_out(hidden)
+    if prediction == "x0":
+        torch.testing.assert_close(x_t - t[:, None, None] * velocity, head)
+    else:
+        torch.testing.assert_close(velocity, head)
+    with pytest.raises(ValueError, match="config key 'prediction': expected 'x0' or 'velocity'"):
+        UnifiedConfig(prediction="eps")
+
+
 def test_wrong_image_shape_is_a_clear_error(model):
     with pytest.raises(
         ValueError, match=r"expected images of shape \[B, 3, 64, 64\], got \[2, 1, 64, 64\]"
