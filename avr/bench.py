@@ -173,6 +173,7 @@ def adaptive(args: argparse.Namespace, console: Console) -> str:
     from avr.backbone import from_pretrained
     from avr.evaluate import evaluate
     from avr.policy import SamplingConfig
+    from avr.registry import MODES
 
     torch.set_num_threads(args.threads)
     model = from_pretrained(args.model)
@@ -181,7 +182,7 @@ def adaptive(args: argparse.Namespace, console: Console) -> str:
         metrics = evaluate(
             {"model": model},
             specs,
-            ["adaptive", "plan"],
+            {name: MODES.get(name)() for name in ("adaptive", "plan")},
             Path(out),
             SamplingConfig(steps=25, temperature=0.0),
         )

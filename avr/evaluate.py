@@ -21,28 +21,26 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
 from avr.policy import PolicyActor, SamplingConfig
+from avr.protocol import Mode
 from avr.registry import MODES
 from avr.sequence import trajectory_to_record
 from avr.world import LEVELS, TAGS, PromptSpec, complexity, load_specs
 from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.verify import check_spec_vocabulary
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 
 def evaluate(
     models: Mapping[str, UnifiedModel],
     specs: list[PromptSpec],
-    modes: list[str],
+    modes: Mapping[str, Mode],
     out: Path,
     sampling: SamplingConfig,
     seed: int = 0,
@@ -50,13 +48,14 @@ def evaluate(
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
-    Runs are labelled by mode, or `<model>/<mode>` when there are several models; each run's
+    `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say). Runs
+    are labelled by mode name, or `<model>/<mode>` when there are several models; each run's
     outputs land in `out/<label>/`. Returns the metrics (also written to `out/metrics.json`)."""
     metrics: dict = {"runs": {}, "prompts": len(specs), "sampling": vars(sampling)}
     for model_name, model in models.items():
-        for mode_name in modes:
+        for mode_name, mode in modes.items():
             label = mode_name if len(models) == 1 else f"{model_name}/{mode_name}"
-            run = _run(model, MODES.get(mode_name)(), specs, out / label, sampling, seed)
+            run = _run(model, mode, specs, out / label, sampling, seed)
             metrics["runs"][label] = {"model": model_name, "mode": mode_name, **run}
             plot_trajectories(out / label, grid_prompts)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -109,7 +108,9 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     """`out/accuracy_vs_compute.png` (overall accuracy against NFE and text tokens per prompt,
     one point per run) and `out/accuracy_by_level.png` (grouped bars)."""
     runs = metrics["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    # Figure, not pyplot: no global backend or state (a notebook importing this keeps its own).
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("nfe", "text_tokens"), ("NFE", "text tokens"), strict=True):
         for label, run in runs.items():
             x, y = run["per_prompt"][key], 100 * run["overall"]
@@ -119,9 +120,9 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"accuracy against compute ({metrics['prompts']} prompts)")
     fig.savefig(out / "accuracy_vs_compute.png", dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) + 3), 4), constrained_layout=True)
+    fig = Figure(figsize=(max(6, 1.2 * len(runs) + 3), 4), layout="constrained")
+    ax = fig.subplots()
     width = 0.8 / len(runs)
     for k, (label, run) in enumerate(runs.items()):
         values = [100 * (run["by_level"].get(level) or 0.0) for level in LEVELS]
@@ -130,7 +131,6 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per complexity level")
     ax.legend(fontsize=8)
     fig.savefig(out / "accuracy_by_level.png", dpi=120)
-    plt.close(fig)
 
 
 def plot_trajectories(folder: Path, prompts: int) -> None:
@@ -140,12 +140,9 @@ def plot_trajectories(folder: Path, prompts: int) -> None:
     records = [json.loads(line) for line in lines.splitlines()[:prompts]]
     verdicts = {Path(r["filename"]).parent.parent.name: r for r in _results(folder)}
     columns = max(1, *(sum(s["type"] == "image" for s in r["segments"]) for r in records))
-    fig, axes = plt.subplots(
-        len(records),
-        columns + 1,
-        figsize=(1.3 * columns + 4.5, 1.4 * len(records)),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [1] * columns + [3.5]},
+    fig = Figure(figsize=(1.3 * columns + 4.5, 1.4 * len(records)))
+    axes = fig.subplots(
+        len(records), columns + 1, squeeze=False, width_ratios=[1] * columns + [3.5]
     )
     for row, record in zip(axes, records, strict=True):
         for ax in row:
@@ -159,7 +156,6 @@ def plot_trajectories(folder: Path, prompts: int) -> None:
         status = "correct" if verdict["correct"] else f"wrong: {verdict['reason']}"
         row[-1].text(0, 0.5, f"{caption}\n{textwrap.shorten(status, 60)}", fontsize=7, va="center")
     fig.savefig(folder / "trajectories.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _results(folder: Path) -> list[dict]:
@@ -241,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = load_specs(args.prompts)
         for i, spec in enumerate(specs):
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        for name in modes:
-            MODES.get(name)
+        modes = {m.strip(): MODES.get(m.strip())() for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
     except (ValueError, LookupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

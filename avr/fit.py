@@ -104,4 +104,6 @@ def _import(path: str):
 
 
 if __name__ == "__main__":
-    main()
+    # LightningCLI warns when it gets `args` while sys.argv also holds them: hand them over once.
+    argv, sys.argv[1:] = sys.argv[1:], []
+    main(argv)
