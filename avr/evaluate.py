@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import textwrap
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -45,19 +47,36 @@ def evaluate(
     sampling: SamplingConfig,
     seed: int = 0,
     grid_prompts: int = 8,
+    workers: int = 1,
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
     `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say). Runs
     are labelled by mode name, or `<model>/<mode>` when there are several models; each run's
-    outputs land in `out/<label>/`. Returns the metrics (also written to `out/metrics.json`)."""
+    outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode) runs at once, in
+    processes of one thread each (their `seconds` then count time shared with the others). Returns
+    the metrics (also written to `out/metrics.json`)."""
+    jobs = {
+        (mode_name if len(models) == 1 else f"{model_name}/{mode_name}"): (model_name, mode_name)
+        for model_name in models
+        for mode_name in modes
+    }
+    args = {
+        label: (models[m], modes[k], specs, out / label, sampling, seed)
+        for label, (m, k) in jobs.items()
+    }
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+        with ProcessPoolExecutor(workers, context, torch.set_num_threads, (1,)) as pool:
+            futures = {label: pool.submit(_run, *a) for label, a in args.items()}
+            results = {label: future.result() for label, future in futures.items()}
+    else:
+        results = {label: _run(*a) for label, a in args.items()}
     metrics: dict = {"runs": {}, "prompts": len(specs), "sampling": vars(sampling)}
-    for model_name, model in models.items():
-        for mode_name, mode in modes.items():
-            label = mode_name if len(models) == 1 else f"{model_name}/{mode_name}"
-            run = _run(model, mode, specs, out / label, sampling, seed)
-            metrics["runs"][label] = {"model": model_name, "mode": mode_name, **run}
-            plot_trajectories(out / label, grid_prompts)
+    metrics["workers"] = workers
+    for label, (model_name, mode_name) in jobs.items():
+        metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}
+        plot_trajectories(out / label, grid_prompts)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_accuracy(metrics, out)
     (out / "report.md").write_text(report(metrics), encoding="utf-8")
@@ -231,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--max-text-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="(model, mode) runs at once, one thread each"
+    )
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     try:
@@ -248,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         temperature=0.0,
         max_text_tokens=args.max_text_tokens,
     )
-    metrics = evaluate(models, specs, modes, Path(args.output), sampling, args.seed)
+    metrics = evaluate(
+        models, specs, modes, Path(args.output), sampling, args.seed, workers=args.workers
+    )
     table = Table(title=f"{args.output}: {len(specs)} prompts")
     for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
         table.add_column(column, justify="right")

@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from avr.backbone import save_pretrained
@@ -61,6 +63,16 @@ def test_evaluate_compares_named_models_in_one_report(tmp_path, capsys):
     assert list(metrics["runs"]) == ["sft/direct", "rl/direct"]
     assert metrics["runs"]["rl/direct"]["model"] == "rl"
     assert (tmp_path / "eval" / "rl" / "direct" / "00001" / "samples" / "0000.png").is_file()
+    # the same runs in two worker processes: the same rollouts, so the same scores and compute
+    assert main([*base, *models, "--workers", "2", "-o", str(tmp_path / "par")]) == 0
+    parallel = json.loads((tmp_path / "par" / "metrics.json").read_text())
+    for label, run in metrics["runs"].items():
+        other = parallel["runs"][label]
+        assert (other["overall"], other["by_tag"]) == (run["overall"], run["by_tag"])
+        assert other["per_prompt"]["nfe"] == run["per_prompt"]["nfe"]
+    image = Path("rl", "direct", "00001", "samples", "0000.png")
+    with Image.open(tmp_path / "eval" / image) as a, Image.open(tmp_path / "par" / image) as b:
+        assert np.abs(np.asarray(a, float) - np.asarray(b, float)).max() <= 1  # thread counts
     twice = ["--model", f"a={tmp_path / 'm0'}", "--model", f"a={tmp_path / 'm1'}"]
     assert main([*base, *twice, "-o", str(tmp_path / "o")]) == 2
     assert "the name 'a' is given twice" in capsys.readouterr().err
