@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         args = ["fit", "--config", args[0], *args[1:]]
     load_plugins()
     check_init_args(args)
+    if argv is None:
+        # From the command line, LightningCLI reads the (rewritten) sys.argv itself: passing
+        # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
+        sys.argv[1:], args = args, None
     return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -104,6 +108,4 @@ def _import(path: str):
 
 
 if __name__ == "__main__":
-    # LightningCLI warns when it gets `args` while sys.argv also holds them: hand them over once.
-    argv, sys.argv[1:] = sys.argv[1:], []
-    main(argv)
+    main()
