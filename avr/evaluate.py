@@ -72,8 +72,12 @@ def evaluate(
             results = {label: future.result() for label, future in futures.items()}
     else:
         results = {label: _run(*a) for label, a in args.items()}
-    metrics: dict = {"runs": {}, "prompts": len(specs), "sampling": vars(sampling)}
-    metrics["workers"] = workers
+    metrics: dict = {
+        "runs": {},
+        "prompts": len(specs),
+        "sampling": vars(sampling),
+        "workers": workers,
+    }
     for label, (model_name, mode_name) in jobs.items():
         metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}
         plot_trajectories(out / label, grid_prompts)
