@@ -3,7 +3,8 @@
 - `PixelCodec`: the latent is the image itself, scaled to [-1, 1] (ShapeWorld's tiny images).
 - `VaeCodec`: a `diffusers.AutoencoderKL` (FLUX/SD-style), latents scaled by its scaling factor.
 
-Both cut latents into `patch_size`² patches, one generation token each.
+Both cut latents into `patch_size`² patches, one generation token each, its values ordered
+`(c, p, q)` or, with `channels_last` (BAGEL's order), `(p, q, c)`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from torch import nn
 class LatentCodec(nn.Module, ABC):
     """Encode pixels to latents, decode back, and cut latents into tokens."""
 
-    def __init__(self, image_size: int, latent_size: int, channels: int, patch_size: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        latent_size: int,
+        channels: int,
+        patch_size: int,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         if latent_size % patch_size:
             raise ValueError(
@@ -27,6 +35,7 @@ class LatentCodec(nn.Module, ABC):
             )
         self.image_size, self.latent_size = image_size, latent_size
         self.channels, self.patch_size = channels, patch_size
+        self.token_order = "(p q c)" if channels_last else "(c p q)"
 
     @property
     def grid(self) -> int:
@@ -54,12 +63,13 @@ class LatentCodec(nn.Module, ABC):
     def to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """`[B, C, h, w]` → `[B, N, C·p·p]`, row-major patches."""
         p = self.patch_size
-        return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+        return rearrange(latents, f"b c (h p) (w q) -> b (h w) {self.token_order}", p=p, q=p)
 
     def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[B, N, C·p·p]` → `[B, C, h, w]`."""
         p, g = self.patch_size, self.grid
-        return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=g, w=g, p=p, q=p)
+        pattern = f"b (h w) {self.token_order} -> b c (h p) (w q)"
+        return rearrange(tokens, pattern, h=g, w=g, p=p, q=p)
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """Raise a clear error unless `pixels` is `[B, 3, image_size, image_size]`."""
@@ -73,8 +83,8 @@ class LatentCodec(nn.Module, ABC):
 class PixelCodec(LatentCodec):
     """The identity codec: latents are pixels scaled to [-1, 1]."""
 
-    def __init__(self, image_size: int, patch_size: int) -> None:
-        super().__init__(image_size, image_size, 3, patch_size)
+    def __init__(self, image_size: int, patch_size: int, channels_last: bool = False) -> None:
+        super().__init__(image_size, image_size, 3, patch_size, channels_last)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixels)
@@ -87,9 +97,12 @@ class PixelCodec(LatentCodec):
 class VaeCodec(LatentCodec):
     """A frozen `AutoencoderKL`; latents are its posterior mode, shifted and scaled as configured."""
 
-    def __init__(self, vae: AutoencoderKL, image_size: int, patch_size: int) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, image_size: int, patch_size: int, channels_last: bool = False
+    ) -> None:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(image_size, image_size // factor, vae.config.latent_channels, patch_size)
+        channels = vae.config.latent_channels
+        super().__init__(image_size, image_size // factor, channels, patch_size, channels_last)
         self.vae = vae.requires_grad_(False)
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)

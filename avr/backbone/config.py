@@ -37,13 +37,34 @@ def _tiny_vision() -> dict[str, Any]:
     }
 
 
+def flux_vae_config(block_out_channels: tuple[int, ...] = (128, 256, 512, 512)) -> dict[str, Any]:
+    """`diffusers.AutoencoderKL` config of the FLUX autoencoder (16 latent channels, no quant
+    convs, scale 0.3611, shift 0.1159), the one BAGEL generates in; narrower `block_out_channels`
+    give a tiny one of the same layout."""
+    blocks = len(block_out_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "down_block_types": ["DownEncoderBlock2D"] * blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * blocks,
+        "block_out_channels": list(block_out_channels),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+    }
+
+
 @dataclass
 class UnifiedConfig:
     """Shape of a `UnifiedModel`: language core, latent codec, vision encoder, flow settings."""
 
     lm: dict[str, Any] = field(default_factory=_tiny_lm)
     """Language core config as `transformers.AutoConfig.for_model(**lm)` takes it (needs
-    `model_type`; a Llama-family decoder: qwen2, llama, mistral, qwen3). `vocab_size` is set from
+    `model_type`; a Llama-family decoder: qwen2, llama, mistral, qwen3). `vocab_size` is at least
     the tokenizer."""
     lm_path: str | None = None
     """Local folder of a pretrained causal LM, loaded offline with `from_pretrained`; overrides `lm`."""
@@ -63,6 +84,26 @@ class UnifiedConfig:
     generation_expert: bool = False
     """Mixture-of-Transformers: separate per-layer weights (q/k/v/o, norms, MLP) for generation
     tokens, as BAGEL does."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys in every attention layer (BAGEL's Qwen2 has it; a
+    Qwen3 language core brings its own and ignores this)."""
+    connector_act: str = "gelu"
+    """Activation between the connector's two linear layers (a `transformers` ACT2FN name;
+    BAGEL: `gelu_pytorch_tanh`)."""
+    vision_pos_side: int | None = None
+    """BAGEL's reader ("NaViT" positions): the SigLIP position table holds `side²` entries, a patch
+    at row h, column w reads entry `h·side + w`, and a frozen 2-D sin-cos table of the LM's width
+    (`vit_pos_embed`) is added after the connector. None: SigLIP's own table for `image_size`."""
+    latent_pos_side: int | None = None
+    """Side of a frozen 2-D sin-cos table of latent positions saved with the weights (BAGEL's
+    `max_latent_size`); a token at row h, column w reads entry `h·side + w`. None: a table of
+    exactly the image's grid, computed, not saved."""
+    latent_channels_last: bool = False
+    """Order of values inside one generation token: `(p, q, c)` (BAGEL's patchify) instead of
+    `(c, p, q)`."""
+    timestep_scale: float = 1000.0
+    """`t ∈ [0, 1]` is multiplied by this before the sinusoidal timestep embedding (diffusers and
+    SD3: 1000; BAGEL: 1)."""
     modes: tuple[str, ...] = DEFAULT_MODES
     """Modes the tokenizer has a `<mode:…>` token for (the adaptive policy's choices)."""
     ce_weight: float = 1.0
@@ -105,6 +146,9 @@ class UnifiedConfig:
             raise ValueError(
                 f"config key 'patch_size': {self.patch_size} does not divide image_size {self.image_size}"
             )
+        for key in ("vision_pos_side", "latent_pos_side"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"config key {key!r}: expected a positive side or null")
         if "model_type" not in self.lm and self.lm_path is None:
             raise ValueError("config key 'lm': needs 'model_type' (e.g. 'qwen2') or set 'lm_path'")
 
@@ -148,6 +192,52 @@ class UnifiedConfig:
             "image_size": 256,
             "max_seq_len": 8192,
             "prediction": "velocity",
+        }
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def bagel_7b(cls, **overrides: Any) -> UnifiedConfig:
+        """BAGEL-7B-MoT's shape (random init; `avr.backbone.bagel.from_bagel` loads the published
+        weights): Qwen2.5-7B layers with QK-norm and a generation expert, a SigLIP-so400m reader
+        (26 layers, NaViT positions up to 70 patches a side), the 16-channel FLUX autoencoder with
+        2×2 latent patches (latent positions up to 64 a side)."""
+        lm = {
+            "model_type": "qwen2",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        }
+        vision = {
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 16,
+            "patch_size": 14,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        }
+        base = {
+            "lm": lm,
+            "vision": vision,
+            "codec": "vae",
+            "vae": flux_vae_config(),
+            "patch_size": 2,
+            "image_size": 512,
+            "max_seq_len": 16384,
+            "prediction": "velocity",
+            "generation_expert": True,
+            "qk_norm": True,
+            "connector_act": "gelu_pytorch_tanh",
+            "vision_pos_side": 70,
+            "latent_pos_side": 64,
+            "latent_channels_last": True,
+            "timestep_scale": 1.0,
         }
         return cls(**{**base, **overrides})
 

@@ -93,7 +93,7 @@ class Session:
         )
         last = valid.sum(1) - 1
         rows = torch.arange(self.batch_size, device=self.device)
-        logits = self.model.lm.lm_head(hidden[rows, last.clamp(min=0)]).float()  # [B, V]
+        logits = self.model.logits(hidden[rows, last.clamp(min=0)]).float()  # [B, V]
         has = valid.any(1)
         self.last_logits = (
             logits

@@ -6,6 +6,9 @@ DIR/model.safetensors    every weight, loaded strictly (a missing or unexpected 
 DIR/tokenizer/           the tokenizer, saved by transformers
 ```
 
+`from_pretrained` also reads BAGEL's published layout (`ema.safetensors`, `ae.safetensors`,
+`llm_config.json`, `vit_config.json`; see `avr.backbone.bagel`).
+
 Writes go to a temporary folder beside `DIR` that replaces it in one rename, so a crash never leaves
 a half-written model. Loading never unpickles anything.
 """
@@ -17,11 +20,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerFast
 
+from avr.backbone.bagel import from_bagel, is_bagel_dir
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.model import UnifiedModel
 
@@ -71,10 +76,15 @@ def _readable(root: Path) -> None:
 
 
 def from_pretrained(
-    directory: str | os.PathLike, device: str | torch.device = "cpu"
+    directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
 ) -> UnifiedModel:
-    """Load a model written by `save_pretrained`, strictly and without pickle."""
+    """Load a model written by `save_pretrained`, or a checkpoint in BAGEL's published layout
+    (see `avr.backbone.bagel`), strictly and without pickle. `overrides` replace `UnifiedConfig`
+    fields that leave the weights' shapes alone (`image_size` of a BAGEL model, `attention`,
+    `max_seq_len` …); one that changes a shape fails the strict load, naming the key."""
     directory = Path(directory)
+    if is_bagel_dir(directory):
+        return from_bagel(directory, device=device, **overrides)
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")
@@ -83,7 +93,7 @@ def from_pretrained(
     except json.JSONDecodeError as err:
         raise ValueError(f"{directory / CONFIG}:{err.lineno}: not valid JSON ({err.msg})") from None
     try:
-        config = UnifiedConfig.from_dict(data)
+        config = UnifiedConfig.from_dict({**data, **overrides})
     except (TypeError, ValueError) as err:
         raise ValueError(f"{directory / CONFIG}: {err}") from None
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)

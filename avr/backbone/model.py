@@ -33,6 +33,7 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from avr.backbone import flow
@@ -80,30 +81,52 @@ class UnifiedModel(nn.Module):
         self.lm = _build_lm(config, len(tokenizer))
         lm_config = self.lm.config
         width = lm_config.hidden_size
+        self.num_heads = lm_config.num_attention_heads
+        self.num_kv_heads = lm_config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(lm_config, "head_dim", None) or width // self.num_heads
+        if config.qk_norm:
+            _add_qk_norms(self.decoder, self.head_dim, getattr(lm_config, "rms_norm_eps", 1e-6))
         self.codec = _build_codec(config)
         self.latent_in = nn.Linear(self.codec.token_dim, width)
         self.velocity_out = nn.Linear(width, self.codec.token_dim)
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, width)
-        pos = get_2d_sincos_pos_embed(width, self.codec.grid, output_type="pt")
-        self.register_buffer("latent_pos", pos.float(), persistent=False)  # [N, D]
+        grid = self.codec.grid
+        if config.latent_pos_side is None:
+            pos = get_2d_sincos_pos_embed(width, grid, output_type="pt")
+            self.register_buffer("latent_pos", pos.float(), persistent=False)  # [N, D]
+        else:
+            self.latent_pos_table = _sincos_table(width, config.latent_pos_side)
+            ids = _grid_ids(grid, config.latent_pos_side, "latent_pos_side")
+            self.register_buffer("latent_pos_ids", ids, persistent=False)
+        side = config.vision_pos_side
+        vision_patch = config.vision.get("patch_size", 16)
         vision_config = SiglipVisionConfig(
-            **{**config.vision, "image_size": config.image_size, "vision_use_head": False}
+            **{
+                **config.vision,
+                # NaViT positions: SigLIP's table covers side × side patches
+                "image_size": side * vision_patch if side else config.image_size,
+                "vision_use_head": False,
+            }
         )
         self.vision = SiglipVisionModel(vision_config)
         self.connector = nn.Sequential(
-            nn.Linear(vision_config.hidden_size, width), nn.GELU(), nn.Linear(width, width)
+            nn.Linear(vision_config.hidden_size, width),
+            ACT2FN[config.connector_act],
+            nn.Linear(width, width),
         )
+        read_grid = config.image_size // vision_patch
+        if side is not None:
+            self.vision_pos_table = _sincos_table(width, side)
+            ids = _grid_ids(read_grid, side, "vision_pos_side")
+            self.register_buffer("vision_pos_ids", ids, persistent=False)
         self.gen_layers = (
             nn.ModuleList(copy.deepcopy(layer) for layer in self.decoder.layers)
             if config.generation_expert
             else None
         )
         self.gen_norm = copy.deepcopy(self.decoder.norm) if config.generation_expert else None
-        self.num_heads = lm_config.num_attention_heads
-        self.num_kv_heads = lm_config.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(lm_config, "head_dim", None) or width // self.num_heads
-        patches = (config.image_size // vision_config.patch_size) ** 2
+        patches = read_grid**2
         self.geometry = ImageGeometry(
             config.image_size, self.codec.tokens, patches, self.codec.token_dim
         )
@@ -125,8 +148,15 @@ class UnifiedModel(nn.Module):
             raise ValueError(
                 f"expected latent tokens [M, {expected[0]}, {expected[1]}], got {list(x_t.shape)}"
             )
-        time = self.time_embed(self.time_proj(t * 1000).to(x_t.dtype))  # [M, D]
-        return self.latent_in(x_t) + time[:, None] + self.latent_pos.to(x_t.dtype)
+        scaled = t * self.config.timestep_scale
+        time = self.time_embed(self.time_proj(scaled).to(x_t.dtype))  # [M, D]
+        return self.latent_in(x_t) + time[:, None] + self.latent_positions().to(x_t.dtype)
+
+    def latent_positions(self) -> torch.Tensor:
+        """Position embeddings of one image's generation tokens `[N, D]`, row-major."""
+        if self.config.latent_pos_side is None:
+            return self.latent_pos
+        return self.latent_pos_table[self.latent_pos_ids]
 
     def velocity(self, hidden: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The image head: hidden states of the noisy tokens `[M, N, D]` at times `t` `[M]` →
@@ -138,11 +168,25 @@ class UnifiedModel(nn.Module):
         t = t.to(out.dtype).clamp(min=self.config.x0_min_t).reshape(-1, 1, 1)
         return (x_t.to(out.dtype) - out) / t
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over the tokenizer's vocabulary (rows a pretrained core pads its
+        embedding with are never predicted)."""
+        return self.lm.lm_head(hidden)[..., : len(self.tokenizer)]
+
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images `[K, 3, H, W]` in [0, 1] read through the vision encoder → `[K, P, D]`."""
         self.codec.check_pixels(pixels)
-        hidden = self.vision(pixel_values=pixels * 2 - 1).last_hidden_state
-        return self.connector(hidden)
+        if self.config.vision_pos_side is None:
+            hidden = self.vision(pixel_values=pixels * 2 - 1).last_hidden_state
+            return self.connector(hidden)
+        # NaViT positions: SigLIP's pieces run by hand with the extrapolated position ids
+        reader = self.vision
+        embed = reader.embeddings.patch_embedding
+        patches = embed(pixels.to(embed.weight.dtype) * 2 - 1)
+        ids = self.vision_pos_ids
+        x = rearrange(patches, "k d h w -> k (h w) d") + reader.embeddings.position_embedding(ids)
+        hidden = reader.post_layernorm(reader.encoder(inputs_embeds=x).last_hidden_state)
+        return self.connector(hidden) + self.vision_pos_table[ids].to(hidden.dtype)
 
     # ---- the layer loop ---------------------------------------------------------------------
 
@@ -262,7 +306,7 @@ class UnifiedModel(nn.Module):
         else:
             hidden = self.run_layers(x, batch.position, gen_mask, mask=batch.attention_mask())
         labelled = batch.labels != -100  # text positions, and the last clean token before </img>
-        logits = self.lm.lm_head(hidden[labelled])
+        logits = self.logits(hidden[labelled])
         velocity = (
             self.velocity(hidden[gen_mask].reshape(*x_t.shape[:2], -1), x_t, batch.gen_t)
             if x0.shape[0]
@@ -298,6 +342,30 @@ def _routed(
     return out
 
 
+def _add_qk_norms(decoder: nn.Module, head_dim: int, eps: float) -> None:
+    """Give every attention layer per-head `q_norm`/`k_norm` of the decoder's own RMSNorm class
+    (the layer loop applies them; the LM's own forward is never used)."""
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        if getattr(attn, "q_norm", None) is None:
+            norm = type(layer.input_layernorm)
+            attn.q_norm, attn.k_norm = norm(head_dim, eps=eps), norm(head_dim, eps=eps)
+
+
+def _sincos_table(width: int, side: int) -> nn.Parameter:
+    """A frozen 2-D sin-cos table of `side²` positions, saved with the weights."""
+    table = get_2d_sincos_pos_embed(width, side, output_type="pt").float()
+    return nn.Parameter(table, requires_grad=False)
+
+
+def _grid_ids(grid: int, side: int, key: str) -> torch.Tensor:
+    """Entries of a `side²` table that a `grid × grid` image reads, row-major."""
+    if grid > side:
+        raise ValueError(f"config key {key!r}: {side} is smaller than the image's grid of {grid}")
+    rows = torch.arange(grid)
+    return (rows[:, None] * side + rows[None, :]).flatten()
+
+
 def _build_lm(config: UnifiedConfig, vocab_size: int) -> nn.Module:
     if config.lm_path is not None:
         lm = AutoModelForCausalLM.from_pretrained(
@@ -306,17 +374,19 @@ def _build_lm(config: UnifiedConfig, vocab_size: int) -> nn.Module:
         if lm.get_input_embeddings().num_embeddings < vocab_size:
             lm.resize_token_embeddings(vocab_size)
         return lm
+    # A pretrained core may pad its vocabulary past the tokenizer (Qwen2: 152,064 rows)
+    vocab_size = max(vocab_size, int(config.lm.get("vocab_size") or 0))
     lm_config = AutoConfig.for_model(**{**config.lm, "vocab_size": vocab_size})
     return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
 
 
 def _build_codec(config: UnifiedConfig) -> LatentCodec:
     if config.codec == "pixel":
-        return PixelCodec(config.image_size, config.patch_size)
+        return PixelCodec(config.image_size, config.patch_size, config.latent_channels_last)
     if config.vae_path is not None:
         vae = AutoencoderKL.from_pretrained(config.vae_path, local_files_only=True)
     elif config.vae is not None:
         vae = AutoencoderKL.from_config(config.vae)
     else:
         raise ValueError("config key 'vae': codec 'vae' needs a 'vae' config or a 'vae_path'")
-    return VaeCodec(vae, config.image_size, config.patch_size)
+    return VaeCodec(vae, config.image_size, config.patch_size, config.latent_channels_last)
