@@ -9,6 +9,7 @@ import torch
 
 from avr.backbone import from_pretrained
 from avr.data.build import build, parse_mix
+from avr.defaults import tiny_model
 from avr.export import main as export
 from avr.fit import main as fit
 
@@ -99,3 +100,35 @@ def test_rl_trains_and_logs_every_component(tmp_path):
         "train/time/rollout",
     } <= logged
     assert len([r for r in rows if r.get("train/reward")]) == 2
+
+
+def test_sft_with_lora_and_activation_checkpointing_exports_merged_weights(tmp_path):
+    data = tmp_path / "data"
+    build(data, 8, parse_mix("simple=1,medium=1,complex=1"), seed=0)
+    root = tmp_path / "run"
+    fit(
+        [
+            "experiments/sft.yaml",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+            f"--data.init_args.path={data}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=4",
+            "--model.init_args.lora.r=4",
+            "--model.init_args.lora.alpha=8",
+            "--model.init_args.activation_checkpointing=true",
+        ]
+    )
+    (checkpoint,) = Path(root).rglob("last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    layer = "backbone.lm.model.layers.2.self_attn.o_proj"
+    b = state[f"{layer}.lora_B.default.weight"]
+    assert b.abs().sum() > 0  # the adapters trained
+    assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
+    model = from_pretrained(tmp_path / "export")
+    merged = state[f"{layer}.base_layer.weight"] + 2.0 * b @ state[f"{layer}.lora_A.default.weight"]
+    torch.testing.assert_close(model.lm.model.layers[2].self_attn.o_proj.weight, merged)
+    start = tiny_model(0)  # sft.yaml: random init from seed 0; what LoRA freezes stays so
+    assert torch.equal(model.lm.model.embed_tokens.weight, start.lm.model.embed_tokens.weight)
+    assert not torch.equal(model.latent_in.weight, start.latent_in.weight)  # trained in full

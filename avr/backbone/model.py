@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from einops import rearrange
@@ -130,6 +131,9 @@ class UnifiedModel(nn.Module):
         self.geometry = ImageGeometry(
             config.image_size, self.codec.tokens, patches, self.codec.token_dim
         )
+        self.activation_checkpointing = False
+        """Recompute each decoder layer in the backward pass instead of keeping its activations
+        (training only; set by the Lightning modules' `activation_checkpointing`)."""
         self.flow_settings = FlowSettings(
             config.timestep_mean, config.timestep_std, config.timestep_shift, config.cfg_dropout
         )
@@ -202,50 +206,58 @@ class UnifiedModel(nn.Module):
     ) -> torch.Tensor:
         """Run the decoder over `x` `[B, L, D]`; returns final-norm hidden states.
 
-        Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
+        With `activation_checkpointing` (training, no cache), each layer's activations are
+        recomputed in the backward pass. Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
         cached keys followed by this step's. With `store`, this step's keys/values are appended to
         `cache` (prefill, decoding); without, the cache is only read (denoising steps).
         """
         cos, sin = self.decoder.rotary_emb(x, position)
         use_expert = self.gen_layers is not None and bool(is_gen.any())
-        for i, layer in enumerate(self.decoder.layers):
-            expert = self.gen_layers[i] if use_expert else None
-            attn, expert_attn = layer.self_attn, expert.self_attn if expert else None
-            h = _routed(layer.input_layernorm, expert and expert.input_layernorm, x, is_gen)
-
-            def project(name: str, h=h, attn=attn, expert_attn=expert_attn) -> torch.Tensor:
-                return _routed(
-                    getattr(attn, name), expert_attn and getattr(expert_attn, name), h, is_gen
-                )
-
-            q = self._heads(project("q_proj"), attn, "q_norm", expert_attn, is_gen)
-            k = self._heads(project("k_proj"), attn, "k_norm", expert_attn, is_gen)
-            v = rearrange(project("v_proj"), "b l (h d) -> b h l d", d=self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            if cache is not None and cache.length:
-                keys = torch.cat([cache.keys[i], k], dim=2)
-                values = torch.cat([cache.values[i], v], dim=2)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i in range(len(self.decoder.layers)):
+            args = (i, x, cos, sin, is_gen, use_expert, mask, block_mask, cache, store)
+            if recompute and cache is None:
+                x = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
             else:
-                keys, values = k, v
-            if store:
-                if cache is None:
-                    raise ValueError("store=True needs a cache")
-                if len(cache.keys) > i:
-                    cache.keys[i], cache.values[i] = keys, values
-                else:
-                    cache.keys.append(keys)
-                    cache.values.append(values)
-            out = self._attend(q, keys, values, mask, block_mask)
-            out = rearrange(out, "b h l d -> b l (h d)")
-            x = x + _routed(attn.o_proj, expert_attn and expert_attn.o_proj, out, is_gen)
-            h = _routed(
-                layer.post_attention_layernorm,
-                expert and expert.post_attention_layernorm,
-                x,
-                is_gen,
-            )
-            x = x + _routed(layer.mlp, expert and expert.mlp, h, is_gen)
+                x = self._layer(*args)
         return _routed(self.decoder.norm, self.gen_norm if use_expert else None, x, is_gen)
+
+    def _layer(self, i, x, cos, sin, is_gen, use_expert, mask, block_mask, cache, store):
+        """Decoder layer `i` (with its generation expert twin) over `x`."""
+        layer = self.decoder.layers[i]
+        expert = self.gen_layers[i] if use_expert else None
+        attn, expert_attn = layer.self_attn, expert.self_attn if expert else None
+        h = _routed(layer.input_layernorm, expert and expert.input_layernorm, x, is_gen)
+
+        def project(name: str) -> torch.Tensor:
+            return _routed(
+                getattr(attn, name), expert_attn and getattr(expert_attn, name), h, is_gen
+            )
+
+        q = self._heads(project("q_proj"), attn, "q_norm", expert_attn, is_gen)
+        k = self._heads(project("k_proj"), attn, "k_norm", expert_attn, is_gen)
+        v = rearrange(project("v_proj"), "b l (h d) -> b h l d", d=self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None and cache.length:
+            keys = torch.cat([cache.keys[i], k], dim=2)
+            values = torch.cat([cache.values[i], v], dim=2)
+        else:
+            keys, values = k, v
+        if store:
+            if cache is None:
+                raise ValueError("store=True needs a cache")
+            if len(cache.keys) > i:
+                cache.keys[i], cache.values[i] = keys, values
+            else:
+                cache.keys.append(keys)
+                cache.values.append(values)
+        out = self._attend(q, keys, values, mask, block_mask)
+        out = rearrange(out, "b h l d -> b l (h d)")
+        x = x + _routed(attn.o_proj, expert_attn and expert_attn.o_proj, out, is_gen)
+        h = _routed(
+            layer.post_attention_layernorm, expert and expert.post_attention_layernorm, x, is_gen
+        )
+        return x + _routed(layer.mlp, expert and expert.mlp, h, is_gen)
 
     def _heads(self, projected, attn, norm_name, expert_attn, is_gen):
         heads = rearrange(projected, "b l (h d) -> b h l d", d=self.head_dim)

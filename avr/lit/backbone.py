@@ -7,6 +7,7 @@ transaction: a temporary file moved into place).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,26 @@ from transformers import PreTrainedTokenizerFast, get_cosine_schedule_with_warmu
 
 from avr.backbone import UnifiedConfig, UnifiedModel, from_pretrained
 from avr.backbone.io import portable_config
+from avr.backbone.lora import LoraSettings, add_lora, merge_lora
 from avr.defaults import tiny_model
 
 CHECKPOINT_KEY = "avr_backbone"
 
 
-def build_backbone(path: str | None, seed: int) -> UnifiedModel:
-    """The exported model at `path`, or (None) the tiny ShapeWorld model seeded with `seed`."""
+def build_backbone(
+    path: str | None, seed: int, overrides: dict[str, Any] | None = None
+) -> UnifiedModel:
+    """The exported (or BAGEL) model at `path`, or (None) the tiny ShapeWorld model seeded with
+    `seed`; `overrides` are `UnifiedConfig` fields (see `from_pretrained`)."""
     if path is None:
-        return tiny_model(seed)
+        config = UnifiedConfig.from_dict(overrides) if overrides else None
+        return tiny_model(seed, config)
     if not Path(path).is_dir():
         raise FileNotFoundError(
-            f"model: {path} is not a folder written by save_pretrained / avr.export"
+            f"model: {path} is not a folder written by save_pretrained / avr.export, "
+            "nor a BAGEL checkpoint"
         )
-    return from_pretrained(path)
+    return from_pretrained(path, **(overrides or {}))
 
 
 class BackboneModule(L.LightningModule):
@@ -45,9 +52,16 @@ class BackboneModule(L.LightningModule):
         weight_decay: float,
         warmup_steps: int,
         min_lr_ratio: float,
+        model_overrides: dict[str, Any] | None = None,
+        lora: LoraSettings | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(model, seed)
+        self.backbone = build_backbone(model, seed, model_overrides)
+        self.lora = lora
+        if lora is not None:
+            add_lora(self.backbone, lora)
+        self.backbone.activation_checkpointing = activation_checkpointing
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
 
@@ -81,13 +95,15 @@ class BackboneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "config": json.dumps(portable_config(self.backbone)),
+            "lora": json.dumps(dataclasses.asdict(self.lora) if self.lora else None),
             "tokenizer": self.backbone.tokenizer.backend_tokenizer.to_str(),
             "special": json.dumps(self.backbone.tokenizer.special_tokens_map),
         }
 
 
 def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> UnifiedModel:
-    """Rebuild the backbone saved in a Lightning checkpoint (weights only, no pickle)."""
+    """Rebuild the backbone saved in a Lightning checkpoint (weights only, no pickle); LoRA
+    adapters, when trained, are merged into the weights."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path}: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
@@ -97,8 +113,11 @@ def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Uni
         tokenizer_object=Tokenizer.from_str(saved["tokenizer"]), **json.loads(saved["special"])
     )
     model = UnifiedModel(config, tokenizer)
+    lora = json.loads(saved.get("lora", "null"))
+    if lora is not None:
+        add_lora(model, LoraSettings(**lora))
     state = {
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
     }
     model.load_state_dict(state, strict=True)
-    return model
+    return merge_lora(model) if lora is not None else model

@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import torch
 
 from avr.backbone import flow
+from avr.backbone.lora import LoraSettings, adapters_disabled
 from avr.backbone.packing import pack
 from avr.lit.backbone import BackboneModule
 from avr.lit.grpo import PolicyLoss, group_advantages, k3
@@ -55,13 +57,28 @@ class RLModule(BackboneModule):
         sde_window: tuple[int, int] | None = None,
         max_len: int = 2048,
         max_bad_steps: int = 5,
+        model_overrides: dict[str, Any] | None = None,
+        lora: LoraSettings | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         """`model`: exported SFT model folder (None: the tiny model at random init, for tests);
         `mode`: a registered name or a `Mode`; `rewards`: `{name: {reward, weight}}` (default: the
         compositional verifier, weight 1); `sampling`: rollout sampling (its `noise_level` must be
         > 0: Flow-GRPO needs SDE log-probs); `sde_window`: the SDE steps `[first, last)` a training
-        step may draw from (default all); `kl_text` / `kl_image`: β of each KL term."""
-        super().__init__(model, seed, lr, weight_decay, warmup_steps, min_lr_ratio)
+        step may draw from (default all); `kl_text` / `kl_image`: β of each KL term;
+        `model_overrides`, `lora`, `activation_checkpointing`: as in `SFTModule`. With LoRA and
+        nothing else trainable, the reference is the policy with its adapters off (no copy)."""
+        super().__init__(
+            model,
+            seed,
+            lr,
+            weight_decay,
+            warmup_steps,
+            min_lr_ratio,
+            model_overrides,
+            lora,
+            activation_checkpointing,
+        )
         self.seed = seed
         self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
         terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
@@ -90,7 +107,11 @@ class RLModule(BackboneModule):
         )
         self.scale_std, self.advantage_clip = scale_std, advantage_clip
         self.sde_window, self.max_len, self.max_bad_steps = sde_window, max_len, max_bad_steps
-        self.reference = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+        self.reference = (
+            None
+            if lora is not None and not lora.trainable
+            else copy.deepcopy(self.backbone).requires_grad_(False).eval()
+        )
         self.bad_in_a_row = 0
         self.skipped = 0
 
@@ -151,6 +172,13 @@ class RLModule(BackboneModule):
         self.backbone.train()
         return trajectories, specs, groups
 
+    def _reference(self, batch):
+        """The reference model's outputs: the frozen copy, or the policy without its adapters."""
+        if self.reference is not None:
+            return self.reference(batch)
+        with adapters_disabled(self.backbone):
+            return self.backbone(batch)
+
     def policy_loss(
         self, trajectories: list, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, dict]:
@@ -158,7 +186,7 @@ class RLModule(BackboneModule):
         batch, steps = self._rl_batch(trajectories)
         out = self.backbone(batch)
         with torch.no_grad():
-            ref = self.reference(batch)
+            ref = self._reference(batch)
         temperature = self.sampling.temperature or 1.0
         logp = torch.log_softmax(out.logits.float() / temperature, -1).gather(
             -1, out.labels[:, None]

@@ -8,11 +8,13 @@ on packed batches from `TrajectoryDataModule` (the module hands the data its pac
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from avr.backbone import UnifiedLoss
+from avr.backbone.lora import LoraSettings
 from avr.backbone.packing import PackedBatch, Packer
 from avr.lit.backbone import BackboneModule
 
@@ -30,11 +32,27 @@ class SFTModule(BackboneModule):
         min_lr_ratio: float = 0.1,
         max_len: int = 1024,
         ema_decay: float | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        lora: LoraSettings | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         """`model`: an exported model folder to start from (None: the tiny ShapeWorld model, random
         init from `seed`); `max_len`: packed row length; `ema_decay`: keep an exponential moving
-        average of the weights (exported instead of the raw ones) when set, e.g. 0.999."""
-        super().__init__(model, seed, lr, weight_decay, warmup_steps, min_lr_ratio)
+        average of the weights (exported instead of the raw ones) when set, e.g. 0.999;
+        `model_overrides`: `UnifiedConfig` fields on top of the loaded model's (e.g. `image_size`
+        of a BAGEL checkpoint); `lora`: train LoRA adapters (peft) instead of every weight;
+        `activation_checkpointing`: recompute decoder layers in the backward pass."""
+        super().__init__(
+            model,
+            seed,
+            lr,
+            weight_decay,
+            warmup_steps,
+            min_lr_ratio,
+            model_overrides,
+            lora,
+            activation_checkpointing,
+        )
         self.loss_fn = UnifiedLoss(self.backbone.config.ce_weight)
         self.max_len = max_len
         self.ema = (

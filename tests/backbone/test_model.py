@@ -166,3 +166,21 @@ def test_the_same_code_builds_the_half_billion_class(model):
     assert 4e8 < total < 7e8
     assert big.geometry.gen_tokens == 256 and big.geometry.token_dim == 16 * 2 * 2
     assert 1e6 < sum(p.numel() for p in model.parameters()) < 1e7  # the tiny default: a few million
+
+
+def test_activation_checkpointing_gives_the_same_gradients(make_trajectories):
+    config = dataclasses.replace(UnifiedConfig(), generation_expert=True, cfg_dropout=0.0)
+    grads = []
+    for recompute in (False, True):
+        model = tiny_model(0, config).train()
+        model.activation_checkpointing = recompute
+        calls, layer = [], model._layer
+        model._layer = lambda *a, calls=calls, layer=layer: calls.append(a[0]) or layer(*a)
+        batch = pack(make_trajectories(2), model.tokenizer, model.geometry, 2048, seeds=[0, 1])
+        loss, _ = UnifiedLoss()(model(batch))
+        loss.backward()
+        assert len(calls) == 4 * (2 if recompute else 1)  # recomputed in the backward pass
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
