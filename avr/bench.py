@@ -193,6 +193,50 @@ def adaptive(args: argparse.Namespace, console: Console) -> str:
     return f"adaptive: {acc_a:.1%} at {nfe_a:.0f} NFE vs always-plan {acc_p:.1%} at {nfe_p:.0f} NFE ({nfe_p / max(nfe_a, 1e-9):.2f}x the compute)"
 
 
+@bench
+def memory(args: argparse.Namespace, console: Console) -> str:
+    """Per-GPU memory of the training config `--config`: model states under ZeRO-2/3 (DeepSpeed's
+    estimators) and activations for its packed row length (see `avr.memory`). A model folder
+    that is not here is estimated from `UnifiedConfig.<--preset>()`."""
+    from rich.table import Table
+
+    from avr.memory import GIB, estimate, read_training_config
+
+    if args.config is None:
+        raise SystemExit("memory: needs --config, e.g. experiments/bagel/rl.yaml")
+    shape = read_training_config(args.config, args.preset)
+    result = estimate(shape)
+    counts, act = result["counts"], result["activations"]
+    gpus = shape.gpus_per_node * shape.nodes
+    console.print(f"config: {args.config}; model shape from {shape.source}")
+    console.print(
+        f"parameters: {counts.total / 1e9:.2f} B, trainable {counts.trainable / 1e9:.3f} B"
+        f"{' (LoRA r=' + str(shape.lora.r) + ')' if shape.lora else ''}, largest layer "
+        f"{counts.largest_layer / 1e6:.0f} M; {gpus} GPUs ({shape.nodes} node(s) × "
+        f"{shape.gpus_per_node}); configured ZeRO stage: {shape.zero_stage}"
+        + ("; RL keeps a frozen reference copy" if shape.reference_copy else "")
+    )
+    table = Table(title="model states (params, grads, optimizer), DeepSpeed's estimators")
+    for column in ("setup", "GiB per GPU", "GiB CPU per node"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for name, gpu, cpu in result["model_states"]:
+        table.add_row(name, f"{gpu:.1f}", f"{cpu:.1f}")
+    console.print(table)
+    checkpointing = "with" if shape.activation_checkpointing else "without"
+    console.print(
+        f"activations, one packed row of {shape.seq_len} tokens, bf16, {checkpointing} activation "
+        f"checkpointing: {act['decoder'] / GIB:.1f} GiB; logits {act['logits_per_1000_text_tokens'] / GIB:.2f} "
+        f"GiB per 1,000 text tokens; a dense (SDPA) mask would add "
+        f"{act['dense_attention_scores_per_layer'] / GIB:.1f} GiB of scores per layer"
+    )
+    states = {name: gpu for name, gpu, _ in result["model_states"]}
+    return (
+        f"memory: {counts.total / 1e9:.1f} B parameters on {gpus} GPUs: model states "
+        f"{states['ZeRO-2']:.1f} GiB/GPU under ZeRO-2, {states['ZeRO-3']:.1f} GiB/GPU under ZeRO-3; "
+        f"activations {act['decoder'] / GIB:.1f} GiB per {shape.seq_len}-token row"
+    )
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -217,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=512, help="packed row length (packing)")
     parser.add_argument(
         "--model", default="checkpoints/shapeworld-tiny-sft", help="exported model (adaptive)"
+    )
+    parser.add_argument("--config", help="training YAML (memory)")
+    parser.add_argument(
+        "--preset",
+        default="bagel_7b",
+        help="UnifiedConfig preset for a model folder that is not here (memory)",
     )
     args = parser.parse_args(argv)
     console = Console()

@@ -18,3 +18,11 @@ def specs_and_scenes():
     """Forty specs over every tag, each with a scene that satisfies it."""
     specs = sample_specs(40, seed=123)
     return [(s, sample_scene(s, np.random.default_rng([123, i]))) for i, s in enumerate(specs)]
+
+
+@pytest.fixture(scope="session")
+def bagel_dir(tmp_path_factory):
+    """A tiny random checkpoint folder in BAGEL's published layout (see `bagel_layout`)."""
+    from bagel_layout import write_bagel
+
+    return write_bagel(tmp_path_factory.mktemp("bagel") / "BAGEL-tiny")

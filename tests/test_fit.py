@@ -13,7 +13,7 @@ from avr.defaults import tiny_model
 from avr.export import main as export
 from avr.fit import main as fit
 
-CONFIGS = sorted(glob.glob("experiments/*.yaml"))
+CONFIGS = sorted(glob.glob("experiments/*.yaml") + glob.glob("experiments/bagel/*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS)

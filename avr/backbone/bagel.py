@@ -32,7 +32,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from avr.backbone.config import UnifiedConfig, flux_vae_config
 from avr.backbone.model import UnifiedModel
@@ -58,8 +58,8 @@ BAGEL_NAMES: tuple[tuple[str, str], ...] = (
     (r"^vision\.", "vit_model.vision_model."),
     (r"^connector\.0\.", "connector.fc1."),
     (r"^connector\.2\.", "connector.fc2."),
-    (r"^vision_pos_table$", "vit_pos_embed.pos_embed"),
-    (r"^latent_pos_table$", "latent_pos_embed.pos_embed"),
+    (r"^vision_pos_embed\.", "vit_pos_embed."),
+    (r"^latent_pos_embed\.", "latent_pos_embed."),
     (r"^time_embed\.linear_1\.", "time_embedder.mlp.0."),
     (r"^time_embed\.linear_2\.", "time_embedder.mlp.2."),
     (r"^latent_in\.", "vae2llm."),
@@ -90,6 +90,19 @@ def from_bagel(
     `UnifiedConfig.bagel_7b()` with the folder's own LM, SigLIP and autoencoder shapes (e.g.
     `image_size=1024`, `attention="flex"`)."""
     directory = Path(directory)
+    config, tokenizer = bagel_config(directory, modes, **overrides)
+    model = UnifiedModel(config, tokenizer)
+    _load_ema(model, directory / EMA)
+    _load_ae(model, load_file(directory / AE), config.vae, directory / AE)
+    return model.to(device)
+
+
+def bagel_config(
+    directory: str | os.PathLike, modes: tuple[str, ...] = DEFAULT_MODES, **overrides: Any
+) -> tuple[UnifiedConfig, PreTrainedTokenizerBase]:
+    """The `UnifiedConfig` and tokenizer of a BAGEL checkpoint folder, read from its config files,
+    the shapes of its weights and its tokenizer (no weight is loaded)."""
+    directory = Path(directory)
     for name in (LLM_CONFIG, VIT_CONFIG, EMA, AE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name}: missing (not a BAGEL checkpoint folder?)")
@@ -100,17 +113,14 @@ def from_bagel(
     vision["num_hidden_layers"] = int(vision.get("num_hidden_layers", 1)) - 1
     for key in ("image_size", "vision_use_head", "architectures", "model_type", "torch_dtype"):
         vision.pop(key, None)
-    ae = load_file(directory / AE)
-    vae = _vae_config(ae, directory / AE)
+    with safe_open(directory / AE, framework="pt") as file:
+        ae_shapes = {k: file.get_slice(k).get_shape() for k in file.keys()}  # noqa: SIM118 (no __iter__)
+    vae = _vae_config(ae_shapes, directory / AE)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     add_special_tokens(tokenizer, modes)
     shape = {"lm": lm, "vision": vision, "vae": vae, "modes": tuple(modes)}
     shape.update(_table_sides(directory / EMA))
-    config = UnifiedConfig.bagel_7b(**{**shape, **overrides})
-    model = UnifiedModel(config, tokenizer)
-    _load_ema(model, directory / EMA)
-    _load_ae(model, ae, vae, directory / AE)
-    return model.to(device)
+    return UnifiedConfig.bagel_7b(**{**shape, **overrides}), tokenizer
 
 
 def _table_sides(path: Path) -> dict[str, int]:
@@ -174,15 +184,15 @@ def _load_ema(model: UnifiedModel, path: Path) -> None:
     _raise(errors)
 
 
-def _vae_config(ae: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-    """The FLUX autoencoder's diffusers config, with its widths and depth read off the weights."""
+def _vae_config(ae: dict[str, list[int]], path: Path) -> dict[str, Any]:
+    """The FLUX autoencoder's diffusers config, its widths and depth read off the weights' shapes."""
     try:
         widths, level = [], 0
         while f"encoder.down.{level}.block.0.conv1.weight" in ae:
-            widths.append(ae[f"encoder.down.{level}.block.0.conv1.weight"].shape[0])
+            widths.append(ae[f"encoder.down.{level}.block.0.conv1.weight"][0])
             level += 1
         depth = len({k.split(".")[4] for k in ae if k.startswith("encoder.down.0.block.")})
-        latent = ae["encoder.conv_out.weight"].shape[0] // 2
+        latent = ae["encoder.conv_out.weight"][0] // 2
     except KeyError as err:
         raise ValueError(
             f"{path}: missing key {err.args[0]!r} (not a FLUX/LDM autoencoder?)"

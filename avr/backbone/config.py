@@ -211,6 +211,7 @@ class UnifiedConfig:
             "max_position_embeddings": 32768,
             "rope_theta": 1000000.0,
             "rms_norm_eps": 1e-6,
+            "vocab_size": 152064,
             "tie_word_embeddings": False,
         }
         vision = {

@@ -97,7 +97,7 @@ class UnifiedModel(nn.Module):
             pos = get_2d_sincos_pos_embed(width, grid, output_type="pt")
             self.register_buffer("latent_pos", pos.float(), persistent=False)  # [N, D]
         else:
-            self.latent_pos_table = _sincos_table(width, config.latent_pos_side)
+            self.latent_pos_embed = PositionTable(width, config.latent_pos_side)
             ids = _grid_ids(grid, config.latent_pos_side, "latent_pos_side")
             self.register_buffer("latent_pos_ids", ids, persistent=False)
         side = config.vision_pos_side
@@ -118,7 +118,7 @@ class UnifiedModel(nn.Module):
         )
         read_grid = config.image_size // vision_patch
         if side is not None:
-            self.vision_pos_table = _sincos_table(width, side)
+            self.vision_pos_embed = PositionTable(width, side)
             ids = _grid_ids(read_grid, side, "vision_pos_side")
             self.register_buffer("vision_pos_ids", ids, persistent=False)
         self.gen_layers = (
@@ -160,7 +160,7 @@ class UnifiedModel(nn.Module):
         """Position embeddings of one image's generation tokens `[N, D]`, row-major."""
         if self.config.latent_pos_side is None:
             return self.latent_pos
-        return self.latent_pos_table[self.latent_pos_ids]
+        return self.latent_pos_embed(self.latent_pos_ids)
 
     def velocity(self, hidden: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The image head: hidden states of the noisy tokens `[M, N, D]` at times `t` `[M]` →
@@ -190,7 +190,7 @@ class UnifiedModel(nn.Module):
         ids = self.vision_pos_ids
         x = rearrange(patches, "k d h w -> k (h w) d") + reader.embeddings.position_embedding(ids)
         hidden = reader.post_layernorm(reader.encoder(inputs_embeds=x).last_hidden_state)
-        return self.connector(hidden) + self.vision_pos_table[ids].to(hidden.dtype)
+        return self.connector(hidden) + self.vision_pos_embed(ids).to(hidden.dtype)
 
     # ---- the layer loop ---------------------------------------------------------------------
 
@@ -364,10 +364,17 @@ def _add_qk_norms(decoder: nn.Module, head_dim: int, eps: float) -> None:
             attn.q_norm, attn.k_norm = norm(head_dim, eps=eps), norm(head_dim, eps=eps)
 
 
-def _sincos_table(width: int, side: int) -> nn.Parameter:
-    """A frozen 2-D sin-cos table of `side²` positions, saved with the weights."""
-    table = get_2d_sincos_pos_embed(width, side, output_type="pt").float()
-    return nn.Parameter(table, requires_grad=False)
+class PositionTable(nn.Module):
+    """A frozen 2-D sin-cos table of `side²` positions `pos_embed` `[side², D]`, saved with the
+    weights and read by index (a module, so sharded training gathers it like any weight)."""
+
+    def __init__(self, width: int, side: int) -> None:
+        super().__init__()
+        table = get_2d_sincos_pos_embed(width, side, output_type="pt").float()
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.pos_embed[ids]
 
 
 def _grid_ids(grid: int, side: int, key: str) -> torch.Tensor:
