@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
         return 2
-    save_pretrained(model, args.output)
+    if model.kind == "janus":
+        model.save_pretrained(args.output)
+    else:
+        save_pretrained(model, args.output)
     print(f"exported {args.checkpoint} ({prefix.rstrip('.')}) → {args.output}")
     return 0
 

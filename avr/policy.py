@@ -64,7 +64,7 @@ class PolicyActor:
         self.stop_critique = ["</refine>", tok.eos_token, "<ins>", IMAGE_START]
 
     def begin(self, episode: Episode) -> None:
-        session = Session(self.model, batch_size=1)
+        session = self.model.session(batch_size=1)
         session.append_tokens([[self.model.tokenizer.bos_token_id]])
         session.append_text([episode.spec.prompt])
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 from avr.backbone.bagel import from_bagel, is_bagel_dir
 from avr.backbone.config import UnifiedConfig
+from avr.backbone.janus import JanusBackbone, is_janus_dir
 from avr.backbone.model import UnifiedModel
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer"
@@ -77,14 +78,17 @@ def _readable(root: Path) -> None:
 
 def from_pretrained(
     directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
-) -> UnifiedModel:
-    """Load a model written by `save_pretrained`, or a checkpoint in BAGEL's published layout
-    (see `avr.backbone.bagel`), strictly and without pickle. `overrides` replace `UnifiedConfig`
+) -> UnifiedModel | JanusBackbone:
+    """Load a model written by `save_pretrained`, a checkpoint in BAGEL's published layout (see
+    `avr.backbone.bagel`) or a transformers Janus folder (a `JanusBackbone`, see
+    `avr.backbone.janus`), strictly and without pickle. `overrides` replace `UnifiedConfig`
     fields that leave the weights' shapes alone (`image_size` of a BAGEL model, `attention`,
     `max_seq_len` …); one that changes a shape fails the strict load, naming the key."""
     directory = Path(directory)
     if is_bagel_dir(directory):
         return from_bagel(directory, device=device, **overrides)
+    if is_janus_dir(directory):
+        return JanusBackbone.from_pretrained(directory, device=device, **overrides)
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")

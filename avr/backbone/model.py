@@ -143,6 +143,14 @@ class UnifiedModel(nn.Module):
         """The LM's decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`)."""
         return self.lm.model
 
+    kind = "unified"
+
+    def session(self, batch_size: int = 1, cache: bool = True):
+        """Incremental generation over a growing interleaved context (`Session`)."""
+        from avr.backbone.generation import Session
+
+        return Session(self, batch_size, cache=cache)
+
     # ---- embeddings -------------------------------------------------------------------------
 
     def embed_latents(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

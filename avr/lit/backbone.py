@@ -15,10 +15,16 @@ from typing import Any
 import lightning as L
 import torch
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import (
+    JanusConfig,
+    JanusForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
 
 from avr.backbone import UnifiedConfig, UnifiedModel, from_pretrained
 from avr.backbone.io import portable_config
+from avr.backbone.janus import JanusBackbone, JanusSettings
 from avr.backbone.lora import LoraSettings, add_lora, merge_lora
 from avr.defaults import tiny_model
 
@@ -93,26 +99,41 @@ class BackboneModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        backbone = self.backbone
+        if backbone.kind == "janus":
+            settings = dataclasses.asdict(backbone.config)
+            config = {"janus": backbone.janus.config.to_dict(), "settings": settings}
+        else:
+            config = portable_config(backbone)
         checkpoint[CHECKPOINT_KEY] = {
-            "config": json.dumps(portable_config(self.backbone)),
+            "kind": backbone.kind,
+            "config": json.dumps(config),
             "lora": json.dumps(dataclasses.asdict(self.lora) if self.lora else None),
             "tokenizer": self.backbone.tokenizer.backend_tokenizer.to_str(),
             "special": json.dumps(self.backbone.tokenizer.special_tokens_map),
         }
 
 
-def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> UnifiedModel:
+def backbone_from_checkpoint(
+    path: str | Path, prefix: str = "backbone."
+) -> UnifiedModel | JanusBackbone:
     """Rebuild the backbone saved in a Lightning checkpoint (weights only, no pickle); LoRA
     adapters, when trained, are merged into the weights."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path}: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
     saved = checkpoint[CHECKPOINT_KEY]
-    config = UnifiedConfig.from_dict(json.loads(saved["config"]))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(saved["tokenizer"]), **json.loads(saved["special"])
     )
-    model = UnifiedModel(config, tokenizer)
+    if saved.get("kind", "unified") == "janus":
+        config = json.loads(saved["config"])
+        settings = config["settings"]
+        settings = JanusSettings(settings["image_size"], tuple(settings["modes"]))
+        janus = JanusForConditionalGeneration(JanusConfig.from_dict(config["janus"]))
+        model = JanusBackbone(janus, tokenizer, settings)
+    else:
+        model = UnifiedModel(UnifiedConfig.from_dict(json.loads(saved["config"])), tokenizer)
     lora = json.loads(saved.get("lora", "null"))
     if lora is not None:
         add_lora(model, LoraSettings(**lora))

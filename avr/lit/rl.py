@@ -182,7 +182,10 @@ class RLModule(BackboneModule):
     def policy_loss(
         self, trajectories: list, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, dict]:
-        """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image."""
+        """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image
+        (a discrete-token backbone: PPO-clip on its sampled image tokens instead)."""
+        if self.backbone.kind != "unified":
+            return self._token_policy_loss(trajectories, advantages)
         batch, steps = self._rl_batch(trajectories)
         out = self.backbone(batch)
         with torch.no_grad():
@@ -212,6 +215,43 @@ class RLModule(BackboneModule):
         ):  # sampling (cached, incremental) vs training (packed) forward: should be ~0
             stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
         return text_loss + image_loss, stats
+
+    def _token_policy_loss(
+        self, trajectories: list, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """GRPO over every sampled token, text and image alike, each trajectory replayed in one
+        teacher-forced pass (`JanusBackbone.replay`)."""
+        temperature = self.sampling.temperature or 1.0
+        parts: dict[str, dict[str, list]] = {
+            kind: {"logp": [], "ref": [], "adv": [], "old": []} for kind in ("text", "image")
+        }
+        for b, trajectory in enumerate(trajectories):
+            mine = self.backbone.replay(trajectory, temperature)
+            with torch.no_grad():
+                if self.reference is not None:
+                    ref = self.reference.replay(trajectory, temperature)
+                else:
+                    with adapters_disabled(self.backbone):
+                        ref = self.backbone.replay(trajectory, temperature)
+            for kind, part in parts.items():
+                part["logp"].append(mine[kind])
+                part["ref"].append(ref[kind])
+                part["adv"].append(advantages[b].expand(mine[kind].shape[0]))
+                part["old"].append(mine[f"{kind}_rollout"])
+        total, stats = 0.0, {}
+        for kind, loss_fn in (("text", self.text_loss), ("image", self.image_loss)):
+            part = {k: torch.cat(v) for k, v in parts[kind].items()}
+            logp = part["logp"]
+            loss, kind_stats = loss_fn(
+                logp, logp.detach(), part["adv"].to(logp), k3(logp, part["ref"])
+            )
+            total = total + loss
+            stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
+            stats[f"{kind}/tokens"] = torch.tensor(float(logp.numel()))
+            if logp.numel():  # sampling (cached, incremental) vs replay (one pass): ~0
+                gap = (part["old"] - logp.detach().cpu()).abs().max()
+                stats[f"{kind}/logprob_gap"] = gap
+        return total, stats
 
     # ---- helpers ----------------------------------------------------------------------------
 

@@ -53,6 +53,11 @@ class SFTModule(BackboneModule):
             lora,
             activation_checkpointing,
         )
+        if self.backbone.kind != "unified":
+            raise ValueError(
+                f"model: SFT trains the unified (flow) backbone; {model} is a {self.backbone.kind} "
+                "backbone (train it with RLModule)"
+            )
         self.loss_fn = UnifiedLoss(self.backbone.config.ce_weight)
         self.max_len = max_len
         self.ema = (

@@ -1,0 +1,403 @@
+"""A discrete-token backbone: transformers' `JanusForConditionalGeneration`, where the language
+model itself writes an image as a sequence of VQ codebook tokens.
+
+`JanusBackbone` offers what the modes and trainers use of a backbone (`tokenizer`, `config`,
+`session()`), so every mode plugin runs on it unchanged:
+
+- text is decoded by the LM head; an input image is read through Janus's SigLIP encoder and
+  aligner between `<img>` and `</img>`;
+- an image is drawn token by token by the generation head over the VQ codebook (sampled at
+  temperature 1 when the sampler is stochastic, `noise_level > 0`; greedy otherwise), its tokens
+  enter the context through the generation embeddings, then `</img>`; classifier-free guidance
+  mixes in the logits of an unconditional context (`<img>` alone);
+- `replay` runs a rolled-out trajectory in one teacher-forced forward pass and returns the
+  log-probs of every sampled token, text and image alike, which is what GRPO trains here.
+
+Weights stay in the transformers format: `save_pretrained` writes Janus's own folder (its
+`config.json` and safetensors), the tokenizer, and `avr_janus.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    DynamicCache,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
+
+from avr.backbone.generation import ImageSample, Session
+from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
+
+SETTINGS = "avr_janus.json"
+
+
+@dataclass
+class JanusSettings:
+    """What avr needs besides Janus's own config."""
+
+    image_size: int
+    """Side of the images read and written, in pixels (Janus's vision and VQ sizes agree on it)."""
+    modes: tuple[str, ...] = DEFAULT_MODES
+    """Modes the tokenizer has a `<mode:…>` token for."""
+    kind: str = field(default="janus", init=False)
+
+
+def tiny_janus_config(vocab_size: int, image_size: int = 64) -> JanusConfig:
+    """A tiny random Janus for tests and CPU runs: a 2-layer Llama core of width 64, a 1-layer
+    SigLIP reader (16 px patches) and a VQ-VAE with 16 px cells over a 256-entry codebook (Janus
+    ties the VQ grid to the reader's patch grid: 16 image tokens for 64 px)."""
+    width = 64
+    return JanusConfig(
+        text_config={
+            "model_type": "llama",
+            "hidden_size": width,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 16,
+            "num_image_tokens": (image_size // 16) ** 2,
+            "projection_dim": width,
+            "depth": 2,
+        },
+        vq_config={
+            "base_channels": 32,
+            "channel_multiplier": [1, 1, 1, 2, 2],  # 16 px cells, as Janus's vision patches
+            "embed_dim": 8,
+            "latent_channels": 32,
+            "num_embeddings": 256,
+            "num_res_blocks": 1,
+            "num_patches": image_size // 16,
+            "image_token_embed_dim": width,
+            "projection_dim": width,
+        },
+    )
+
+
+class JanusBackbone(torch.nn.Module):
+    """Janus with avr's tokenizer; build with `JanusBackbone(JanusForConditionalGeneration(...),
+    tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
+
+    kind = "janus"
+
+    def __init__(
+        self,
+        janus: JanusForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: JanusSettings,
+    ) -> None:
+        super().__init__()
+        self.janus, self.tokenizer, self.config = janus, tokenizer, settings
+        vision = janus.config.vision_config
+        if vision.image_size != settings.image_size:
+            raise ValueError(
+                f"image_size {settings.image_size} differs from Janus's vision image_size {vision.image_size}"
+            )
+        vq = janus.config.vq_config
+        drawn = vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
+        if drawn != settings.image_size:
+            raise ValueError(
+                f"vq_config draws {drawn} px images (num_patches {vq.num_patches} × "
+                f"2^{len(vq.channel_multiplier) - 1}), expected image_size {settings.image_size}"
+            )
+        self.image_tokens = vq.num_patches**2
+        if janus.get_input_embeddings().num_embeddings < len(tokenizer):
+            janus.resize_token_embeddings(len(tokenizer))
+        self._checkpointing = False
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute the LM's layers in the backward pass (transformers' gradient checkpointing)."""
+        return self._checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self._checkpointing = bool(value)
+        lm = self.janus.model.language_model
+        if value:
+            lm.gradient_checkpointing_enable({"use_reentrant": False})
+        elif lm.is_gradient_checkpointing:
+            lm.gradient_checkpointing_disable()
+
+    # ---- pieces -----------------------------------------------------------------------------
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.janus.get_input_embeddings()(ids)
+
+    def embed_read_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `[K, 3, H, W]` in [0, 1] through SigLIP and the aligner → `[K, P, D]`."""
+        expected = (3, self.config.image_size, self.config.image_size)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(
+                f"expected images [B, {', '.join(map(str, expected))}], got {list(pixels.shape)}"
+            )
+        dtype = self.janus.get_input_embeddings().weight.dtype
+        return self.janus.model.get_image_features(pixels.to(dtype) * 2 - 1).pooler_output
+
+    def embed_image_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.janus.prepare_embeddings_for_image_generation(ids)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.janus.lm_head(hidden)[..., : len(self.tokenizer)]
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.janus.model.generation_head(hidden)
+
+    def decode_image_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codebook tokens `[B, N]` → images `[B, 3, H, W]` in [0, 1]."""
+        pixels = self.janus.model.vqmodel.decode(ids)
+        return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+    def run(self, embeds: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Causal LM over `embeds` `[1, L, D]` after `cache`'s tokens; returns hidden states."""
+        out = self.janus.model.language_model(
+            inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None
+        )
+        return out.last_hidden_state
+
+    def session(self, batch_size: int = 1, cache: bool = True) -> JanusSession:
+        """Incremental generation over a growing context (one sequence)."""
+        return JanusSession(self, batch_size)
+
+    # ---- RL: teacher-forced log-probs of a rollout ------------------------------------------
+
+    def replay(self, trajectory, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """Log-probs of the sampled tokens of `trajectory` (a rollout from this backbone's
+        session) in one forward pass: `text`/`image` (this model, differentiable; text at
+        `temperature`, image tokens at 1 as the session samples them) and `text_rollout`/
+        `image_rollout` (what the sampler recorded), in sequence order."""
+        tok = self.tokenizer
+        start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+        device = self.janus.get_input_embeddings().weight.device
+        pieces: list[torch.Tensor] = []
+        ids: list[int] = []  # the token at each position (-1 for a read image's features)
+        text_at, image_at, text_old, image_old = [], [], [], []
+
+        def tokens(values: list[int]) -> None:
+            pieces.append(self.embed_text(torch.tensor([values], device=device)))
+            ids.extend(values)
+
+        tokens([tok.bos_token_id])
+        for seg in trajectory.segments:
+            if not seg.is_image:
+                sampled = getattr(seg.sample, "ids", None)
+                values = sampled[0] if sampled else tok.encode(seg.text, add_special_tokens=False)
+                if seg.logprobs is not None:
+                    text_at += range(len(ids), len(ids) + len(values))
+                    text_old += seg.logprobs
+                if values:
+                    tokens(list(values))
+                continue
+            if ids[-1] != start:
+                tokens([start])
+            sample = seg.sample
+            if sample is not None and seg.role.generated:
+                drawn = sample.latents[0].to(device)
+                if seg.logprobs is not None:
+                    image_at += range(len(ids), len(ids) + len(drawn))
+                    image_old += seg.logprobs
+                pieces.append(self.embed_image_tokens(drawn[None]))
+                ids.extend(drawn.tolist())
+            else:
+                pixels = torch.from_numpy(_array(seg.image, self.config.image_size))
+                features = self.embed_read_image(pixels.permute(2, 0, 1)[None].to(device))
+                pieces.append(features)
+                ids.extend([-1] * features.shape[1])
+            tokens([end])
+        hidden = self.run(torch.cat(pieces, 1))[0]  # [L, D]
+        target = torch.tensor(ids, device=device)
+
+        def logp(at: list[int], logits_fn, temperature: float) -> torch.Tensor:
+            if not at:
+                return hidden.new_zeros(0)
+            where = torch.tensor(at, device=device)
+            logits = logits_fn(hidden[where - 1]).float() / temperature
+            return torch.log_softmax(logits, -1).gather(-1, target[where, None])[:, 0]
+
+        return {
+            "text": logp(text_at, self.text_logits, temperature),
+            "image": logp(image_at, self.image_logits, 1.0),
+            "text_rollout": torch.tensor(text_old, dtype=torch.float32),
+            "image_rollout": torch.tensor(image_old, dtype=torch.float32),
+        }
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write Janus's folder, the tokenizer and `avr_janus.json`, atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.janus.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            settings = {k: v for k, v in asdict(self.config).items() if k != "kind"}
+            settings["modes"] = list(self.config.modes)
+            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+            tmp.chmod(0o755)
+            old = directory.with_name(directory.name + ".old")
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
+    ) -> JanusBackbone:
+        """Load a Janus folder offline (one written by `save_pretrained`, or a transformers Janus
+        checkpoint, whose tokenizer then gets avr's structural tokens)."""
+        directory = Path(directory)
+        janus = JanusForConditionalGeneration.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        settings_path = directory / SETTINGS
+        saved = (
+            json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.exists() else {}
+        )
+        unknown = set(overrides) - {"image_size", "modes"}
+        if unknown:
+            raise ValueError(
+                f"unknown Janus setting {sorted(unknown)[0]!r}; expected image_size or modes"
+            )
+        merged = {"image_size": janus.config.vision_config.image_size, **saved, **overrides}
+        settings = JanusSettings(merged["image_size"], tuple(merged.get("modes", DEFAULT_MODES)))
+        add_special_tokens(tokenizer, settings.modes)
+        return cls(janus, tokenizer, settings).to(device)
+
+
+def is_janus_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a transformers Janus checkpoint."""
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "janus"
+    except json.JSONDecodeError:
+        return False
+
+
+def _array(image, size: int):
+    from avr.sequence import image_to_array
+
+    return image_to_array(image, size)
+
+
+class JanusSession(Session):
+    """`Session` for `JanusBackbone`: the same text sampling; images as codebook tokens."""
+
+    def __init__(self, model: JanusBackbone, batch_size: int = 1) -> None:
+        if batch_size != 1:
+            raise ValueError(f"a Janus session holds one sequence, got batch_size={batch_size}")
+        self.model, self.batch_size, self.use_cache = model, 1, True
+        param = model.janus.get_input_embeddings().weight
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = DynamicCache()
+        self.last_logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        tok = model.tokenizer
+        self.image_start, self.image_end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    def _extend(self, embeds: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Run `embeds` after the context (or after `cache`'s); the last hidden state `[1, D]`,
+        kept as the main context's `hidden` (the image head reads it)."""
+        last = self.model.run(embeds, self.cache if cache is None else cache)[:, -1]
+        if cache is None:
+            self.hidden = last
+        return last
+
+    @torch.no_grad()
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        if len(ids) != 1:
+            raise ValueError(f"got {len(ids)} rows for a batch of 1")
+        if not ids[0]:
+            return
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        last = self._extend(self.model.embed_text(tokens))
+        self.last_logits = self.model.text_logits(last).float()
+
+    @torch.no_grad()
+    def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Read an input image: `<img>`, SigLIP features, `</img>`."""
+        self.append_tokens([[self.image_start]])
+        self._extend(self.model.embed_read_image(pixels.to(self.device)))
+        self.append_tokens([[self.image_end]])
+
+    @torch.no_grad()
+    def generate_image(
+        self,
+        steps: int = 25,
+        cfg_scale: float = 1.0,
+        noise_level: float = 0.0,
+        shift: float = 1.0,
+        read: bool = True,
+        generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
+        start: bool = True,
+    ) -> ImageSample:
+        """Draw one image as codebook tokens after `<img>`; `steps` and `shift` have no meaning
+        here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
+        otherwise."""
+        model = self.model
+        if start:
+            self.append_tokens([[self.image_start]])
+        if self.last_logits is None:
+            raise ValueError("append a prompt before drawing an image")
+        hidden = self.hidden
+        uncond_cache, uncond = None, None
+        if cfg_scale != 1.0:
+            uncond_cache = DynamicCache()
+            marker = torch.tensor(
+                [[model.tokenizer.bos_token_id, self.image_start]], device=self.device
+            )
+            uncond = self._extend(model.embed_text(marker), uncond_cache)
+        drawn, logps = [], []
+        sample = noise_level > 0
+        warp = LogitsProcessorList([TemperatureLogitsWarper(1.0)])
+        for _ in range(model.image_tokens):
+            logits = model.image_logits(hidden).float()
+            if uncond is not None:
+                logits_u = model.image_logits(uncond).float()
+                logits = logits_u + cfg_scale * (logits - logits_u)
+            policy = torch.log_softmax(logits, -1)
+            if sample:
+                probs = torch.softmax(warp(None, logits), -1)
+                token = torch.multinomial(probs.cpu(), 1, generator=generator).to(self.device)[:, 0]
+            else:
+                token = logits.argmax(-1)
+            drawn.append(token)
+            logps.append(policy.gather(-1, token[:, None])[:, 0])
+            embeds = model.embed_image_tokens(token[:, None])
+            hidden = self._extend(embeds)
+            if uncond_cache is not None:
+                uncond = self._extend(embeds, uncond_cache)
+        ids = torch.stack(drawn, 1)  # [1, N]
+        pixels = model.decode_image_tokens(ids)
+        self.append_tokens([[self.image_end]])
+        nfe = model.image_tokens * (2 if cfg_scale != 1.0 else 1)
+        logprobs = torch.stack(logps, 1) if sample else None
+        return ImageSample(pixels, ids, torch.empty(0), logprobs, nfe)

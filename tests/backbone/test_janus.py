@@ -1,0 +1,150 @@
+"""The discrete-token backbone (transformers' Janus, tiny random config): the mode plugins run on
+it unchanged, RL's teacher-forced replay agrees with the sampler, folders round-trip."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
+
+from avr.backbone import from_pretrained
+from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+from avr.defaults import shapeworld_tokenizer
+from avr.export import main as export
+from avr.fit import main as fit
+from avr.policy import PolicyActor, SamplingConfig
+from avr.registry import MODES
+from avr.world import sample_specs
+
+
+def _tiny(seed: int = 0) -> JanusBackbone:
+    tokenizer = shapeworld_tokenizer()
+    torch.manual_seed(seed)
+    janus = JanusForConditionalGeneration(tiny_janus_config(len(tokenizer)))
+    return JanusBackbone(janus, tokenizer, JanusSettings(image_size=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory):
+    return _tiny().save_pretrained(tmp_path_factory.mktemp("janus") / "janus-tiny")
+
+
+@pytest.fixture(scope="module")
+def janus(janus_dir):
+    return from_pretrained(janus_dir).eval()
+
+
+def test_the_folder_round_trips_through_from_pretrained(janus):
+    assert isinstance(janus, JanusBackbone) and janus.kind == "janus"
+    fresh = _tiny()
+    assert janus.state_dict().keys() == fresh.state_dict().keys()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, janus.state_dict()[name]), name
+    assert janus.config.image_size == 64 and janus.image_tokens == 16
+
+
+@pytest.mark.parametrize("mode", ["direct", "reflect", "plan", "adaptive"])
+def test_every_mode_runs_unchanged_and_replays_to_the_sampled_logprobs(janus, mode):
+    spec = sample_specs(6, seed=1)[5]
+    sampling = SamplingConfig(noise_level=0.7, max_text_tokens=12, steps=2)
+    actor = PolicyActor(janus, sampling, torch.Generator().manual_seed(3))
+    trajectory = MODES.get(mode)().rollout(actor, spec)
+    images = [s for s in trajectory.segments if s.is_image]
+    assert images and images[-1].image.size == (64, 64)
+    assert trajectory.meta["nfe"] == 16 * len(images)  # one LM pass per codebook token
+    replay = janus.replay(trajectory, sampling.temperature)
+    assert replay["image"].shape == (16 * len(images),)
+    assert replay["text"].shape == replay["text_rollout"].shape
+    for kind in ("text", "image"):
+        torch.testing.assert_close(
+            replay[kind].detach(), replay[f"{kind}_rollout"], rtol=0, atol=1e-4
+        )
+
+
+def test_greedy_drawing_is_deterministic_and_cfg_doubles_the_passes(janus):
+    def draw(cfg, noise, seed):
+        session = janus.session(1)
+        session.append_tokens([[janus.tokenizer.bos_token_id]])
+        session.append_text(["a red circle"])
+        return session.generate_image(
+            cfg_scale=cfg, noise_level=noise, generator=torch.Generator().manual_seed(seed)
+        )
+
+    a, b = draw(1.0, 0.0, 0), draw(1.0, 0.0, 1)
+    assert torch.equal(a.latents, b.latents) and a.logprobs is None and a.nfe == 16
+    c, d = draw(3.0, 1.0, 0), draw(3.0, 1.0, 1)
+    assert c.nfe == 32 and c.logprobs.shape == (1, 16)
+    assert not torch.equal(c.latents, d.latents)  # sampled: the seed matters
+    assert (
+        c.pixels.shape == (1, 3, 64, 64)
+        and 0 <= float(c.pixels.min()) <= float(c.pixels.max()) <= 1
+    )
+
+
+def test_replay_trains_the_language_model_and_both_image_paths(janus):
+    model = _tiny()
+    actor = PolicyActor(
+        model, SamplingConfig(noise_level=1.0, max_text_tokens=8), torch.Generator().manual_seed(0)
+    )
+    trajectory = MODES.get("reflect")().rollout(actor, sample_specs(2, seed=0)[1])
+    replay = model.replay(trajectory)
+    (replay["text"].sum() + replay["image"].sum()).backward()
+    inner = model.janus.model
+    assert inner.generation_head.vision_head.weight.grad.abs().sum() > 0
+    assert inner.generation_embeddings.weight.grad.abs().sum() > 0
+    assert inner.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_plain_transformers_janus_folder_gets_avr_tokens(tmp_path):
+    """A checkpoint as transformers writes it (no avr settings, a tokenizer without `<img>`)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["<｜end▁of▁sentence｜>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["a red circle"] * 3, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<｜end▁of▁sentence｜>")
+    torch.manual_seed(0)
+    JanusForConditionalGeneration(tiny_janus_config(len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    assert "<img>" in model.tokenizer.get_vocab() and "<mode:plan>" in model.tokenizer.get_vocab()
+    assert model.janus.get_input_embeddings().num_embeddings >= len(model.tokenizer)
+    with pytest.raises(ValueError, match="unknown Janus setting 'patch_size'"):
+        from_pretrained(tmp_path, patch_size=8)
+
+
+def test_sft_refuses_the_token_backbone_with_a_clear_error(janus_dir):
+    from avr.lit.sft import SFTModule
+
+    with pytest.raises(ValueError, match="SFT trains the unified"):
+        SFTModule(model=str(janus_dir))
+
+
+@pytest.mark.slow
+def test_rl_config_trains_the_token_backbone_and_exports(janus_dir, tmp_path):
+    fit(
+        [
+            "experiments/rl.yaml",
+            "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{tmp_path}"}}}}',
+            f"--model.init_args.model={janus_dir}",
+            "--model.init_args.group_size=2",
+            "--model.init_args.sampling.max_text_tokens=8",
+            "--data.init_args.batch_size=1",
+        ]
+    )
+    (metrics,) = Path(tmp_path).rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/reward")]
+    assert len(rows) == 1 and float(rows[0]["train/image/tokens"]) >= 2 * 16
+    assert float(rows[0]["train/image/logprob_gap"]) < 1e-3
+    (checkpoint,) = Path(tmp_path).rglob("last.ckpt")
+    assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
+    exported = from_pretrained(tmp_path / "export")
+    assert isinstance(exported, JanusBackbone)
