@@ -148,3 +148,20 @@ def test_rl_config_trains_the_token_backbone_and_exports(janus_dir, tmp_path):
     assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
     exported = from_pretrained(tmp_path / "export")
     assert isinstance(exported, JanusBackbone)
+
+
+def test_evaluate_compares_the_token_backbone_in_one_report(janus, tmp_path):
+    from avr.evaluate import evaluate
+
+    specs = sample_specs(3, seed=2)
+    metrics = evaluate(
+        {"janus": janus},
+        specs,
+        {"direct": MODES.get("direct")()},
+        tmp_path,
+        SamplingConfig(steps=2, temperature=0.0),
+        grid_prompts=2,
+    )
+    run = metrics["runs"]["direct"]  # one model: runs are labelled by mode
+    assert run["per_prompt"]["nfe"] == 16 and 0.0 <= run["overall"] <= 1.0
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "direct").is_dir()
