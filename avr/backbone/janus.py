@@ -11,7 +11,9 @@ model itself writes an image as a sequence of VQ codebook tokens.
   enter the context through the generation embeddings, then `</img>`; classifier-free guidance
   mixes in the logits of an unconditional context (`<img>` alone);
 - `replay` runs a rolled-out trajectory in one teacher-forced forward pass and returns the
-  log-probs of every sampled token, text and image alike, which is what GRPO trains here.
+  log-probs of every sampled token, text and image alike, which is what GRPO trains here;
+  `sft_loss` is the same pass over teacher trajectories (images VQ-encoded by the frozen VQ-VAE):
+  cross-entropy on text and on image tokens.
 
 Weights stay in the transformers format: `save_pretrained` writes Janus's own folder (its
 `config.json` and safetensors), the tokenizer, and `avr_janus.json`.
@@ -96,6 +98,19 @@ def tiny_janus_config(vocab_size: int, image_size: int = 64) -> JanusConfig:
     )
 
 
+@dataclass
+class _Layout:
+    """A trajectory laid out for one pass: embedding pieces, the token at each position (−1 for
+    a read image's features), positions with text / image targets, the sampler's log-probs."""
+
+    pieces: list[torch.Tensor] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    text_at: list[int] = field(default_factory=list)
+    image_at: list[int] = field(default_factory=list)
+    text_old: list[float] = field(default_factory=list)
+    image_old: list[float] = field(default_factory=list)
+
+
 class JanusBackbone(torch.nn.Module):
     """Janus with avr's tokenizer; build with `JanusBackbone(JanusForConditionalGeneration(...),
     tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
@@ -123,6 +138,7 @@ class JanusBackbone(torch.nn.Module):
                 f"2^{len(vq.channel_multiplier) - 1}), expected image_size {settings.image_size}"
             )
         self.image_tokens = vq.num_patches**2
+        janus.model.vqmodel.requires_grad_(False)  # the tokenizer of images stays as it is
         if janus.get_input_embeddings().num_embeddings < len(tokenizer):
             janus.resize_token_embeddings(len(tokenizer))
         self._checkpointing = False
@@ -181,67 +197,135 @@ class JanusBackbone(torch.nn.Module):
         """Incremental generation over a growing context (one sequence)."""
         return JanusSession(self, batch_size)
 
-    # ---- RL: teacher-forced log-probs of a rollout ------------------------------------------
+    # ---- training: one teacher-forced pass per trajectory -----------------------------------
+
+    def layout(self, trajectory, teacher: bool) -> _Layout:
+        """`trajectory` as the session builds it, with the positions that carry a loss.
+
+        `teacher=False` (RL): the tokens the sampler recorded; targets where it recorded log-probs.
+        `teacher=True` (SFT): text encoded, generated images VQ-encoded; targets: the text of
+        segments with `loss`, a generated image's `<img>`, tokens and `</img>`, and `<eos>` after
+        a final trained text."""
+        tok = self.tokenizer
+        start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+        device = self.janus.get_input_embeddings().weight.device
+        out = _Layout()
+
+        def tokens(values: list[int], trained: bool = False) -> None:
+            if trained:
+                out.text_at += range(len(out.ids), len(out.ids) + len(values))
+            out.pieces.append(self.embed_text(torch.tensor([values], device=device)))
+            out.ids.extend(values)
+
+        tokens([tok.bos_token_id])
+        segments = trajectory.segments
+        for seg in segments:
+            if not seg.is_image:
+                sampled = None if teacher else getattr(seg.sample, "ids", None)
+                values = sampled[0] if sampled else tok.encode(seg.text, add_special_tokens=False)
+                if not teacher and seg.logprobs is not None:
+                    out.text_old += seg.logprobs
+                if values:
+                    trained = seg.loss if teacher else seg.logprobs is not None
+                    tokens(list(values), trained)
+                continue
+            generated = seg.role.generated
+            if out.ids[-1] != start:
+                tokens([start], teacher and generated)
+            if generated and (teacher or seg.sample is not None):
+                if teacher:
+                    drawn = self.encode_image_tokens(self._pixels(seg.image, device))[0]
+                else:
+                    drawn = seg.sample.latents[0].to(device)
+                if teacher or seg.logprobs is not None:
+                    out.image_at += range(len(out.ids), len(out.ids) + len(drawn))
+                    out.image_old += [] if teacher else seg.logprobs
+                out.pieces.append(self.embed_image_tokens(drawn[None]))
+                out.ids.extend(drawn.tolist())
+            else:
+                features = self.embed_read_image(self._pixels(seg.image, device))
+                out.pieces.append(features)
+                out.ids.extend([-1] * features.shape[1])
+            tokens([end], teacher and generated)
+        if teacher and segments and not segments[-1].is_image and segments[-1].loss:
+            tokens([tok.eos_token_id], True)
+        return out
+
+    def _pixels(self, image, device) -> torch.Tensor:
+        array = torch.from_numpy(_array(image, self.config.image_size))
+        return array.permute(2, 0, 1)[None].to(device)
+
+    @torch.no_grad()
+    def encode_image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `[B, 3, H, W]` in [0, 1] → VQ codebook tokens `[B, N]` (the frozen VQ-VAE)."""
+        vq = self.janus.model.vqmodel
+        weight = next(vq.parameters())
+        ids = vq.encode(pixels.to(weight.dtype) * 2 - 1).image_tokens
+        return ids.reshape(pixels.shape[0], -1)
+
+    def _forward(self, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states `[L, D]` of a layout, and its token ids `[L]`."""
+        hidden = self.run(torch.cat(layout.pieces, 1))[0]
+        return hidden, torch.tensor(layout.ids, device=hidden.device)
+
+    def _target_logits(self, hidden, at: list[int], logits_fn) -> torch.Tensor:
+        where = torch.tensor(at, dtype=torch.long, device=hidden.device)
+        return logits_fn(hidden[where - 1]).float()
 
     def replay(self, trajectory, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Log-probs of the sampled tokens of `trajectory` (a rollout from this backbone's
         session) in one forward pass: `text`/`image` (this model, differentiable; text at
         `temperature`, image tokens at 1 as the session samples them) and `text_rollout`/
         `image_rollout` (what the sampler recorded), in sequence order."""
-        tok = self.tokenizer
-        start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
-        device = self.janus.get_input_embeddings().weight.device
-        pieces: list[torch.Tensor] = []
-        ids: list[int] = []  # the token at each position (-1 for a read image's features)
-        text_at, image_at, text_old, image_old = [], [], [], []
-
-        def tokens(values: list[int]) -> None:
-            pieces.append(self.embed_text(torch.tensor([values], device=device)))
-            ids.extend(values)
-
-        tokens([tok.bos_token_id])
-        for seg in trajectory.segments:
-            if not seg.is_image:
-                sampled = getattr(seg.sample, "ids", None)
-                values = sampled[0] if sampled else tok.encode(seg.text, add_special_tokens=False)
-                if seg.logprobs is not None:
-                    text_at += range(len(ids), len(ids) + len(values))
-                    text_old += seg.logprobs
-                if values:
-                    tokens(list(values))
-                continue
-            if ids[-1] != start:
-                tokens([start])
-            sample = seg.sample
-            if sample is not None and seg.role.generated:
-                drawn = sample.latents[0].to(device)
-                if seg.logprobs is not None:
-                    image_at += range(len(ids), len(ids) + len(drawn))
-                    image_old += seg.logprobs
-                pieces.append(self.embed_image_tokens(drawn[None]))
-                ids.extend(drawn.tolist())
-            else:
-                pixels = torch.from_numpy(_array(seg.image, self.config.image_size))
-                features = self.embed_read_image(pixels.permute(2, 0, 1)[None].to(device))
-                pieces.append(features)
-                ids.extend([-1] * features.shape[1])
-            tokens([end])
-        hidden = self.run(torch.cat(pieces, 1))[0]  # [L, D]
-        target = torch.tensor(ids, device=device)
+        layout = self.layout(trajectory, teacher=False)
+        hidden, target = self._forward(layout)
 
         def logp(at: list[int], logits_fn, temperature: float) -> torch.Tensor:
             if not at:
                 return hidden.new_zeros(0)
-            where = torch.tensor(at, device=device)
-            logits = logits_fn(hidden[where - 1]).float() / temperature
+            logits = self._target_logits(hidden, at, logits_fn) / temperature
+            where = torch.tensor(at, device=hidden.device)
             return torch.log_softmax(logits, -1).gather(-1, target[where, None])[:, 0]
 
         return {
-            "text": logp(text_at, self.text_logits, temperature),
-            "image": logp(image_at, self.image_logits, 1.0),
-            "text_rollout": torch.tensor(text_old, dtype=torch.float32),
-            "image_rollout": torch.tensor(image_old, dtype=torch.float32),
+            "text": logp(layout.text_at, self.text_logits, temperature),
+            "image": logp(layout.image_at, self.image_logits, 1.0),
+            "text_rollout": torch.tensor(layout.text_old, dtype=torch.float32),
+            "image_rollout": torch.tensor(layout.image_old, dtype=torch.float32),
         }
+
+    def sft_loss(
+        self, trajectories, ce_weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """SFT on teacher trajectories: `ce_weight · CE(text) + CE(image tokens)`, each the mean
+        over its targets in the batch (one teacher-forced pass per trajectory)."""
+        losses = {"text": [], "image": []}
+        counts = {"text": 0, "image": 0, "tokens": 0}
+        for trajectory in trajectories:
+            layout = self.layout(trajectory, teacher=True)
+            hidden, target = self._forward(layout)
+            counts["tokens"] += len(layout.ids)
+            for kind, at, logits_fn in (
+                ("text", layout.text_at, self.text_logits),
+                ("image", layout.image_at, self.image_logits),
+            ):
+                if at:
+                    logits = self._target_logits(hidden, at, logits_fn)
+                    where = torch.tensor(at, device=hidden.device)
+                    losses[kind].append(
+                        torch.nn.functional.cross_entropy(logits, target[where], reduction="sum")
+                    )
+                    counts[kind] += len(at)
+        zero = self.janus.lm_head.weight.sum() * 0
+        text = sum(losses["text"], zero) / max(counts["text"], 1)
+        image = sum(losses["image"], zero) / max(counts["image"], 1)
+        stats = {
+            "loss/text": text.detach(),
+            "loss/image": image.detach(),
+            "tokens": torch.tensor(float(counts["tokens"])),
+            "tokens/image": torch.tensor(float(counts["image"])),
+        }
+        return ce_weight * text + image, stats
 
     # ---- files ------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
     loss = λ_CE · CE(text the model writes, <img>/</img>, <eos>) + MSE(predicted − true velocity)
 
-on packed batches from `TrajectoryDataModule` (the module hands the data its packer).
+on packed batches from `TrajectoryDataModule` (the module hands the data its packer). A
+discrete-token backbone (Janus) takes the trajectories themselves and replaces the MSE with the
+cross-entropy of its image tokens (`JanusBackbone.sft_loss`).
 """
 
 from __future__ import annotations
@@ -53,12 +55,9 @@ class SFTModule(BackboneModule):
             lora,
             activation_checkpointing,
         )
-        if self.backbone.kind != "unified":
-            raise ValueError(
-                f"model: SFT trains the unified (flow) backbone; {model} is a {self.backbone.kind} "
-                "backbone (train it with RLModule)"
-            )
-        self.loss_fn = UnifiedLoss(self.backbone.config.ce_weight)
+        self.unified = self.backbone.kind == "unified"
+        self.ce_weight = self.backbone.config.ce_weight if self.unified else 1.0
+        self.loss_fn = UnifiedLoss(self.ce_weight)
         self.max_len = max_len
         self.ema = (
             AveragedModel(
@@ -70,9 +69,12 @@ class SFTModule(BackboneModule):
         self._step_start = 0.0
 
     @property
-    def packer(self) -> Packer:
-        """How trajectories become packed batches for this backbone."""
+    def packer(self) -> Packer | None:
+        """How trajectories become packed batches for this backbone (None for a discrete-token
+        backbone: it takes the trajectories themselves)."""
         b = self.backbone
+        if not self.unified:
+            return None
         return Packer(b.tokenizer, b.geometry, self.max_len, b.flow_settings)
 
     def setup(self, stage: str) -> None:
@@ -83,12 +85,16 @@ class SFTModule(BackboneModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        loss, stats = self.loss_fn(self.backbone(batch))
+    def training_step(self, batch: PackedBatch | list, batch_idx: int) -> torch.Tensor:
+        if self.unified:
+            loss, stats = self.loss_fn(self.backbone(batch))
+            self._tokens = batch.tokens
+        else:  # a list of trajectories: text CE + image-token CE (`JanusBackbone.sft_loss`)
+            loss, stats = self.backbone.sft_loss(batch, self.ce_weight)
+            self._tokens = int(stats["tokens"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss/text", stats["loss/text"])
         self.log("train/loss/image", stats["loss/image"])
-        self._tokens = batch.tokens
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

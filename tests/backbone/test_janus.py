@@ -119,11 +119,52 @@ def test_a_plain_transformers_janus_folder_gets_avr_tokens(tmp_path):
         from_pretrained(tmp_path, patch_size=8)
 
 
-def test_sft_refuses_the_token_backbone_with_a_clear_error(janus_dir):
-    from avr.lit.sft import SFTModule
+def test_sft_loss_targets_text_markers_and_vq_tokens_of_teacher_images(make_trajectories):
+    model = _tiny().train()
+    trajectories = make_trajectories(2)  # a direct one, and draft → critique → refined
+    layout = model.layout(trajectories[1], teacher=True)
+    start, end = model.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+    targets = [layout.ids[i] for i in layout.text_at]
+    assert targets.count(start) == 2 and targets.count(end) == 2  # both drawn images
+    assert targets[-1] == model.tokenizer.eos_token_id  # the final critique is trained
+    assert len(layout.image_at) == 2 * 16
+    pixels = model._pixels(trajectories[1].segments[-2].image, "cpu")
+    drawn = [layout.ids[i] for i in layout.image_at[16:]]
+    assert drawn == model.encode_image_tokens(pixels)[0].tolist()  # the refined image's tokens
+    loss, stats = model.sft_loss(trajectories)
+    assert torch.isfinite(loss) and stats["tokens/image"] == 3 * 16
+    loss.backward()
+    assert model.janus.model.generation_head.vision_head.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.janus.model.vqmodel.parameters())
 
-    with pytest.raises(ValueError, match="SFT trains the unified"):
-        SFTModule(model=str(janus_dir))
+
+@pytest.mark.slow
+def test_sft_config_trains_the_token_backbone(janus_dir, tmp_path):
+    from avr.data.build import build, parse_mix
+
+    data = tmp_path / "data"
+    build(data, 6, parse_mix("simple=1,medium=1,complex=1"), seed=0)
+    root = tmp_path / "sft"
+    fit(
+        [
+            "experiments/sft.yaml",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            f"--trainer.logger.init_args.save_dir={root}",
+            f"--model.init_args.model={janus_dir}",
+            f"--data.init_args.path={data}",
+            "--data.init_args.batch_size=3",
+            "--data.init_args.num_workers=0",
+        ]
+    )
+    (checkpoint,) = Path(root).rglob("last.ckpt")
+    assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
+    trained = from_pretrained(tmp_path / "export")
+    before = from_pretrained(janus_dir)
+    head = "janus.model.generation_head.vision_head.weight"
+    assert not torch.equal(trained.state_dict()[head], before.state_dict()[head])
+    vq = "janus.model.vqmodel.quantize.embedding.weight"
+    assert torch.equal(trained.state_dict()[vq], before.state_dict()[vq])  # frozen
 
 
 @pytest.mark.slow
