@@ -170,3 +170,17 @@ def test_missing_files_and_bad_json_are_named(tmp_path, bagel_dir):
     (path / "llm_config.json").write_text('{"hidden_size": 64,\n "oops"}')
     with pytest.raises(ValueError, match=r"llm_config.json:2: not valid JSON"):
         from_bagel(path, image_size=64)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_matches_the_dense_mask_on_the_bagel_shape(bagel_dir, make_trajectories):
+    """The configs' `attention: flex` path (QK-norm, both experts, NaViT reader) on CPU forward."""
+    model = from_pretrained(bagel_dir, image_size=64, attention="sdpa").eval()
+    batch = pack(make_trajectories(4), model.tokenizer, model.geometry, 400, seeds=[1, 2, 3, 4])
+    assert batch.input_ids.shape[0] > 1
+    with torch.no_grad():
+        dense = model(batch)
+        model.config.attention = "flex"
+        flex = model(batch)
+    torch.testing.assert_close(flex.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flex.velocity, dense.velocity, rtol=1e-4, atol=1e-4)
