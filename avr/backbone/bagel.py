@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from einops import rearrange
 from safetensors import safe_open
@@ -91,9 +93,13 @@ def from_bagel(
     `image_size=1024`, `attention="flex"`)."""
     directory = Path(directory)
     config, tokenizer = bagel_config(directory, modes, **overrides)
-    model = UnifiedModel(config, tokenizer)
+    with init_empty_weights(include_buffers=False):  # weights on meta: no random init, no copy
+        model = UnifiedModel(config, tokenizer)
     _load_ema(model, directory / EMA)
     _load_ae(model, load_file(directory / AE), config.vae, directory / AE)
+    unloaded = [name for name, param in model.named_parameters() if param.is_meta]
+    if unloaded:  # every weight has a source key, so this means a bug in the map
+        raise ValueError(f"{directory}: no weight loaded for {unloaded[:5]}")
     return model.to(device)
 
 
@@ -149,7 +155,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_ema(model: UnifiedModel, path: Path) -> None:
-    """Copy every weight from `path` tensor by tensor (peak memory: the model and one tensor)."""
+    """Put every weight from `path` in place, tensor by tensor (peak memory: the weights once)."""
     targets = {
         name: tensor
         for name, tensor in model.state_dict(keep_vars=True).items()
@@ -179,8 +185,7 @@ def _load_ema(model: UnifiedModel, path: Path) -> None:
                     f"expected {list(targets[name].shape)} for {name!r}"
                 )
                 continue
-            with torch.no_grad():
-                targets[name].copy_(tensor)
+            set_module_tensor_to_device(model, name, "cpu", value=tensor)
     _raise(errors)
 
 
@@ -213,7 +218,8 @@ def _load_ae(model: UnifiedModel, ae: dict[str, torch.Tensor], config: dict, pat
         if tensor.data_ptr() not in used
     ]
     vae = model.codec.vae
-    missing, unexpected = vae.load_state_dict(converted, strict=False)
+    converted = {k: v.float() for k, v in converted.items()}
+    missing, unexpected = vae.load_state_dict(converted, strict=False, assign=True)
     errors += [f"{path}: nothing supplies the autoencoder's {name!r}" for name in missing]
     errors += [f"{path}: converted key {name!r} is not in the autoencoder" for name in unexpected]
     _raise(errors)

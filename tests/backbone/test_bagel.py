@@ -86,6 +86,13 @@ def test_bagel_shape_and_config(bagel):
     assert bagel.geometry.gen_tokens == 64 and bagel.geometry.token_dim == 2 * 2 * LATENT
     assert bagel.lm.get_input_embeddings().num_embeddings == VOCAB > len(bagel.tokenizer)
     assert "<img>" in bagel.tokenizer.get_vocab()  # avr's structure tokens were added
+    # built on the meta device, then filled: nothing left on meta, the frozen parts still frozen
+    assert not any(p.is_meta for p in bagel.parameters())
+    frozen = {n for n, p in bagel.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in bagel.named_parameters() if n.startswith("codec.vae.")} | {
+        "latent_pos_embed.pos_embed",
+        "vision_pos_embed.pos_embed",
+    }
 
 
 def test_forward_backward_and_two_step_generation(bagel, make_trajectories):
