@@ -17,7 +17,7 @@ import yaml
 
 from avr.backbone.bagel import bagel_config, is_bagel_dir
 from avr.backbone.config import UnifiedConfig
-from avr.backbone.io import CONFIG
+from avr.backbone.io import CONFIG, read_config
 from avr.backbone.lora import LoraSettings, add_lora
 from avr.backbone.model import UnifiedModel
 from avr.defaults import shapeworld_tokenizer
@@ -70,8 +70,7 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
     elif is_bagel_dir(folder):
         config, source = bagel_config(folder, **overrides)[0], f"BAGEL folder {folder}"
     elif (Path(folder) / CONFIG).is_file():
-        saved = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
-        config, source = UnifiedConfig.from_dict({**saved, **overrides}), f"avr export {folder}"
+        config, source = read_config(folder, **overrides), f"avr export {folder}"
     else:
         if not hasattr(UnifiedConfig, preset):
             raise ValueError(

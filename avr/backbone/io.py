@@ -76,6 +76,19 @@ def _readable(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def read_config(directory: str | os.PathLike, **overrides: Any) -> UnifiedConfig:
+    """The `UnifiedConfig` of a `save_pretrained` folder (with `overrides`), no weight read."""
+    path = Path(directory) / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    try:
+        return UnifiedConfig.from_dict({**data, **overrides})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def from_pretrained(
     directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
 ) -> UnifiedModel | JanusBackbone:
@@ -92,14 +105,7 @@ def from_pretrained(
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")
-    try:
-        data = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{directory / CONFIG}:{err.lineno}: not valid JSON ({err.msg})") from None
-    try:
-        config = UnifiedConfig.from_dict({**data, **overrides})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{directory / CONFIG}: {err}") from None
+    config = read_config(directory, **overrides)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)
     model = UnifiedModel(config, tokenizer)
     load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 
 from avr.backbone.generation import ImageSample, Session
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
+from avr.sequence import image_to_array
 
 SETTINGS = "avr_janus.json"
 
@@ -53,7 +54,13 @@ class JanusSettings:
     """Side of the images read and written, in pixels (Janus's vision and VQ sizes agree on it)."""
     modes: tuple[str, ...] = DEFAULT_MODES
     """Modes the tokenizer has a `<mode:…>` token for."""
-    kind: str = field(default="janus", init=False)
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (the inverse of `JanusSettings(**d)`)."""
+        return {"image_size": self.image_size, "modes": list(self.modes)}
 
 
 def tiny_janus_config(vocab_size: int, image_size: int = 64) -> JanusConfig:
@@ -252,7 +259,7 @@ class JanusBackbone(torch.nn.Module):
         return out
 
     def _pixels(self, image, device) -> torch.Tensor:
-        array = torch.from_numpy(_array(image, self.config.image_size))
+        array = torch.from_numpy(image_to_array(image, self.config.image_size))
         return array.permute(2, 0, 1)[None].to(device)
 
     @torch.no_grad()
@@ -337,9 +344,9 @@ class JanusBackbone(torch.nn.Module):
         try:
             self.janus.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            settings = {k: v for k, v in asdict(self.config).items() if k != "kind"}
-            settings["modes"] = list(self.config.modes)
-            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+            (tmp / SETTINGS).write_text(
+                json.dumps(self.config.to_dict(), indent=2), encoding="utf-8"
+            )
             tmp.chmod(0o755)
             old = directory.with_name(directory.name + ".old")
             if directory.exists():
@@ -369,7 +376,7 @@ class JanusBackbone(torch.nn.Module):
                 f"unknown Janus setting {sorted(unknown)[0]!r}; expected image_size or modes"
             )
         merged = {"image_size": janus.config.vision_config.image_size, **saved, **overrides}
-        settings = JanusSettings(merged["image_size"], tuple(merged.get("modes", DEFAULT_MODES)))
+        settings = JanusSettings(**merged)
         add_special_tokens(tokenizer, settings.modes)
         return cls(janus, tokenizer, settings).to(device)
 
@@ -383,12 +390,6 @@ def is_janus_dir(directory: str | os.PathLike) -> bool:
         return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "janus"
     except json.JSONDecodeError:
         return False
-
-
-def _array(image, size: int):
-    from avr.sequence import image_to_array
-
-    return image_to_array(image, size)
 
 
 class JanusSession(Session):

@@ -76,6 +76,8 @@ class UnifiedModel(nn.Module):
     """The unified model; build with `UnifiedModel(config, tokenizer)` (seed first for a
     reproducible random init) or `avr.backbone.io.from_pretrained(dir)`."""
 
+    kind = "unified"
+
     def __init__(self, config: UnifiedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
@@ -142,8 +144,6 @@ class UnifiedModel(nn.Module):
     def decoder(self) -> nn.Module:
         """The LM's decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`)."""
         return self.lm.model
-
-    kind = "unified"
 
     def session(self, batch_size: int = 1, cache: bool = True):
         """Incremental generation over a growing interleaved context (`Session`)."""
@@ -214,10 +214,11 @@ class UnifiedModel(nn.Module):
     ) -> torch.Tensor:
         """Run the decoder over `x` `[B, L, D]`; returns final-norm hidden states.
 
-        With `activation_checkpointing` (training, no cache), each layer's activations are
-        recomputed in the backward pass. Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
+        Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
         cached keys followed by this step's. With `store`, this step's keys/values are appended to
-        `cache` (prefill, decoding); without, the cache is only read (denoising steps).
+        `cache` (prefill, decoding); without, the cache is only read (denoising steps). With
+        `activation_checkpointing` (training, no cache), each layer is recomputed in the backward
+        pass.
         """
         cos, sin = self.decoder.rotary_emb(x, position)
         use_expert = self.gen_layers is not None and bool(is_gen.any())

@@ -33,8 +33,8 @@ CHECKPOINT_KEY = "avr_backbone"
 
 def build_backbone(
     path: str | None, seed: int, overrides: dict[str, Any] | None = None
-) -> UnifiedModel:
-    """The exported (or BAGEL) model at `path`, or (None) the tiny ShapeWorld model seeded with
+) -> UnifiedModel | JanusBackbone:
+    """The exported (BAGEL, Janus) model at `path`, or (None) the tiny ShapeWorld model seeded with
     `seed`; `overrides` are `UnifiedConfig` fields (see `from_pretrained`)."""
     if path is None:
         config = UnifiedConfig.from_dict(overrides) if overrides else None
@@ -42,7 +42,7 @@ def build_backbone(
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"model: {path} is not a folder written by save_pretrained / avr.export, "
-            "nor a BAGEL checkpoint"
+            "nor a BAGEL or Janus checkpoint"
         )
     return from_pretrained(path, **(overrides or {}))
 
@@ -101,8 +101,10 @@ class BackboneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         backbone = self.backbone
         if backbone.kind == "janus":
-            settings = dataclasses.asdict(backbone.config)
-            config = {"janus": backbone.janus.config.to_dict(), "settings": settings}
+            config = {
+                "janus": backbone.janus.config.to_dict(),
+                "settings": backbone.config.to_dict(),
+            }
         else:
             config = portable_config(backbone)
         checkpoint[CHECKPOINT_KEY] = {
@@ -128,10 +130,8 @@ def backbone_from_checkpoint(
     )
     if saved.get("kind", "unified") == "janus":
         config = json.loads(saved["config"])
-        settings = config["settings"]
-        settings = JanusSettings(settings["image_size"], tuple(settings["modes"]))
         janus = JanusForConditionalGeneration(JanusConfig.from_dict(config["janus"]))
-        model = JanusBackbone(janus, tokenizer, settings)
+        model = JanusBackbone(janus, tokenizer, JanusSettings(**config["settings"]))
     else:
         model = UnifiedModel(UnifiedConfig.from_dict(json.loads(saved["config"])), tokenizer)
     lora = json.loads(saved.get("lora", "null"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -172,12 +173,13 @@ class RLModule(BackboneModule):
         self.backbone.train()
         return trajectories, specs, groups
 
-    def _reference(self, batch):
-        """The reference model's outputs: the frozen copy, or the policy without its adapters."""
+    @torch.no_grad()
+    def _reference(self, run: Callable):
+        """`run(model)` on the reference: the frozen copy, or the policy without its adapters."""
         if self.reference is not None:
-            return self.reference(batch)
+            return run(self.reference)
         with adapters_disabled(self.backbone):
-            return self.backbone(batch)
+            return run(self.backbone)
 
     def policy_loss(
         self, trajectories: list, advantages: torch.Tensor
@@ -188,8 +190,7 @@ class RLModule(BackboneModule):
             return self._token_policy_loss(trajectories, advantages)
         batch, steps = self._rl_batch(trajectories)
         out = self.backbone(batch)
-        with torch.no_grad():
-            ref = self._reference(batch)
+        ref = self._reference(lambda model: model(batch))
         temperature = self.sampling.temperature or 1.0
         logp = torch.log_softmax(out.logits.float() / temperature, -1).gather(
             -1, out.labels[:, None]
@@ -227,12 +228,7 @@ class RLModule(BackboneModule):
         }
         for b, trajectory in enumerate(trajectories):
             mine = self.backbone.replay(trajectory, temperature)
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref = self.reference.replay(trajectory, temperature)
-                else:
-                    with adapters_disabled(self.backbone):
-                        ref = self.backbone.replay(trajectory, temperature)
+            ref = self._reference(lambda model, t=trajectory: model.replay(t, temperature))
             for kind, part in parts.items():
                 part["logp"].append(mine[kind])
                 part["ref"].append(ref[kind])

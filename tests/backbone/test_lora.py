@@ -89,8 +89,7 @@ def test_rl_with_adapters_only_needs_no_reference_copy(make_trajectories):
     _perturb_adapters(module.backbone)
     model = module.backbone
     batch = pack(make_trajectories(2), model.tokenizer, model.geometry, 2048, seeds=[0, 1])
-    with torch.no_grad():
-        ref = module._reference(batch)
+    ref = module._reference(lambda reference: reference(batch))
     torch.testing.assert_close(ref.logits, _outputs(tiny_model(0), batch)[0])
     full = RLModule(model=None, lora=LoraSettings(r=4))  # heads train in full: a frozen copy
     assert full.reference is not None
