@@ -7,8 +7,11 @@ trajectories (`OUT/<mode>/trajectories/trajectories.jsonl`, readable with `avr.s
 grid of the first ones (`trajectories.png`). Then it scores the images with the ShapeWorld verifier
 and writes `OUT/metrics.json`, `OUT/report.md` and two plots: accuracy per tag (overall = mean over
 tags, as GenEval computes it), per complexity level and per mode, against the compute each mode
-spent per prompt (velocity evaluations, text tokens written, seconds). `--model` repeated as
-`NAME=DIR` compares models in one report (runs `OUT/<name>/<mode>`).
+spent per prompt (velocity evaluations, text tokens written, seconds). Beside GenEval's accuracy,
+each run reports how closely its final images follow the prompt (`avr.world.fidelity`: colour and
+shape precision, objects and extra objects per image, exact scenes), over all prompts and over the
+seen and held-out ones separately (`avr.world.split`). `--model` repeated as `NAME=DIR` compares
+models in one report (runs `OUT/<name>/<mode>`).
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from avr.policy import PolicyActor, SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
 from avr.sequence import trajectory_to_record
-from avr.world import LEVELS, TAGS, PromptSpec, complexity, load_specs
+from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
+from avr.world.fidelity import Fidelity
 from avr.world.geneval import score_folder, summarize, write_prompt
+from avr.world.split import is_held_out
 from avr.world.verify import check_spec_vocabulary
 
 
@@ -93,6 +98,8 @@ def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) 
     cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
     chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
     records = []
+    verifier = Verifier()
+    fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
     side = model.config.image_size
     for i, spec in enumerate(specs):
         start = time.perf_counter()
@@ -106,12 +113,11 @@ def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) 
         level, picked = complexity(spec).level, trajectory.meta["mode"]
         chosen[level][picked] = chosen[level].get(picked, 0) + 1
         final = trajectory.final_image  # a rollout that drew nothing is judged on a blank canvas
-        write_prompt(
-            folder,
-            i,
-            spec,
-            [final if final is not None else Image.new("RGB", (side, side), "white")],
-        )
+        final = final if final is not None else Image.new("RGB", (side, side), "white")
+        write_prompt(folder, i, spec, [final])
+        verdict = verifier.verify(final, spec)
+        for key in ("all", "heldout" if is_held_out(spec) else "seen"):
+            fidelity[key].update(verdict, spec)
         trajectory.meta.setdefault("prompt", spec.prompt)
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
@@ -124,6 +130,7 @@ def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) 
         "by_level": {lv: a for lv, (a, _, _) in summary.by_level.items()},
         "per_prompt": {k: v / len(specs) for k, v in cost.items()},
         "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
+        "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
     }
 
 
@@ -202,6 +209,14 @@ def report(metrics: dict) -> str:
     for key in ("nfe", "text_tokens", "seconds"):
         values = [f"{r['per_prompt'][key]:.1f}" for r in runs.values()]
         lines.append(f"| {key} | " + " | ".join(values) + " |")
+    lines += ["", "| prompt use (final images) | " + " | ".join(labels) + " |", header[1]]
+    for group in ("all", "seen", "heldout"):
+        for key in ("accuracy", "exact", "colour_precision", "shape_precision"):
+            values = [r.get("fidelity", {}).get(group, {}).get(key) for r in runs.values()]
+            lines.append(f"| {group}: {key} | " + " | ".join(_pct(v) for v in values) + " |")
+        for key in ("objects_per_image", "asked_per_image"):
+            values = [r.get("fidelity", {}).get(group, {}).get(key) for r in runs.values()]
+            lines.append(f"| {group}: {key} | " + " | ".join(_num(v) for v in values) + " |")
     lines += ["", "Modes chosen per complexity level:", ""]
     for label, run in runs.items():
         choices = "; ".join(
@@ -221,7 +236,11 @@ def report(metrics: dict) -> str:
 
 
 def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+    return "–" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "–" if value is None or value != value else f"{value:.2f}"
 
 
 def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:

@@ -1,6 +1,8 @@
 """`python -m avr.export CKPT -o DIR`: a Lightning checkpoint → the `save_pretrained` format.
 
-The checkpoint is read with `weights_only=True`; with an EMA in it, the EMA weights are exported.
+The checkpoint is read with `weights_only=True`; with an EMA in it, the EMA weights are exported
+unless `--weights raw` asks for the trained ones (early in a run, an EMA of decay 0.999 is still
+mostly the initial weights).
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint")
     parser.add_argument("-o", "--output", required=True)
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "ema", "raw"),
+        default="auto",
+        help="auto: the EMA when the checkpoint keeps one, else the trained weights",
+    )
     args = parser.parse_args(argv)
     try:
         keys = torch.load(args.checkpoint, map_location="cpu", weights_only=True)[
             "state_dict"
         ].keys()
-        prefix = "ema.module." if any(k.startswith("ema.module.") for k in keys) else "backbone."
+        has_ema = any(k.startswith("ema.module.") for k in keys)
+        if args.weights == "ema" and not has_ema:
+            raise ValueError("--weights ema: the checkpoint keeps no EMA (set ema_decay)")
+        prefix = "ema.module." if has_ema and args.weights != "raw" else "backbone."
         model = backbone_from_checkpoint(args.checkpoint, prefix)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ from avr.defaults import tiny_model
 from avr.evaluate import main
 from avr.sequence import record_to_trajectory
 from avr.world import TAGS, sample_specs, save_specs
+from avr.world.split import is_held_out
 
 
 def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
@@ -38,7 +39,15 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
     assert set(direct["by_tag"]) == set(TAGS) and direct["per_prompt"]["nfe"] == 2.0
     assert (out / "direct" / "00007" / "samples" / "0000.png").is_file()
     assert len((out / "adaptive" / "results.jsonl").read_text().splitlines()) == 8
-    assert "overall (mean over tags)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "overall (mean over tags)" in report and "heldout: exact" in report
+    fidelity = direct["fidelity"]
+    held = sum(is_held_out(s) for s in sample_specs(8, seed=0))
+    assert 0 < held < 8  # both groups occur, and are reported apart
+    assert set(fidelity) == {"all", "seen", "heldout"}
+    assert fidelity["all"]["asked_per_image"] == np.mean(
+        [sum(c.count for c in s.include) for s in sample_specs(8, seed=0)]
+    )
     assert "report:" in capsys.readouterr().out
     for plot in ("accuracy_vs_compute.png", "accuracy_by_level.png", "direct/trajectories.png"):
         with Image.open(out / plot) as image:

@@ -64,6 +64,7 @@ def test_sft_trains_checkpoints_and_exports(tmp_path):
     (checkpoint,) = Path(root).rglob("last.ckpt")
     torch.load(checkpoint, map_location="cpu", weights_only=True)  # no pickle needed
     assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0
+    assert export([str(checkpoint), "-o", str(tmp_path / "e"), "--weights", "ema"]) == 2  # no EMA
     model = from_pretrained(tmp_path / "export")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for name, value in model.state_dict().items():

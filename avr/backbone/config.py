@@ -104,6 +104,11 @@ class UnifiedConfig:
     timestep_scale: float = 1000.0
     """`t ∈ [0, 1]` is multiplied by this before the sinusoidal timestep embedding (diffusers and
     SD3: 1000; BAGEL: 1)."""
+    image_context: str = "both"
+    """How an image that later tokens read (an input, a draft, a sketch, a refined image) sits in
+    the context: `vit` (vision-encoder tokens: understanding), `latent` (its codec tokens at t = 0,
+    the clean copy later generation attends to, so an edit can copy what was right) or `both`, as
+    BAGEL does (latent copy first, then the vision copy)."""
     modes: tuple[str, ...] = DEFAULT_MODES
     """Modes the tokenizer has a `<mode:…>` token for (the adaptive policy's choices)."""
     ce_weight: float = 1.0
@@ -119,6 +124,9 @@ class UnifiedConfig:
     `(x_t − x̂₀) / max(t, min_t)`, which is what pixel-space models with large patches need, Li &
     He 2025, "Back to Basics: Let Denoising Generative Models Denoise") or `velocity` (BAGEL, SD3).
     The loss is the velocity MSE either way."""
+    image_loss: str = "velocity"
+    """Where the image loss is measured: `velocity` (MSE of the velocity, weighting an x₀ error by
+    1/t²) or `x0` (MSE of the implied clean image, equal weight at every t)."""
     x0_min_t: float = 0.05
     """Floor on `t` when an x₀ prediction is turned into a velocity (`prediction: x0`)."""
     cfg_dropout: float = 0.1
@@ -137,6 +145,15 @@ class UnifiedConfig:
         if self.attention not in ("auto", "flex", "sdpa"):
             raise ValueError(
                 f"config key 'attention': expected 'auto', 'flex' or 'sdpa', got {self.attention!r}"
+            )
+        if self.image_context not in ("vit", "latent", "both"):
+            raise ValueError(
+                "config key 'image_context': expected 'vit', 'latent' or 'both', "
+                f"got {self.image_context!r}"
+            )
+        if self.image_loss not in ("x0", "velocity"):
+            raise ValueError(
+                f"config key 'image_loss': expected 'velocity' or 'x0', got {self.image_loss!r}"
             )
         if self.prediction not in ("x0", "velocity"):
             raise ValueError(
@@ -239,6 +256,7 @@ class UnifiedConfig:
             "latent_pos_side": 64,
             "latent_channels_last": True,
             "timestep_scale": 1.0,
+            "image_context": "both",
         }
         return cls(**{**base, **overrides})
 

@@ -103,7 +103,8 @@ class Session:
 
     @torch.no_grad()
     def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """Read images `[B, 3, H, W]` (an input image, or one just drawn): `<img>` clean `</img>`."""
+        """Read images `[B, 3, H, W]` (an input image, or one just drawn): `<img>`, its clean
+        copies, `</img>`."""
         active = self._active(active)
         self._append_marker(self.image_start, active)
         self._append_clean(pixels, active)
@@ -209,6 +210,9 @@ class Session:
                 x = flow.ode_step(x, v, t, t_next)
             path.append(x)
         pixels = model.codec.decode(model.codec.from_tokens(x.float()))
+        # 8-bit, as the image is stored in the trajectory: what later steps read here is what
+        # teacher-forced replay (SFT on rollouts, RL) reads from the saved image
+        pixels = (pixels * 255).round() / 255
         if read:
             self._append_clean(pixels.to(self.dtype), active)
         else:
@@ -239,9 +243,17 @@ class Session:
         self.append_tokens([[token] if a else [] for a in active.tolist()])
 
     def _append_clean(self, pixels: torch.Tensor, active: torch.Tensor) -> None:
-        embeds = self.model.embed_images(pixels.to(self.device))  # [B, P, D]
-        valid = active[:, None].expand(embeds.shape[:2])
-        self._run(embeds, valid, gen=False, full=True, store=True, advance=False)
+        """The image's clean copies (as the training layout has them: codec latents at t = 0, then
+        vision tokens, per `image_context`), each bidirectional, at one position; then `</img>`."""
+        geometry, pixels = self.model.geometry, pixels.to(self.device)
+        copies = []
+        if geometry.latent_context:
+            copies.append((self.model.embed_clean(pixels.to(self.dtype)), True))  # [B, N, D]
+        if geometry.vit_context:
+            copies.append((self.model.embed_images(pixels), False))  # [B, P, D]
+        for embeds, gen in copies:
+            valid = active[:, None].expand(embeds.shape[:2])
+            self._run(embeds, valid, gen=gen, full=True, store=True, advance=False)
         self.position = self.position + active.long()
         self._append_marker(self.image_end, active)
 

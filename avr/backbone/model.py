@@ -40,7 +40,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from avr.backbone import flow
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
-from avr.backbone.packing import GEN, READ, FlowSettings, ImageGeometry, PackedBatch
+from avr.backbone.packing import GEN, LATENT, READ, FlowSettings, ImageGeometry, PackedBatch
 
 
 @dataclass
@@ -70,6 +70,7 @@ class UnifiedOutput:
     velocity: torch.Tensor  # [M, N, D_tok]
     target: torch.Tensor  # [M, N, D_tok]
     image_sample: torch.Tensor  # [M]
+    image_t: torch.Tensor | None = None  # [M] timestep of each noisy copy
 
 
 class UnifiedModel(nn.Module):
@@ -131,7 +132,12 @@ class UnifiedModel(nn.Module):
         self.gen_norm = copy.deepcopy(self.decoder.norm) if config.generation_expert else None
         patches = read_grid**2
         self.geometry = ImageGeometry(
-            config.image_size, self.codec.tokens, patches, self.codec.token_dim
+            config.image_size,
+            self.codec.tokens,
+            patches,
+            self.codec.token_dim,
+            latent_context=config.image_context in ("latent", "both"),
+            vit_context=config.image_context in ("vit", "both"),
         )
         self.activation_checkpointing = False
         """Recompute each decoder layer in the backward pass instead of keeping its activations
@@ -163,6 +169,13 @@ class UnifiedModel(nn.Module):
         scaled = t * self.config.timestep_scale
         time = self.time_embed(self.time_proj(scaled).to(x_t.dtype))  # [M, D]
         return self.latent_in(x_t) + time[:, None] + self.latent_positions().to(x_t.dtype)
+
+    def embed_clean(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images `[K, 3, H, W]` in [0, 1] as a clean latent copy: their codec tokens embedded at
+        t = 0 with the generation tokens' positions → `[K, N, D]`."""
+        tokens = self.codec.to_tokens(self.codec.encode(pixels))
+        time = torch.zeros(tokens.shape[0], device=tokens.device, dtype=tokens.dtype)
+        return self.embed_latents(tokens, time)
 
     def latent_positions(self) -> torch.Tensor:
         """Position embeddings of one image's generation tokens `[N, D]`, row-major."""
@@ -310,6 +323,7 @@ class UnifiedModel(nn.Module):
             x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels))  # [M, N, D_tok]
             x_t = flow.noise(x0, batch.gen_noise, batch.gen_t)
         gen_mask, read_mask = batch.kind == GEN, batch.kind == READ
+        clean_mask = batch.kind == LATENT
         if x0.shape[0]:
             x = x.masked_scatter(
                 gen_mask[..., None], self.embed_latents(x_t, batch.gen_t).to(x.dtype)
@@ -318,14 +332,19 @@ class UnifiedModel(nn.Module):
             x = x.masked_scatter(
                 read_mask[..., None], self.embed_images(batch.read_pixels).to(x.dtype)
             )
+        if batch.clean_pixels is not None and batch.clean_pixels.shape[0]:
+            x = x.masked_scatter(
+                clean_mask[..., None], self.embed_clean(batch.clean_pixels).to(x.dtype)
+            )
+        latent = gen_mask | clean_mask  # codec tokens, noisy or clean: the generation expert's
         if self.use_flex(x.device):
             rows, _ = batch.kind.shape
             block_mask = create_block_mask(
                 batch.mask_mod(), rows, None, length, length, device=x.device
             )
-            hidden = self.run_layers(x, batch.position, gen_mask, block_mask=block_mask)
+            hidden = self.run_layers(x, batch.position, latent, block_mask=block_mask)
         else:
-            hidden = self.run_layers(x, batch.position, gen_mask, mask=batch.attention_mask())
+            hidden = self.run_layers(x, batch.position, latent, mask=batch.attention_mask())
         labelled = batch.labels != -100  # text positions, and the last clean token before </img>
         logits = self.logits(hidden[labelled])
         velocity = (
@@ -340,6 +359,7 @@ class UnifiedModel(nn.Module):
             velocity=velocity,
             target=batch.gen_noise - x0,
             image_sample=batch.gen_sample,
+            image_t=batch.gen_t,
         )
 
 

@@ -2,14 +2,16 @@
 
 One trajectory becomes (positions are RoPE positions; an image takes one position):
 
-    <bos> prompt…  <img> [generated: N noisy tokens] [read: M clean tokens] </img>  text…  <eos>
+    <bos> prompt…  <img> [N noisy] [N clean latent] [M vision] </img>  text…  <eos>
 
 - A generated image (draft, sketch, refined, final) contributes a *noisy copy* that carries the flow
-  loss; if anything follows it, also a *clean copy* (vision-encoder tokens) that later tokens read,
-  and `</img>`. An input image contributes only its clean copy.
+  loss; if anything follows it, also its *clean copies* that later tokens read, and `</img>`. An
+  input image contributes only its clean copies. The clean copies are, as the model's
+  `image_context` says, its codec tokens at t = 0 (`LATENT`: what a later edit or plan step copies
+  from, as in BAGEL), its vision-encoder tokens (`READ`: understanding), or both, in that order.
 - Masks: text is causal; the tokens of one copy attend to each other bidirectionally; a noisy copy
   is seen by nobody outside itself; nothing attends across samples; a noisy copy dropped for
-  classifier-free guidance (`uncond`) sees only itself.
+  classifier-free guidance (`uncond`) sees only itself. A clean copy sees what came before it.
 - CE targets: every text token the model writes (`Segment.loss`), `<img>` / `</img>` of generated
   images and `<eos>`, each predicted from the position before it.
 """
@@ -28,17 +30,20 @@ from avr.backbone.flow import sample_timesteps
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
 from avr.sequence import Trajectory, image_to_array
 
-PAD, TEXT, GEN, READ = 0, 1, 2, 3
+PAD, TEXT, GEN, READ, LATENT = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
 class ImageGeometry:
-    """How many tokens an image takes and what a generation token holds."""
+    """How many tokens an image takes, what a generation token holds, and which clean copies an
+    image that later tokens read contributes (`latent_context`, `vit_context`)."""
 
     image_size: int
     gen_tokens: int
     read_tokens: int
     token_dim: int
+    latent_context: bool = False
+    vit_context: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,10 @@ class FlowSettings:
 
 @dataclass
 class PackedBatch:
-    """Rows of packed tokens. Per token `[R, L]`: ids, kind (PAD/TEXT/GEN/READ), the trajectory it
-    belongs to (`sample`, −1 for padding), its image copy (`block`, −1 for text), RoPE position,
-    next-token label (−100: none) and `uncond`. Per generated image (row-major order): pixels,
-    noise and timestep; per read image: pixels."""
+    """Rows of packed tokens. Per token `[R, L]`: ids, kind (PAD/TEXT/GEN/READ/LATENT), the
+    trajectory it belongs to (`sample`, −1 for padding), its image copy (`block`, −1 for text),
+    RoPE position, next-token label (−100: none) and `uncond`. Per generated image (row-major
+    order): pixels, noise and timestep; per vision copy: pixels; per clean latent copy: pixels."""
 
     input_ids: torch.Tensor
     kind: torch.Tensor
@@ -70,6 +75,7 @@ class PackedBatch:
     gen_t: torch.Tensor  # [M]
     gen_sample: torch.Tensor  # [M] trajectory of each generated image
     read_pixels: torch.Tensor  # [K, 3, H, W]
+    clean_pixels: torch.Tensor | None = None  # [C, 3, H, W]: images of the clean latent copies
     gen_xt: torch.Tensor | None = (
         None  # [M, N, D_tok]: given noisy states (RL) instead of noising pixels
     )
@@ -184,7 +190,7 @@ def _layout(
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
     copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
-    gen_pixels, read_pixels = [], []
+    gen_pixels, read_pixels, clean_pixels = [], [], []
     p, copy = 1, 0
     start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
@@ -222,10 +228,16 @@ def _layout(
             gen_pixels.append(pixels)
             copy += 1
         if not generated or later:
-            for _ in range(geometry.read_tokens):
-                add(tokenizer.pad_token_id, READ, p + 1, False, copy)
-            read_pixels.append(pixels)
-            copy += 1
+            if geometry.latent_context:
+                for _ in range(geometry.gen_tokens):
+                    add(tokenizer.pad_token_id, LATENT, p + 1, False, copy)
+                clean_pixels.append(pixels)
+                copy += 1
+            if geometry.vit_context:
+                for _ in range(geometry.read_tokens):
+                    add(tokenizer.pad_token_id, READ, p + 1, False, copy)
+                read_pixels.append(pixels)
+                copy += 1
             add(end, TEXT, p + 2, generated and not rl)
             p += 3
         else:
@@ -246,6 +258,7 @@ def _layout(
         "copy": copies,
         "gen_pixels": gen_pixels,
         "read_pixels": read_pixels,
+        "clean_pixels": clean_pixels,
         "noise": noise,
         "t": t,
         "uncond": uncond,
@@ -264,7 +277,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
         "labels": np.full(shape, -100, np.int64),
         "uncond": np.zeros(shape, bool),
     }
-    gen_pixels, noise, t, gen_sample, read_pixels = [], [], [], [], []
+    gen_pixels, noise, t, gen_sample, read_pixels, clean_pixels = [], [], [], [], [], []
     blocks = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -289,18 +302,24 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
                 )
             gen_pixels += item["gen_pixels"]
             read_pixels += item["read_pixels"]
+            clean_pixels += item["clean_pixels"]
             noise.append(item["noise"])
             t.append(item["t"])
             gen_sample += [item["index"]] * len(item["gen_pixels"])
             offset += n
     side = geometry.image_size
+
+    def stacked(images: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(images) if images else torch.zeros(0, 3, side, side)
+
     return PackedBatch(
         **{k: torch.from_numpy(v) for k, v in arrays.items()},
-        gen_pixels=torch.stack(gen_pixels) if gen_pixels else torch.zeros(0, 3, side, side),
+        gen_pixels=stacked(gen_pixels),
         gen_noise=torch.cat(noise),
         gen_t=torch.cat(t),
         gen_sample=torch.tensor(gen_sample, dtype=torch.long),
-        read_pixels=torch.stack(read_pixels) if read_pixels else torch.zeros(0, 3, side, side),
+        read_pixels=stacked(read_pixels),
+        clean_pixels=stacked(clean_pixels),
     )
 
 

@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
+        "--split",
+        choices=("train", "all"),
+        default="train",
+        help="train: no prompt with a combination reserved for evaluation (avr.world.split)",
+    )
+    b.add_argument(
         "--mode", default="adaptive", help="registered mode that builds every trajectory"
     )
     b.add_argument("--shard-size", type=int, default=500)
@@ -29,9 +35,32 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--sketch-error-rate", type=float, default=0.2, help="plan sketches drawn with an error"
     )
+    b.add_argument(
+        "--label-model",
+        metavar="DIR",
+        help="label adaptive trajectories with the cheapest mode that succeeds for this model",
+    )
+    b.add_argument("--label-samples", type=int, default=2, help="rollouts per prompt and mode")
+    b.add_argument(
+        "--label-threshold", type=float, default=0.5, help="success rate a mode must reach"
+    )
+    b.add_argument("--label-steps", type=int, default=10, help="ODE steps per labelling image")
     b.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     try:
+        labeler, source = None, "complexity"
+        if args.label_model:
+            from avr.backbone import from_pretrained
+            from avr.data.labels import ModeLabeler
+
+            labeler = ModeLabeler(
+                from_pretrained(args.label_model),
+                args.label_samples,
+                args.label_threshold,
+                args.label_steps,
+                args.seed,
+            )
+            source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
         manifest = build(
             args.output,
             args.n,
@@ -41,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             args.shard_size,
             args.resolution,
             args.sketch_error_rate,
+            args.split,
+            labeler,
+            source,
         )
-    except (ValueError, LookupError) as err:
+    except (ValueError, LookupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = Table(title=f"{manifest['n']} trajectories → {args.output} (seed {manifest['seed']})")
@@ -53,7 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         for value, count in manifest["counts"][key].items():
             table.add_row(key, value, str(count))
         table.add_section()
-    Console().print(table)
+    labels = Table(title=f"adaptive labels by level ({manifest['labels']['source']})")
+    labels.add_column("level")
+    labels.add_column("mode")
+    labels.add_column("trajectories", justify="right")
+    for level, modes in manifest["labels"]["by_level"].items():
+        for mode, count in modes.items():
+            labels.add_row(level, mode, str(count))
+    console = Console()
+    console.print(table)
+    console.print(labels)
     return 0
 
 

@@ -2,7 +2,8 @@
 sharded JSONL + PNG with a manifest.
 
 ```
-DIR/manifest.json          format version, seed, mix, mode, shard sizes, counts per mode/level/tag
+DIR/manifest.json          format version, seed, mix, split, mode, shard sizes, counts per
+                           mode/level/tag, the adaptive labels per level and where they came from
 DIR/shard-00000.jsonl      one trajectory per line (see `avr.sequence.trajectory_to_record`)
 DIR/images/…png            their images
 ```
@@ -17,6 +18,8 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,8 @@ import numpy as np
 from avr.data.teacher import ShapeWorldTeacher
 from avr.registry import MODES
 from avr.sequence import FORMAT_VERSION, trajectory_to_record
-from avr.world import PLANNING_TAGS, complexity, sample_scene, sample_spec
+from avr.world import PLANNING_TAGS, PromptSpec, complexity, sample_scene, sample_spec
+from avr.world.split import draw_in_split
 
 #: Tags that produce each complexity level (the level is checked on every spec).
 LEVEL_TAGS = {
@@ -64,8 +68,15 @@ def build(
     shard_size: int = 500,
     resolution: int = 64,
     sketch_error_rate: float = 0.2,
+    split: str = "train",
+    labeler: Callable[[str, PromptSpec], bool] | None = None,
+    label_source: str = "complexity",
 ) -> dict:
-    """Write `n` teacher trajectories of `mode` to `out` (replaced atomically); returns the manifest."""
+    """Write `n` teacher trajectories of `mode` to `out` (replaced atomically); returns the manifest.
+    Prompts come from `split` (`train` by default: no held-out combination, `avr.world.split`).
+    `labeler(mode, spec)` (e.g. `avr.data.labels.ModeLabeler`) labels adaptive trajectories with
+    the cheapest mode that succeeds for a model instead of by complexity level; the manifest
+    records the labels per level and their `label_source`."""
     out = Path(out)
     mode_obj = MODES.get(mode)()
     levels = list(mix)
@@ -76,16 +87,24 @@ def build(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
+    labels: dict[str, Counter] = {}  # level → mode the trajectory follows
     shards = []
     for start in range(0, n, shard_size):
         lines = []
         for i in range(start, min(n, start + shard_size)):
             rng = np.random.default_rng([seed, i])
-            spec = sample_spec(str(rng.choice(LEVEL_TAGS[level_of[i]])), rng)
+            tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
+            spec = draw_in_split(partial(sample_spec, tag), split, rng)
             level = complexity(spec).level
             if level != level_of[i]:
                 raise AssertionError(f"tag {spec.tag} gave level {level}, expected {level_of[i]}")
-            teacher = ShapeWorldTeacher(sample_scene(spec, rng), rng, resolution, sketch_error_rate)
+            teacher = ShapeWorldTeacher(
+                sample_scene(spec, rng),
+                rng,
+                resolution,
+                sketch_error_rate,
+                mode_succeeds=labeler,
+            )
             trajectory = mode_obj.build(teacher, spec)
             lines.append(json.dumps(trajectory_to_record(trajectory, f"{i:07d}", tmp)))
             for key, value in (
@@ -94,6 +113,8 @@ def build(
                 ("tag", spec.tag),
             ):
                 counts[key][value] += 1
+            by_level = labels.setdefault(level, Counter())
+            by_level[trajectory.meta["mode"]] += 1
         name = f"shard-{len(shards):05d}.jsonl"
         (tmp / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
         shards.append({"file": name, "records": len(lines)})
@@ -102,11 +123,16 @@ def build(
         "seed": seed,
         "n": n,
         "mix": mix,
+        "split": split,
         "mode": mode,
         "resolution": resolution,
         "sketch_error_rate": sketch_error_rate,
         "shards": shards,
         "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "labels": {
+            "source": label_source,
+            "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(labels.items())},
+        },
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if out.exists():

@@ -8,6 +8,7 @@ exactly the prompts it would have.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from avr.data.build import LEVEL_TAGS, parse_mix
 from avr.data.datamodule import StreamPosition
 from avr.world import PromptSpec, sample_spec
+from avr.world.split import draw_in_split, in_split
 
 
 class PromptStream(IterableDataset):
@@ -29,16 +31,18 @@ class PromptStream(IterableDataset):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        split: str = "train",
     ) -> None:
         self.batch_size, self.mix, self.seed, self.start = batch_size, mix, seed, start
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.split = rank, world_size, split
 
     def batch(self, number: int) -> list[PromptSpec]:
         """The specs of batch `number`."""
         rng = np.random.default_rng([self.seed, number])
         levels = list(self.mix)
         chosen = rng.choice(levels, size=self.batch_size, p=[self.mix[lv] for lv in levels])
-        return [sample_spec(str(rng.choice(LEVEL_TAGS[level])), rng) for level in chosen]
+        tags = [str(rng.choice(LEVEL_TAGS[level])) for level in chosen]
+        return [draw_in_split(partial(sample_spec, tag), self.split, rng) for tag in tags]
 
     def __iter__(self) -> Iterator[list[PromptSpec]]:
         local = self.start  # local batch k is global batch k·world_size + rank
@@ -56,16 +60,25 @@ class PromptDataModule(StreamPosition):
     module)."""
 
     def __init__(
-        self, batch_size: int = 4, mix: str = "simple=0.3,medium=0.4,complex=0.3", seed: int = 0
+        self,
+        batch_size: int = 4,
+        mix: str = "simple=0.3,medium=0.4,complex=0.3",
+        seed: int = 0,
+        split: str = "train",
     ) -> None:
-        """`mix`: share of each complexity level, as for `python -m avr.data build`."""
+        """`mix`: share of each complexity level, as for `python -m avr.data build`; `split`:
+        which prompts (`train`: none with a combination reserved for evaluation)."""
         super().__init__()
         self.batch_size, self.mix, self.seed = batch_size, parse_mix(mix), seed
+        in_split(PromptSpec("check", "", ()), split)  # an unknown split fails at config time
+        self.split = split
         self.batches_seen = 0
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.shard()
-        stream = PromptStream(self.batch_size, self.mix, self.seed, self.batches_seen, rank, world)
+        stream = PromptStream(
+            self.batch_size, self.mix, self.seed, self.batches_seen, rank, world, self.split
+        )
         return DataLoader(stream, batch_size=None, collate_fn=_as_is)
 
     def transfer_batch_to_device(self, batch: Any, device, dataloader_idx: int) -> Any:

@@ -1,4 +1,6 @@
-"""`TrajectoryGrid`: every N steps, roll out a few fixed prompts and log their images as a grid.
+"""Training callbacks: sampled trajectories as an image grid, and the generator's prompt use.
+
+`TrajectoryGrid`: every N steps, roll out a few fixed prompts and log their images as a grid.
 
 Each row is one trajectory: its images in order (drafts, sketches, refined, final), so a run shows
 what the model plans and fixes, not only where it ends. The prompts and modes are logged as text.
@@ -10,10 +12,11 @@ import lightning as L
 import numpy as np
 import torch
 from einops import rearrange
+from lightning.pytorch.utilities import rank_zero_warn
 
 from avr.policy import PolicyActor, SamplingConfig
 from avr.registry import MODES
-from avr.world import sample_specs
+from avr.world import sample_scene, sample_specs
 
 
 class TrajectoryGrid(L.Callback):
@@ -67,3 +70,44 @@ class TrajectoryGrid(L.Callback):
             for c, image in enumerate(images):
                 canvas[r, c] = image
         return rearrange(canvas, "r c h w k -> (r h) (c w) k"), captions
+
+
+class PromptUse(L.Callback):
+    """Every `every_n_steps`, how much the image generator follows its prompt, logged as
+    `val/prompt_use/<ratio>`: colour and shape precision, objects and extra objects per image,
+    exact scenes and accuracy of direct samples (ODE, `steps`) for `prompts` fixed held-out
+    prompts, and `val/prompt_use/shuffled_loss_ratio` (image loss with shuffled over right
+    prompts; 1 means the prompt is ignored)."""
+
+    def __init__(
+        self, every_n_steps: int = 250, prompts: int = 48, steps: int = 10, seed: int = 0
+    ) -> None:
+        self.every_n_steps, self.steps, self.seed = every_n_steps, steps, seed
+        tags = ("single_object", "two_object", "colors", "counting", "position", "color_attr")
+        self.specs = sample_specs(prompts, tags, seed=seed, split="heldout")
+        self.scenes = [
+            sample_scene(s, np.random.default_rng([seed, i])) for i, s in enumerate(self.specs)
+        ]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps:
+            return
+        for name, value in self.measure(module.backbone).items():  # the trained weights, not an EMA
+            module.log(f"val/prompt_use/{name}", value, rank_zero_only=True)
+
+    def measure(self, backbone) -> dict[str, float]:
+        """The ratios for `backbone`; empty for a backbone that is not a `UnifiedModel` (the
+        shuffled-prompt loss is a flow loss), with a warning the first time."""
+        from avr.backbone import UnifiedModel
+        from avr.conditioning import prompt_fidelity, shuffled_loss_ratio
+
+        if not isinstance(backbone, UnifiedModel):
+            rank_zero_warn(f"PromptUse measures unified models only, not {type(backbone).__name__}")
+            return {}
+        summary, _ = prompt_fidelity(backbone, self.specs, self.steps, self.seed)
+        right, shuffled = shuffled_loss_ratio(backbone, self.specs, self.scenes, self.seed)
+        summary["shuffled_loss_ratio"] = shuffled / right
+        return {k: v for k, v in summary.items() if v == v}  # NaN: nothing to count

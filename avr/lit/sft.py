@@ -57,7 +57,9 @@ class SFTModule(BackboneModule):
         )
         self.unified = self.backbone.kind == "unified"
         self.ce_weight = self.backbone.config.ce_weight if self.unified else 1.0
-        self.loss_fn = UnifiedLoss(self.ce_weight)
+        self.loss_fn = (
+            UnifiedLoss.for_model(self.backbone.config) if self.unified else UnifiedLoss()
+        )
         self.max_len = max_len
         self.ema = (
             AveragedModel(

@@ -22,6 +22,7 @@ from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.prompts import TAGS, sample_scene, sample_specs
 from avr.world.render import render
 from avr.world.spec import SpecError, iter_specs, save_specs
+from avr.world.split import SPLITS
 from avr.world.verify import VocabularyError, check_spec_vocabulary
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prompts(args, console: Console) -> None:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-    specs = sample_specs(args.n, tags, args.seed)
+    specs = sample_specs(args.n, tags, args.seed, args.split)
     save_specs(specs, args.output)
     counts = Counter((s.tag, complexity(s).level) for s in specs)
     table = Table(title=f"{len(specs)} prompts → {args.output}")
@@ -109,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tags", default=",".join(TAGS), help=f"comma-separated, from {', '.join(TAGS)}"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="heldout: only prompts with a combination training data never has (avr.world.split)",
+    )
     p.add_argument("-o", "--output", required=True, help="JSONL file to write")
     p.set_defaults(run=_prompts)
 

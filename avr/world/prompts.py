@@ -12,6 +12,7 @@ Tags: GenEval's six, plus two meant for planning:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
@@ -52,15 +53,23 @@ MAX_OBJECTS = 8
 _SAMPLER_MARGIN = (0.2, 0.65)
 
 
-def sample_specs(n: int, tags: Sequence[str] = TAGS, seed: int = 0) -> list[PromptSpec]:
-    """`n` specs cycling through `tags` in order, deterministic given `seed`."""
+def sample_specs(
+    n: int, tags: Sequence[str] = TAGS, seed: int = 0, split: str = "all"
+) -> list[PromptSpec]:
+    """`n` specs cycling through `tags` in order, deterministic given `seed`; `split` (`all`,
+    `train`, `heldout`) keeps only prompts of that split (`avr.world.split`)."""
+    from avr.world.split import draw_in_split, in_split
+
     unknown = [t for t in tags if t not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown tag {unknown[0]!r}; expected one of {', '.join(TAGS)}")
     if not tags:
         raise ValueError("no tags given")
+    in_split(PromptSpec("check", "", ()), split)  # an unknown split fails before any drawing
     rng = np.random.default_rng(seed)
-    return [sample_spec(tags[i % len(tags)], rng) for i in range(n)]
+    if split == "all":  # the historical stream, unchanged
+        return [sample_spec(tags[i % len(tags)], rng) for i in range(n)]
+    return [draw_in_split(partial(sample_spec, tags[i % len(tags)]), split, rng) for i in range(n)]
 
 
 def sample_spec(tag: str, rng: np.random.Generator) -> PromptSpec:

@@ -183,7 +183,7 @@ def test_missing_files_and_bad_json_are_named(tmp_path, bagel_dir):
 def test_flex_attention_matches_the_dense_mask_on_the_bagel_shape(bagel_dir, make_trajectories):
     """The configs' `attention: flex` path (QK-norm, both experts, NaViT reader) on CPU forward."""
     model = from_pretrained(bagel_dir, image_size=64, attention="sdpa").eval()
-    batch = pack(make_trajectories(4), model.tokenizer, model.geometry, 400, seeds=[1, 2, 3, 4])
+    batch = pack(make_trajectories(4), model.tokenizer, model.geometry, 600, seeds=[1, 2, 3, 4])
     assert batch.input_ids.shape[0] > 1
     with torch.no_grad():
         dense = model(batch)

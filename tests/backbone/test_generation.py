@@ -1,7 +1,13 @@
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
-from avr.backbone import Session, flow
+from avr.backbone import Session, flow, pack
+from avr.backbone.packing import FlowSettings
+from avr.defaults import tiny_model
+from avr.sequence import Segment, Trajectory
 
 
 def _session_run(
@@ -28,9 +34,13 @@ def _session_run(
 
 
 @pytest.mark.parametrize(
-    ("noise_level", "cfg_scale"), [(0.0, 1.0), (0.7, 3.0)], ids=["ode", "sde-cfg"]
+    ("noise_level", "cfg_scale", "context"),
+    [(0.0, 1.0, "both"), (0.7, 3.0, "both"), (0.0, 1.0, "latent"), (0.0, 1.0, "vit")],
+    ids=["ode", "sde-cfg", "ode-latent-context", "ode-vit-context"],
 )
-def test_cached_generation_equals_full_recomputation(model, noise_level, cfg_scale):
+def test_cached_generation_equals_full_recomputation(model, noise_level, cfg_scale, context):
+    if context != model.config.image_context:
+        model = tiny_model(0, dataclasses.replace(model.config, image_context=context)).eval()
     cached = _session_run(model, True, noise_level, cfg_scale)
     full = _session_run(model, False, noise_level, cfg_scale)
     assert cached[0].ids == full[0].ids and cached[2].ids == full[2].ids
@@ -99,7 +109,11 @@ def test_padding_rows_are_invisible(model):
         ("a red circle", "a much longer prompt with many words"),
         temperature=0.0,
     )
-    torch.testing.assert_close(alone[1].pixels[0], batched[1].pixels[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        alone[1].latents[:, 0], batched[1].latents[:, 0], rtol=1e-4, atol=1e-5
+    )
+    # pixels are 8-bit: float noise may move one value across a rounding boundary
+    torch.testing.assert_close(alone[1].pixels[0], batched[1].pixels[0], rtol=0, atol=1.01 / 255)
     assert alone[2].ids[0] == batched[2].ids[0]
 
 
@@ -111,7 +125,8 @@ def test_stop_tokens_end_rows_and_the_image_is_read_back(model):
     assert image.pixels.shape == (2, 3, 64, 64) and image.logprobs is None
     assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
     g = model.geometry
-    assert session.cache.length == length + 1 + g.read_tokens + 1  # <img>, clean copy, </img>
+    # <img>, the clean latent copy, the vision copy, </img>
+    assert session.cache.length == length + 1 + g.gen_tokens + g.read_tokens + 1
     first = session.last_logits.argmax(-1).tolist()
     stop = model.tokenizer.convert_ids_to_tokens(first[0])
     out = session.sample_text(5, stop=[stop], temperature=0.0)
@@ -122,3 +137,29 @@ def test_stop_tokens_end_rows_and_the_image_is_read_back(model):
     assert first[0] not in row[:-1] and (len(row) == 5 or row[-1] == first[0])
     with pytest.raises(ValueError, match="got 1 rows for a batch of 2"):
         session.append_tokens([[1]])
+
+
+@pytest.mark.parametrize("context", ["both", "latent", "vit"])
+def test_a_read_image_gives_the_context_teacher_forcing_gives(model, trajectories, context):
+    """The next-token logits after an image the session read equal teacher forcing's on the same
+    sequence: the session appends the clean copies the packer lays out (the path an image the
+    session has just drawn takes too)."""
+    model = tiny_model(0, dataclasses.replace(model.config, image_context=context)).eval()
+    image = trajectories[0].final_image
+    session = Session(model, 1)
+    session.append_tokens([[model.tokenizer.bos_token_id]])
+    session.append_text(["edit this"])
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    session.append_image(pixels[None])
+    trajectory = Trajectory(
+        [
+            Segment.prompt("edit this"),
+            Segment(image=image, role="input"),
+            Segment(text="ok", loss=True),
+        ]
+    )
+    batch = pack([trajectory], model.tokenizer, model.geometry, 512, [0], FlowSettings())
+    with torch.no_grad():
+        out = model(batch)
+    # the first CE target is the text's first token, predicted at </img>
+    torch.testing.assert_close(out.logits[0], session.last_logits[0], rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from avr.backbone import FlowSettings, UnifiedLoss, pack
-from avr.backbone.packing import GEN, READ, TEXT
+from avr.backbone.packing import GEN, LATENT, READ, TEXT
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
 from avr.defaults import tiny_model
 from avr.sequence import Segment, Trajectory
@@ -16,20 +16,26 @@ def _pack(model, trajs, seeds, max_len=2048):
     return pack(trajs, model.tokenizer, model.geometry, max_len, seeds, FLOW)
 
 
-@pytest.mark.parametrize("expert", [False, True], ids=["dense", "generation-expert"])
-def test_packed_loss_equals_per_sample_losses(trajectories, expert):
-    config = dataclasses.replace(tiny_model(0).config, generation_expert=expert)
+@pytest.mark.parametrize(
+    ("expert", "context"),
+    [(False, "both"), (True, "both"), (False, "vit"), (True, "latent")],
+    ids=["dense", "generation-expert", "vit-context", "latent-context-expert"],
+)
+def test_packed_loss_equals_per_sample_losses(trajectories, expert, context):
+    config = dataclasses.replace(
+        tiny_model(0).config, generation_expert=expert, image_context=context
+    )
     model = tiny_model(0, config).eval()
     seeds = [11, 12, 13, 14]
     batch = _pack(model, trajectories, seeds)
     assert batch.input_ids.shape[0] == 1  # all four share one row
     with torch.no_grad():
-        packed = UnifiedLoss.per_sample(model(batch))
+        packed = UnifiedLoss().per_sample(model(batch))
         loss, stats = UnifiedLoss(model.config.ce_weight)(model(batch))
     sums = [0.0, 0, 0.0, 0]
     for i, (traj, seed) in enumerate(zip(trajectories, seeds, strict=True)):
         with torch.no_grad():
-            alone = UnifiedLoss.per_sample(model(_pack(model, [traj], [seed])))[0]
+            alone = UnifiedLoss().per_sample(model(_pack(model, [traj], [seed])))[0]
         assert alone[1] == packed[i][1] and alone[3] == packed[i][3]
         assert alone[0] == pytest.approx(packed[i][0], rel=1e-5, abs=1e-5)
         assert alone[2] == pytest.approx(packed[i][2], rel=1e-5, abs=1e-5)
@@ -90,14 +96,20 @@ def test_layout_of_one_trajectory(model, trajectories):
     )
     start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
     g, r = model.geometry.gen_tokens, model.geometry.read_tokens
+    assert model.config.image_context == "both"
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     first = ids.index(start)
     assert labels[first - 1] == start  # the model learns to open an image
-    assert kind[first + 1 : first + 1 + g] == [GEN] * g
-    assert kind[first + 1 + g : first + 1 + g + r] == [READ] * r
-    assert ids[first + 1 + g + r] == end and labels[first + g + r] == end
-    assert set(pos[first + 1 : first + 1 + g + r]) == {pos[first] + 1}  # an image is one position
-    assert pos[first + 1 + g + r] == pos[first] + 2
+    assert kind[first + 1 : first + 1 + g] == [GEN] * g  # noisy copy
+    assert kind[first + 1 + g : first + 1 + 2 * g] == [LATENT] * g  # clean latent copy
+    assert kind[first + 1 + 2 * g : first + 1 + 2 * g + r] == [READ] * r  # vision copy
+    n = 2 * g + r
+    assert ids[first + 1 + n] == end and labels[first + n] == end
+    assert set(pos[first + 1 : first + 1 + n]) == {pos[first] + 1}  # an image is one position
+    assert pos[first + 1 + n] == pos[first] + 2
+    blocks = batch.block[0, first + 1 : first + 1 + n].tolist()
+    assert len(set(blocks)) == 3  # three copies, each its own bidirectional block
+    assert len(batch.clean_pixels) == len(batch.read_pixels) == 2  # both images are followed
     prompt_len = first - 1
     assert all(
         label == -100 for label in labels[: prompt_len - 1]
@@ -134,3 +146,26 @@ def test_bad_input_is_refused(model, trajectories):
             model(batch)
         finally:
             model.config.max_seq_len = saved
+
+
+@pytest.mark.parametrize("context", ["latent", "vit"])
+def test_later_tokens_read_the_clean_copy_the_context_names(model, trajectories, context):
+    """What follows a drafted image changes with the pixels of exactly the copy it can read."""
+    config = dataclasses.replace(model.config, image_context=context)
+    tiny = tiny_model(0, config).eval()
+    batch = _pack(tiny, [trajectories[1]], [3])
+    with torch.no_grad():
+        before = tiny(batch)
+        if context == "latent":
+            batch.clean_pixels = 1 - batch.clean_pixels
+        else:
+            batch.read_pixels = 1 - batch.read_pixels
+        after = tiny(batch)
+    assert not torch.allclose(before.logits, after.logits)  # the critique reads it
+    assert not torch.allclose(before.velocity[1], after.velocity[1])  # so does the refined image
+    torch.testing.assert_close(before.velocity[0], after.velocity[0])  # the draft cannot
+
+
+def test_image_context_is_validated():
+    with pytest.raises(ValueError, match="config key 'image_context': expected 'vit', 'latent'"):
+        dataclasses.replace(tiny_model(0).config, image_context="pixels")

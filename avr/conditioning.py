@@ -1,0 +1,267 @@
+"""Does the image generator use its prompt? Measurements, and a ladder of toy tasks.
+
+- `sample_direct`: draw one image per prompt straight after it (`<bos> prompt <mode:direct> <img>`),
+  as the direct mode does, with the ODE sampler and fixed noise;
+- `prompt_fidelity`: those images judged by the verifier, as `avr.world.fidelity.Fidelity` ratios
+  (colour and shape precision, objects per image, exact scenes);
+- `shuffled_loss_ratio`: the teacher-forced image flow loss of direct trajectories with their
+  prompts shuffled, over the loss with the right prompts, at the same noise and timesteps. A
+  generator that ignores its prompt scores 1; positions are random in ShapeWorld, so even a perfect
+  model's ratio stays modest on real prompts (it is a trend diagnostic);
+- the ladder (`RUNGS`, `climb`): text→image toy tasks of rising difficulty, each trained from scratch
+  in minutes on a CPU, so that a recipe change can be judged on the rung where conditioning fails
+  before hours go into a real run (`python -m avr.bench ladder --rung N`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from avr.backbone import UnifiedLoss, pack
+from avr.backbone.config import UnifiedConfig
+from avr.backbone.model import UnifiedModel
+from avr.backbone.packing import FlowSettings
+from avr.backbone.tokenizer import mode_token
+from avr.sequence import ImageRole, Segment, Trajectory
+from avr.world import (
+    COLORS,
+    SHAPES,
+    Clause,
+    PromptSpec,
+    Scene,
+    SceneObject,
+    Verifier,
+    render,
+    sample_scene,
+    sample_spec,
+)
+from avr.world.fidelity import Fidelity
+
+
+def direct_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajectory:
+    """The direct mode's SFT trajectory: prompt, `<mode:direct>`, the rendered scene."""
+    return Trajectory(
+        [
+            Segment.prompt(spec.prompt),
+            Segment(text=mode_token("direct"), loss=True),
+            Segment(image=render(scene, resolution), role=ImageRole.FINAL),
+        ]
+    )
+
+
+@torch.no_grad()
+def sample_direct(
+    model: UnifiedModel, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0
+) -> np.ndarray:
+    """One image per prompt `[B, H, W, 3]` (uint8), drawn in a batch after `<mode:direct>` with
+    the ODE sampler; the noise comes from `seed`."""
+    was_training = model.training
+    model.eval()
+    session = model.session(len(specs))
+    session.append_tokens([[model.tokenizer.bos_token_id]] * len(specs))
+    session.append_text([f"{s.prompt}{mode_token('direct')}" for s in specs])
+    image = session.generate_image(
+        steps=steps, read=False, generator=torch.Generator().manual_seed(seed)
+    )
+    model.train(was_training)
+    pixels = image.pixels.permute(0, 2, 3, 1).float().cpu().numpy()
+    return (pixels * 255).round().astype(np.uint8)
+
+
+def prompt_fidelity(
+    model: UnifiedModel,
+    specs: Sequence[PromptSpec],
+    steps: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[dict[str, float], np.ndarray]:
+    """`Fidelity` ratios of direct samples for `specs`, and the images themselves."""
+    verifier, fidelity, images = Verifier(), Fidelity(), []
+    for start in range(0, len(specs), batch_size):
+        chunk = specs[start : start + batch_size]
+        drawn = sample_direct(model, chunk, steps, seed + start)
+        fidelity.extend((verifier.verify(im, s), s) for im, s in zip(drawn, chunk, strict=True))
+        images.append(drawn)
+    return fidelity.summary(), np.concatenate(images)
+
+
+@torch.no_grad()
+def shuffled_loss_ratio(
+    model: UnifiedModel, specs: Sequence[PromptSpec], scenes: Sequence[Scene], seed: int = 0
+) -> tuple[float, float]:
+    """Image flow loss of direct trajectories with the right prompts and with the prompts
+    shuffled (a derangement), at the same noise and timesteps; returns (right, shuffled)."""
+    shifted = _other_prompts(specs)
+    was_training = model.training
+    model.eval()
+    side = model.config.image_size
+    flow = FlowSettings(
+        model.flow_settings.timestep_mean,
+        model.flow_settings.timestep_std,
+        model.flow_settings.timestep_shift,
+        0.0,
+    )
+    losses = []
+    for prompts in (specs, shifted):
+        trajectories = [direct_trajectory(p, s, side) for p, s in zip(prompts, scenes, strict=True)]
+        seeds = [seed + i for i in range(len(trajectories))]
+        batch = pack(
+            trajectories, model.tokenizer, model.geometry, model.config.max_seq_len, seeds, flow
+        )
+        batch = batch.to(next(model.parameters()).device)
+        _, stats = UnifiedLoss()(model(batch))
+        losses.append(float(stats["loss/image"]))
+    model.train(was_training)
+    return losses[0], losses[1]
+
+
+def _other_prompts(specs: Sequence[PromptSpec]) -> list[PromptSpec]:
+    """For each spec, the next one (cyclically) whose prompt text differs from it."""
+    n = len(specs)
+    out = []
+    for i, spec in enumerate(specs):
+        other = next(
+            (specs[(i + k) % n] for k in range(1, n) if specs[(i + k) % n].prompt != spec.prompt),
+            None,
+        )
+        if other is None:
+            raise ValueError("shuffled_loss_ratio needs at least two different prompts")
+        out.append(other)
+    return out
+
+
+# ---- the ladder ---------------------------------------------------------------------------
+
+
+def _one(shape: str, color: str, size: float, x: float = 0.5, y: float = 0.5):
+    spec = PromptSpec("single_object", f"a {color} {shape}", (Clause(shape, 1, color),))
+    return spec, Scene((SceneObject(shape, color, x, y, size),))
+
+
+def _two_fixed(rng: np.random.Generator):
+    if rng.random() < 0.5:
+        return _one("square", "red", 0.4, 0.3, 0.3)
+    return _one("circle", "blue", 0.4, 0.7, 0.7)
+
+
+def _colour_fixed(rng: np.random.Generator):
+    return _one("square", COLORS[rng.integers(len(COLORS))], 0.35)
+
+
+def _colour_placed(rng: np.random.Generator):
+    x, y = rng.uniform(0.25, 0.75, 2)
+    return _one("square", COLORS[rng.integers(len(COLORS))], 0.35, float(x), float(y))
+
+
+def _colour_shape(rng: np.random.Generator):
+    x, y = rng.uniform(0.25, 0.75, 2)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    return _one(shape, COLORS[rng.integers(len(COLORS))], 0.35, float(x), float(y))
+
+
+def _from_tags(*tags: str) -> Callable[[np.random.Generator], tuple[PromptSpec, Scene]]:
+    def draw(rng: np.random.Generator):
+        spec = sample_spec(tags[rng.integers(len(tags))], rng)
+        return spec, sample_scene(spec, rng)
+
+    return draw
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One toy task: what it asks, and how to draw a (spec, scene) pair from a generator."""
+
+    name: str
+    draw: Callable[[np.random.Generator], tuple[PromptSpec, Scene]]
+
+
+RUNGS: dict[int, Rung] = {
+    1: Rung("two prompts, two fixed images", _two_fixed),
+    2: Rung("one square at a fixed place, colour named", _colour_fixed),
+    3: Rung("one square at a random place, colour named", _colour_placed),
+    4: Rung("one object at a random place, colour and shape named", _colour_shape),
+    5: Rung("ShapeWorld single and two objects", _from_tags("single_object", "two_object")),
+    6: Rung("ShapeWorld counts and relations", _from_tags("counting", "position", "color_attr")),
+}
+
+
+@dataclass
+class ClimbResult:
+    """What one ladder run measured."""
+
+    rung: int
+    steps: int
+    seconds: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    fidelity: dict[str, float] = field(default_factory=dict)
+    loss_right: float = float("nan")
+    loss_shuffled: float = float("nan")
+    images: np.ndarray | None = None
+    model: UnifiedModel | None = None
+
+
+def climb(
+    rung: int,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    warmup: int = 30,
+    config: UnifiedConfig | None = None,
+    seed: int = 0,
+    eval_prompts: int = 48,
+    sample_steps: int = 10,
+    model: UnifiedModel | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ClimbResult:
+    """Train a fresh tiny model (or `model`) on rung `rung`'s direct trajectories, then judge it on
+    `eval_prompts` new prompts of the same rung. Fresh noise every step (seeds never repeat)."""
+    from avr.defaults import tiny_model
+
+    if rung not in RUNGS:
+        raise ValueError(f"unknown rung {rung}; expected one of {', '.join(map(str, RUNGS))}")
+    task = RUNGS[rung]
+    model = model or tiny_model(seed, config)
+    model.train()
+    side = model.config.image_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup))
+    )
+    rng = np.random.default_rng([seed, rung])
+    loss_fn = UnifiedLoss.for_model(model.config)
+    result = ClimbResult(rung, steps, 0.0, model=model)
+    start = time.perf_counter()
+    for step in range(steps):
+        pairs = [task.draw(rng) for _ in range(batch_size)]
+        trajectories = [direct_trajectory(spec, scene, side) for spec, scene in pairs]
+        seeds = [step * batch_size + i for i in range(batch_size)]
+        batch = pack(
+            trajectories,
+            model.tokenizer,
+            model.geometry,
+            model.config.max_seq_len,
+            seeds,
+            model.flow_settings,
+        )
+        loss, stats = loss_fn(model(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            result.loss_curve.append((step, float(stats["loss/image"])))
+            if log:
+                log(f"rung {rung} step {step}: image loss {float(stats['loss/image']):.4f}")
+    result.seconds = time.perf_counter() - start
+    held_out = np.random.default_rng([seed, rung, 1])
+    pairs = [task.draw(held_out) for _ in range(eval_prompts)]
+    specs, scenes = [p for p, _ in pairs], [s for _, s in pairs]
+    result.fidelity, result.images = prompt_fidelity(model, specs, sample_steps, seed)
+    result.loss_right, result.loss_shuffled = shuffled_loss_ratio(model, specs, scenes, seed)
+    return result

@@ -1,0 +1,81 @@
+"""How much an image follows its prompt, beyond GenEval's pass/fail.
+
+GenEval's semantics credit an image with *at least* the asked objects, so a generator that ignores
+its prompt and scatters many shape-like fragments passes simple prompts by luck. `Fidelity` counts
+what a prompt-blind generator cannot fake:
+
+- colour precision: the share of detected objects whose colour the prompt names (only over images
+  whose prompt names a colour; chance is about 1/6);
+- shape precision: the share of detected objects whose shape the prompt names (chance about 1/3);
+- objects per image against the objects the prompt asks for (extra objects per image);
+- exact scenes: the verdict is correct *and* nothing else is drawn (as many objects as asked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from avr.world.spec import PromptSpec
+from avr.world.verify import Verdict
+
+
+def asked_objects(spec: PromptSpec) -> int:
+    """Objects a scene of `spec` holds exactly (the include clauses' counts)."""
+    return sum(c.count for c in spec.include)
+
+
+@dataclass
+class Fidelity:
+    """Running counts over judged images; add verdicts with `update`, read the ratios."""
+
+    images: int = 0
+    exact: int = 0
+    correct: int = 0
+    objects: int = 0
+    asked: int = 0
+    extra: int = 0
+    colour_hits: int = 0
+    colour_objects: int = 0
+    shape_hits: int = 0
+
+    def update(self, verdict: Verdict, spec: PromptSpec) -> None:
+        """Count one image's `verdict` against its `spec`."""
+        found = verdict.detections
+        asked = asked_objects(spec)
+        colours = {c.color for c in spec.include if c.color}
+        shapes = {c.cls for c in spec.include}
+        self.images += 1
+        self.correct += verdict.correct
+        self.exact += verdict.correct and len(found) == asked
+        self.objects += len(found)
+        self.asked += asked
+        self.extra += max(0, len(found) - asked)
+        self.shape_hits += sum(d.shape in shapes for d in found)
+        if colours:
+            self.colour_objects += len(found)
+            self.colour_hits += sum(d.color in colours for d in found)
+
+    def extend(self, pairs: Iterable[tuple[Verdict, PromptSpec]]) -> Fidelity:
+        """`update` for each (verdict, spec); returns self."""
+        for verdict, spec in pairs:
+            self.update(verdict, spec)
+        return self
+
+    def summary(self) -> dict[str, float]:
+        """The ratios (NaN where nothing was counted): `colour_precision`, `shape_precision`,
+        `objects_per_image`, `asked_per_image`, `extra_per_image`, `exact`, `accuracy`."""
+        nan = float("nan")
+
+        def ratio(a: int, b: int) -> float:
+            return a / b if b else nan
+
+        return {
+            "colour_precision": ratio(self.colour_hits, self.colour_objects),
+            "shape_precision": ratio(self.shape_hits, self.objects),
+            "objects_per_image": ratio(self.objects, self.images),
+            "asked_per_image": ratio(self.asked, self.images),
+            "extra_per_image": ratio(self.extra, self.images),
+            "exact": ratio(self.exact, self.images),
+            "accuracy": ratio(self.correct, self.images),
+        }

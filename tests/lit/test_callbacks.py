@@ -1,0 +1,43 @@
+import csv
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from avr.data.build import build, parse_mix
+from avr.data.datamodule import TrajectoryDataModule
+from avr.lit.callbacks import PromptUse
+from avr.lit.sft import SFTModule
+from avr.world.split import is_held_out
+
+
+def test_prompt_use_measures_held_out_prompts():
+    callback = PromptUse(prompts=6, steps=2)
+    assert len(callback.specs) == 6 and all(is_held_out(s) for s in callback.specs)
+    module = SFTModule(model=None, seed=0)
+    measured = callback.measure(module.backbone)
+    # an untrained model detects no object, so the precisions are NaN and left out
+    assert {"objects_per_image", "exact", "accuracy", "shuffled_loss_ratio"} <= set(measured)
+    assert measured["shuffled_loss_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_sft_logs_prompt_use(tmp_path):
+    data = tmp_path / "data"
+    build(data, 8, parse_mix("simple=1"), seed=0, mode="direct")
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[PromptUse(every_n_steps=2, prompts=4, steps=2)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(
+        SFTModule(model=None, seed=0, ema_decay=0.9),
+        TrajectoryDataModule(str(data), batch_size=4, num_workers=0),
+    )
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    logged = [r for r in rows if r.get("val/prompt_use/shuffled_loss_ratio")]
+    assert len(logged) == 1 and float(logged[0]["val/prompt_use/shuffled_loss_ratio"]) > 0

@@ -1,0 +1,42 @@
+import math
+
+import numpy as np
+
+from avr.world import Clause, PromptSpec, Scene, SceneObject, render, sample_scene, sample_specs
+from avr.world.fidelity import Fidelity, asked_objects
+
+
+def test_ground_truth_renders_are_exact_and_precise(verifier):
+    specs = sample_specs(48, seed=3)
+    fidelity = Fidelity().extend(
+        (verifier.verify(render(sample_scene(s, np.random.default_rng(i))), s), s)
+        for i, s in enumerate(specs)
+    )
+    summary = fidelity.summary()
+    assert summary["colour_precision"] > 0.95 and summary["shape_precision"] > 0.95
+    assert summary["exact"] > 0.95 and summary["extra_per_image"] < 0.05
+    assert abs(summary["objects_per_image"] - summary["asked_per_image"]) < 0.1
+
+
+def test_extra_objects_pass_geneval_but_not_exact(verifier):
+    spec = PromptSpec("single_object", "a red circle", (Clause("circle", 1, "red"),))
+    right = SceneObject("circle", "red", 0.3, 0.3, 0.2)
+    extras = Scene((right, SceneObject("square", "blue", 0.7, 0.7, 0.2)))
+    fidelity = Fidelity()
+    verdict = verifier.verify(render(extras), spec)
+    assert verdict.correct  # GenEval's at-least semantics credit it
+    fidelity.update(verdict, spec)
+    summary = fidelity.summary()
+    assert summary["exact"] == 0.0 and summary["accuracy"] == 1.0
+    assert summary["extra_per_image"] == 1.0 and summary["objects_per_image"] == 2.0
+    assert summary["colour_precision"] == 0.5 and summary["shape_precision"] == 0.5
+
+
+def test_colour_precision_skips_prompts_that_name_no_colour(verifier):
+    spec = PromptSpec("single_object", "a square", (Clause("square", 1),))
+    assert asked_objects(spec) == 1
+    image = render(Scene((SceneObject("square", "green", 0.5, 0.5, 0.2),)))
+    summary = Fidelity().extend([(verifier.verify(image, spec), spec)]).summary()
+    assert math.isnan(summary["colour_precision"]) and summary["shape_precision"] == 1.0
+    assert summary["exact"] == 1.0
+    assert math.isnan(Fidelity().summary()["exact"])
