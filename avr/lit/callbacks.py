@@ -95,8 +95,12 @@ class PromptUse(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps:
             return
-        for name, value in self.measure(module.backbone).items():  # the trained weights, not an EMA
-            module.log(f"val/prompt_use/{name}", value, rank_zero_only=True)
+        if not trainer.is_global_zero:
+            return
+        measured = self.measure(module.backbone)  # the trained weights, not an EMA
+        metrics = {f"val/prompt_use/{name}": value for name, value in measured.items()}
+        for logger in trainer.loggers:  # straight to the loggers: one row at this step only
+            logger.log_metrics(metrics, step)
 
     def measure(self, backbone) -> dict[str, float]:
         """The ratios for `backbone`; empty for a backbone that is not a `UnifiedModel` (the

@@ -26,7 +26,7 @@ def test_sft_logs_prompt_use(tmp_path):
     data = tmp_path / "data"
     build(data, 8, parse_mix("simple=1"), seed=0, mode="direct")
     trainer = L.Trainer(
-        max_steps=2,
+        max_steps=4,
         logger=CSVLogger(tmp_path, name="csv"),
         callbacks=[PromptUse(every_n_steps=2, prompts=4, steps=2)],
         enable_checkpointing=False,
@@ -40,4 +40,5 @@ def test_sft_logs_prompt_use(tmp_path):
     (metrics,) = tmp_path.rglob("metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     logged = [r for r in rows if r.get("val/prompt_use/shuffled_loss_ratio")]
-    assert len(logged) == 1 and float(logged[0]["val/prompt_use/shuffled_loss_ratio"]) > 0
+    assert [r["step"] for r in logged] == ["2", "4"]  # once per measurement, not repeated
+    assert float(logged[0]["val/prompt_use/shuffled_loss_ratio"]) > 0
