@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from avr.data.build import LEVEL_TAGS, parse_mix
 from avr.data.datamodule import StreamPosition
 from avr.world import PromptSpec, sample_spec
-from avr.world.split import draw_in_split, in_split
+from avr.world.split import check_split, draw_in_split
 
 
 class PromptStream(IterableDataset):
@@ -70,7 +70,7 @@ class PromptDataModule(StreamPosition):
         which prompts (`train`: none with a combination reserved for evaluation)."""
         super().__init__()
         self.batch_size, self.mix, self.seed = batch_size, parse_mix(mix), seed
-        in_split(PromptSpec("check", "", ()), split)  # an unknown split fails at config time
+        check_split(split)  # an unknown split fails at config time
         self.split = split
         self.batches_seen = 0
 

@@ -58,14 +58,14 @@ def sample_specs(
 ) -> list[PromptSpec]:
     """`n` specs cycling through `tags` in order, deterministic given `seed`; `split` (`all`,
     `train`, `heldout`) keeps only prompts of that split (`avr.world.split`)."""
-    from avr.world.split import draw_in_split, in_split
+    from avr.world.split import check_split, draw_in_split
 
     unknown = [t for t in tags if t not in _WRITERS]
     if unknown:
         raise ValueError(f"unknown tag {unknown[0]!r}; expected one of {', '.join(TAGS)}")
     if not tags:
         raise ValueError("no tags given")
-    in_split(PromptSpec("check", "", ()), split)  # an unknown split fails before any drawing
+    check_split(split)  # an unknown split fails before any drawing
     rng = np.random.default_rng(seed)
     if split == "all":  # the historical stream, unchanged
         return [sample_spec(tags[i % len(tags)], rng) for i in range(n)]

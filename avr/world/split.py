@@ -69,21 +69,25 @@ def is_held_out(spec: PromptSpec) -> bool:
     return False
 
 
-def in_split(spec: PromptSpec, split: str) -> bool:
-    """Whether `spec` belongs to `split` (`all`, `train` or `heldout`)."""
+def check_split(split: str) -> None:
+    """Raise `ValueError` naming the valid splits unless `split` is one."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def in_split(spec: PromptSpec, split: str) -> bool:
+    """Whether `spec` belongs to `split` (`all`, `train` or `heldout`)."""
+    check_split(split)
     return split == "all" or is_held_out(spec) == (split == "heldout")
 
 
-def draw_in_split(draw, split: str, rng: np.random.Generator, tries: int = 1000):
-    """Call `draw(rng)` until the spec it returns (or the first item of what it returns) is in
-    `split`; every draw consumes `rng`, so the result is deterministic given its state."""
+def draw_in_split(draw, split: str, rng: np.random.Generator, tries: int = 1000) -> PromptSpec:
+    """Call `draw(rng)` until the spec it returns is in `split`; every draw consumes `rng`, so
+    the result is deterministic given its state."""
     for _ in range(tries):
-        item = draw(rng)
-        spec = item[0] if isinstance(item, tuple) else item
+        spec = draw(rng)
         if in_split(spec, split):
-            return item
+            return spec
     raise ValueError(f"no prompt in split {split!r} after {tries} draws")
 
 
