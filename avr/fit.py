@@ -1,9 +1,15 @@
 """`python -m avr.fit CONFIG.yaml [--section.key value …]`: train from a YAML through LightningCLI.
 
 The config names classes by `class_path` / `init_args` (`model`, `data`, and inside them modes and
-rewards); every `--a.b value` overrides the YAML; `${…}` interpolation works (omegaconf parser
-mode); `--print_config` prints the resolved config. Plugins from the `avr.modes` / `avr.rewards`
-entry points are loaded first, so their classes are known by short name too.
+rewards); every `--a.b value` overrides the YAML; `${…}` interpolation is resolved after the
+command line is read (jsonargparse's `omegaconf+` mode), so the shipped configs' loggers write under
+`${trainer.default_root_dir}` and `--trainer.default_root_dir X` moves every output; `--print_config`
+prints the resolved config. Plugins from the `avr.modes` / `avr.rewards` entry points are loaded
+first, so their classes are known by short name too.
+
+An error raised while building the model or data (an unknown mode, a missing model folder) is
+printed first, in one line, instead of under jsonargparse's dump of the whole config. When the run
+ends it prints where its logs, config and checkpoints went.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ import difflib
 import importlib
 import inspect
 import sys
+import traceback
+from pathlib import Path
 
+import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from avr.registry import load_plugins
 
@@ -35,15 +45,60 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # From the command line, LightningCLI reads the (rewritten) sys.argv itself: passing
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
         sys.argv[1:], args = args, None
-    return LightningCLI(
+    # Relative `${a.b}` paths in the YAML name top-level keys (not `fit.a.b` under the subcommand).
+    jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return AvrCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+class AvrCLI(LightningCLI):
+    """LightningCLI that names the cause of a failed instantiation and says where a run's outputs went."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _root_cause(err)
+            if cause is None:
+                raise
+            raise SystemExit(f"error: {type(cause).__name__}: {cause}") from err
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"logs:        {logger.log_dir}" for logger in trainer.loggers if logger.log_dir]
+        if trainer.log_dir and (Path(trainer.log_dir) / "config.yaml").is_file():
+            lines.append(f"config:      {Path(trainer.log_dir) / 'config.yaml'}")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            lines.append(f"checkpoints: {checkpoint.dirpath}")
+        if any(type(logger).__name__ == "TensorBoardLogger" for logger in trainer.loggers):
+            lines.append(f"view:        tensorboard --logdir {trainer.loggers[0].save_dir}")
+        Console(stderr=True).print("\n".join(["run finished; outputs:", *lines]), highlight=False)
+
+
+_PARSER_FILES = ("jsonargparse", f"lightning{Path('/pytorch/cli.py')}")
+
+
+def _root_cause(err: BaseException) -> BaseException | None:
+    """The innermost exception of `err`'s chain, when it was raised outside the argument parser
+    (by a class being built: a model, a mode, a reward); None when the parser itself failed."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    frames = traceback.extract_tb(chain[-1].__traceback__)
+    if not frames or any(part in frames[-1].filename for part in _PARSER_FILES):
+        return None
+    return chain[-1]
 
 
 #: The classes avr ships for each section (a full `class_path` to any other class works too).

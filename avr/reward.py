@@ -107,14 +107,20 @@ class FinalImageReward(Reward):
 
 @dataclass
 class RewardTerm:
-    """One component of a composite: the reward and its weight, kept together."""
+    """One component of a composite: the reward, its weight, and what a NaN score ("does not apply
+    to this sample", e.g. the step-wise reward of a `direct` rollout) contributes: `missing`
+    (default 0, no contribution), or None to let the NaN through, which makes that sample's
+    composite NaN and RL skips the step."""
 
     reward: Reward
     weight: float = 1.0
+    missing: float | None = 0.0
 
 
 class CompositeReward(Reward):
-    """`Σ weight · reward` over components, NaN components contributing nothing."""
+    """`Σ weight · reward` over components; a NaN component contributes its term's `missing`
+    (default 0). Infinite scores are kept as they are, never clamped to a finite number, so a
+    caller's finiteness check sees them (RL skips such a step)."""
 
     def __init__(self, terms: Mapping[str, RewardTerm], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -128,10 +134,17 @@ class CompositeReward(Reward):
         """The composite `[B]` and each component's own scores (NaN kept, for logging)."""
         parts = {name: term.reward.score(rollouts) for name, term in self.terms.items()}
         total = sum(
-            term.weight * torch.nan_to_num(parts[name], nan=0.0)
-            for name, term in self.terms.items()
+            term.weight * _fill_nan(parts[name], term.missing) for name, term in self.terms.items()
         )
         return total, parts
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return self.score_parts(rollouts)[0]
+
+
+def _fill_nan(scores: torch.Tensor, missing: float | None) -> torch.Tensor:
+    """`scores` with NaN replaced by `missing` (None: kept); ±inf are left alone (unlike
+    `torch.nan_to_num`, which would turn them into ±3.4e38, a finite reward that trains)."""
+    if missing is None:
+        return scores
+    return torch.where(torch.isnan(scores), torch.as_tensor(missing, dtype=scores.dtype), scores)

@@ -10,8 +10,7 @@ mkdir -p "$OUT"
 python -m avr.data build --n 4000 --seed 0 -o runs/sft-data
 
 # 2. SFT, 3,200 steps (experiments/sft.yaml), then export the embedded default.
-python -m avr.fit experiments/sft.yaml --trainer.default_root_dir "$OUT/sft" \
-  --trainer.logger.init_args.save_dir "$OUT/sft"
+python -m avr.fit experiments/sft.yaml --trainer.default_root_dir "$OUT/sft"
 python -m avr.export "$(ls -d "$OUT"/sft/logs/version_* | tail -1)/checkpoints/last.ckpt" \
   -o checkpoints/shapeworld-tiny-sft
 

@@ -41,6 +41,46 @@ def test_an_unknown_class_names_the_known_ones():
         fit(["experiments/rl.yaml", "--model.class_path", "avr.lit.rl.RLModul"])
 
 
+@pytest.mark.parametrize(
+    ("override", "cause"),
+    [
+        (
+            ["--model.init_args.mode", "adaptiv"],
+            r"^error: RegistryError: unknown mode 'adaptiv'; registered modes: .*adaptive",
+        ),
+        (
+            ["--model.init_args.model", "no/such/folder"],
+            r"^error: FileNotFoundError: model: no/such/folder is not a folder",
+        ),
+    ],
+)
+def test_a_failure_to_build_the_model_is_one_line_naming_the_cause(override, cause):
+    with pytest.raises(SystemExit, match=cause) as raised:
+        fit(["experiments/rl.yaml", *override])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("config", ["experiments/rl.yaml", "experiments/sft.yaml"])
+def test_every_output_follows_default_root_dir(config, capsys):
+    with pytest.raises(SystemExit):
+        fit([config, "--trainer.default_root_dir", "elsewhere/run", "--print_config"])
+    printed = capsys.readouterr().out
+    dirs = [line.split(":", 1)[1].strip() for line in printed.splitlines() if "save_dir:" in line]
+    assert dirs and set(dirs) == {"elsewhere/run"}
+
+
+def test_the_progress_bar_counts_steps_when_there_are_no_epochs():
+    import lightning as L
+
+    from avr.lit.callbacks import StepProgressBar
+
+    bar = StepProgressBar()
+    bar._trainer = L.Trainer(max_steps=30, callbacks=[bar], logger=False)  # set at fit's setup
+    assert bar._get_train_description(0) == "steps"
+    bar._trainer = L.Trainer(max_epochs=3, callbacks=[bar], logger=False)
+    assert bar._get_train_description(0).startswith("Epoch 0/2")
+
+
 @pytest.mark.slow
 def test_sft_trains_checkpoints_and_exports(tmp_path):
     data = tmp_path / "data"
@@ -97,10 +137,19 @@ def test_rl_trains_and_logs_every_component(tmp_path):
         "train/reward",
         "train/reward/compositional",
         "train/reward/format",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
         "train/text/ratio",
         "train/time/rollout",
     } <= logged
     assert len([r for r in rows if r.get("train/reward")]) == 2
+    assert all(r["train/skipped_steps"] == "0.0" for r in rows if r.get("train/reward"))
+    modes = [k for k in logged if k.startswith("train/mode/")]
+    assert {k.split("/")[2] for k in modes} == {"simple", "medium", "complex"}  # every level
+    for row in rows:  # every cell on every step: counts of this step's 2 rollouts
+        if row.get("train/reward"):
+            assert sum(float(row[k]) for k in modes) == 2
 
 
 def test_sft_with_lora_and_activation_checkpointing_exports_merged_weights(tmp_path):

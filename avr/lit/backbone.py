@@ -98,6 +98,12 @@ class BackboneModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log `train/grad_norm`: the total 2-norm of the gradients, before clipping."""
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         backbone = self.backbone
         if backbone.kind == "janus":

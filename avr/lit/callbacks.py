@@ -2,16 +2,21 @@
 
 `TrajectoryGrid`: every N steps, roll out a few fixed prompts and log their images as a grid.
 
-Each row is one trajectory: its images in order (drafts, sketches, refined, final), so a run shows
-what the model plans and fixes, not only where it ends. The prompts and modes are logged as text.
+Each row is one trajectory: its images in order (drafts, sketches, refined, final) and its text
+beside them, so a run shows what the model plans and fixes, not only where it ends.
+`PromptUse`: how much the image generator follows its prompt. `StepProgressBar`: a progress bar
+that counts steps for runs without epochs.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import lightning as L
 import numpy as np
 import torch
 from einops import rearrange
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
 from avr.policy import PolicyActor, SamplingConfig
@@ -20,7 +25,10 @@ from avr.world import sample_scene, sample_specs
 
 
 class TrajectoryGrid(L.Callback):
-    """Log a grid of sampled trajectories to TensorBoard every `every_n_steps` steps."""
+    """Every `every_n_steps` steps, roll out a few fixed prompts and log them to every logger that
+    takes images (TensorBoard): `samples/trajectories`, one row per trajectory with its images in
+    order (upscaled `scale` times, nearest neighbour) and its text (prompt, chosen mode, plan,
+    critiques) beside them; `samples/text`, the same text as a markdown table."""
 
     def __init__(
         self,
@@ -29,12 +37,19 @@ class TrajectoryGrid(L.Callback):
         mode: str = "adaptive",
         seed: int = 0,
         steps: int = 25,
+        scale: int = 3,
+        max_text_tokens: int = 96,
     ) -> None:
         """`prompts`: how many fixed ShapeWorld prompts (drawn once from `seed`); `mode`: the
-        registered mode to roll out with; `steps`: denoising steps (ODE)."""
-        self.every_n_steps, self.mode, self.seed = every_n_steps, mode, seed
+        registered mode to roll out with; `steps`: denoising steps (ODE); `scale`: upscaling;
+        `max_text_tokens`: the cap on each text segment (greedy decoding)."""
+        if scale < 1:
+            raise ValueError(f"TrajectoryGrid: scale must be ≥ 1, got {scale}")
+        self.every_n_steps, self.mode, self.seed, self.scale = every_n_steps, mode, seed, scale
         self.specs = sample_specs(prompts, seed=seed)
-        self.sampling = SamplingConfig(steps=steps, temperature=0.0)
+        self.sampling = SamplingConfig(
+            steps=steps, temperature=0.0, max_text_tokens=max_text_tokens
+        )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
@@ -42,34 +57,81 @@ class TrajectoryGrid(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        grid, captions = self.grid(module.backbone)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("samples/trajectories", grid, step, dataformats="HWC")
-            experiment.add_text("samples/prompts", "\n\n".join(captions), step)
+        grid, texts = self.grid(module.backbone)
+        table = "| prompt | trajectory |\n|---|---|\n" + "\n".join(
+            f"| {spec.prompt} | {_markdown_cell(text)} |"
+            for spec, text in zip(self.specs, texts, strict=True)
+        )
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("samples/trajectories", grid, step, dataformats="HWC")
+                experiment.add_text("samples/text", table, step)
 
     @torch.no_grad()
     def grid(self, backbone) -> tuple[np.ndarray, list[str]]:
-        """The grid `[rows·H, cols·W, 3]` (uint8, one row per prompt) and one caption per row."""
+        """The grid `[rows·H, W, 3]` (uint8, one row per prompt: its images, then a panel with its
+        text) and each row's text (`prompt → mode`, then every generated text segment)."""
         was_training = backbone.training
         backbone.eval()
         mode = MODES.get(self.mode)()
-        rows, captions = [], []
+        rows, texts = [], []
         for i, spec in enumerate(self.specs):
             actor = PolicyActor(
                 backbone, self.sampling, torch.Generator().manual_seed(self.seed + i)
             )
             trajectory = mode.rollout(actor, spec)
             rows.append([np.asarray(s.image) for s in trajectory.images])
-            captions.append(f"{spec.prompt} → {trajectory.meta['mode']}")
+            written = [s.text.strip() for s in trajectory.segments[1:] if s.text]
+            texts.append("\n".join([f"{spec.prompt} → {trajectory.meta['mode']}", *written]))
         backbone.train(was_training)
-        side = backbone.config.image_size
+        side = backbone.config.image_size * self.scale
         width = max(1, max(len(r) for r in rows))
         canvas = np.full((len(rows), width, side, side, 3), 255, dtype=np.uint8)
         for r, images in enumerate(rows):
             for c, image in enumerate(images):
-                canvas[r, c] = image
-        return rearrange(canvas, "r c h w k -> (r h) (c w) k"), captions
+                canvas[r, c] = image.repeat(self.scale, 0).repeat(self.scale, 1)
+        images = rearrange(canvas, "r c h w k -> r h (c w) k")
+        panels = [_text_panel(text, side, 2 * side) for text in texts]
+        return np.concatenate(
+            [np.concatenate(p, 1) for p in zip(images, panels, strict=True)]
+        ), texts
+
+
+def _text_panel(text: str, height: int, width: int) -> np.ndarray:
+    """`text` wrapped onto a white `height × width` panel with a grey left rule (PIL's built-in
+    font, so nothing is downloaded); lines that do not fit end in "…"."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    panel = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(panel)
+    draw.line([(0, 0), (0, height)], fill=(200, 200, 200), width=2)
+    chars = max(8, (width - 12) // 6)
+    text = "".join(c if c.isprintable() or c == "\n" else "·" for c in text.replace("→", "->"))
+    lines = [w for line in text.splitlines() for w in (textwrap.wrap(line, chars) or [""])]
+    fit = max(1, (height - 8) // 12)
+    if len(lines) > fit:
+        lines = [*lines[: fit - 1], "…"]
+    for n, line in enumerate(lines):
+        draw.text((8, 4 + 12 * n), line, fill=(0, 0, 0), font=font)
+    return np.asarray(panel)
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar that says `step n/max_steps` for a run bounded by steps (RL's prompt
+    stream has no epochs; Lightning's own bar says "Epoch 0/-2" there). The metrics logged with
+    `prog_bar=True` (RL's reward, SFT's loss) show beside it."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0 and (trainer.max_epochs or -1) < 0:
+            return "steps"
+        return super()._get_train_description(current_epoch)
 
 
 class PromptUse(L.Callback):

@@ -33,6 +33,7 @@ from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
 from avr.reward import CompositeReward, RewardTerm, Rollouts
 from avr.world import PromptSpec, complexity
+from avr.world.complexity import LEVELS
 
 
 class RLModule(BackboneModule):
@@ -115,6 +116,9 @@ class RLModule(BackboneModule):
         )
         self.bad_in_a_row = 0
         self.skipped = 0
+        # The modes a rollout can take: an adaptive mode's choices, else the mode itself (more
+        # are added as they show up: a user's mode may pick its own).
+        self._modes_seen: set[str] = set(getattr(self.mode, "choices", ()) or (self.mode.name,))
 
     def state_dict(self, *args, **kwargs):
         """The policy only: the frozen reference is the starting model, rebuilt, not saved."""
@@ -136,18 +140,22 @@ class RLModule(BackboneModule):
         advantages = group_advantages(rewards, groups, self.scale_std, self.advantage_clip)  # [B]
         scored = time.perf_counter()
         loss, stats = self.policy_loss(trajectories, advantages)
+        finite = bool(
+            torch.isfinite(rewards).all()
+            and torch.isfinite(advantages).all()
+            and torch.isfinite(loss)
+        )
+        if not finite:
+            self.skipped += 1
         self._log_step(
             trajectories,
             rewards,
             parts,
+            loss,
             stats,
             (rolled - start, scored - rolled, time.perf_counter() - scored),
         )
-        if not (
-            torch.isfinite(rewards).all()
-            and torch.isfinite(advantages).all()
-            and torch.isfinite(loss)
-        ):
+        if not finite:
             return self._skip("non-finite reward, advantage or loss")
         self.bad_in_a_row = 0
         return loss
@@ -300,8 +308,6 @@ class RLModule(BackboneModule):
 
     def _skip(self, why: str) -> None:
         self.bad_in_a_row += 1
-        self.skipped += 1
-        self.log("train/skipped_steps", float(self.skipped))
         if self.bad_in_a_row >= self.max_bad_steps:
             raise RuntimeError(
                 f"{self.bad_in_a_row} training steps in a row were skipped ({why}); stopping. "
@@ -309,11 +315,15 @@ class RLModule(BackboneModule):
             )
         return None
 
-    def _log_step(self, trajectories, rewards, parts, stats, seconds) -> None:
+    def _log_step(self, trajectories, rewards, parts, loss, stats, seconds) -> None:
         self.log("train/reward", rewards.nanmean(), prog_bar=True)
         for name, values in parts.items():
             if not torch.isnan(values).all():
                 self.log(f"train/reward/{name}", values.nanmean())
+        self.log("train/loss", loss.detach())
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/skipped_steps", float(self.skipped))  # every step, 0 included
         for name, value in stats.items():
             self.log(f"train/{name}", value)
         for name, value in zip(("rollout", "reward", "update"), seconds, strict=True):
@@ -324,13 +334,13 @@ class RLModule(BackboneModule):
             "train/text_tokens",
             float(np.mean([t.meta.get("text_tokens", 0) for t in trajectories])),
         )
-        by_level: dict[str, Counter] = {}
-        for t in trajectories:
-            by_level.setdefault(t.meta["level"], Counter())[t.meta["mode"]] += 1
-        for level, counts in by_level.items():
-            total = sum(counts.values())
-            for mode, n in counts.items():
-                self.log(f"train/mode/{level}/{mode}", n / total)
+        # Rollouts per (level, mode) this step, every cell logged every step (0 included), so a
+        # level that did not occur reads 0 rather than its last value.
+        counts = Counter((t.meta["level"], t.meta["mode"]) for t in trajectories)
+        self._modes_seen.update(mode for _, mode in counts)
+        for level in LEVELS:
+            for mode in sorted(self._modes_seen):
+                self.log(f"train/mode/{level}/{mode}", float(counts[level, mode]))
 
 
 def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:

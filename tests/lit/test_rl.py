@@ -47,6 +47,19 @@ def test_equal_rewards_give_no_gradient_and_no_nan():
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+class FirstInfinite(Reward):
+    def score(self, rollouts):
+        scores = torch.full((len(rollouts),), 0.5)
+        scores[0] = float("inf")
+        return scores
+
+
+def test_one_infinite_reward_in_a_group_skips_the_step():
+    module = _module(mode="direct", rewards={"c": RewardTerm(FirstInfinite(), 1.0)})
+    assert module.training_step(sample_specs(1, seed=2), 0) is None
+    assert module.skipped == 1 and module.bad_in_a_row == 1
+
+
 def test_non_finite_rewards_skip_steps_then_stop():
     module = _module(
         mode="direct", rewards={"c": RewardTerm(ConstantReward(float("inf")), 1.0)}, max_bad_steps=2
@@ -72,6 +85,15 @@ def test_trajectory_grid_shows_every_image_of_each_rollout():
     from avr.defaults import tiny_model
     from avr.lit.callbacks import TrajectoryGrid
 
-    grid, captions = TrajectoryGrid(prompts=2, mode="reflect", steps=2).grid(tiny_model(0))
-    assert grid.dtype == "uint8" and grid.shape[0] == 2 * 64 and grid.shape[1] % 64 == 0
-    assert len(captions) == 2 and all("→ reflect" in c for c in captions)
+    model = tiny_model(0)
+    grid, texts = TrajectoryGrid(prompts=2, mode="reflect", steps=2, scale=2).grid(model)
+    side = 2 * 64  # upscaled
+    assert grid.dtype == "uint8" and grid.shape[0] == 2 * side and grid.shape[1] % side == 0
+    assert len(texts) == 2 and all("→ reflect\n" in t for t in texts)  # then the critique
+    images = grid.shape[1] // side - 2  # the text panel is two images wide
+    assert images >= 1
+    panel = grid[:side, images * side :]
+    assert (panel < 128).any(), "the text panel is blank"
+    one = TrajectoryGrid(prompts=2, mode="reflect", steps=2, scale=1).grid(model)[0]
+    first = one[:64, :64]  # the first image, upscaled 2× by repetition in the big grid
+    assert (grid[:side:2, :side:2] == first).all()

@@ -7,7 +7,7 @@ from PIL import Image
 
 from avr.data.teacher import ShapeWorldTeacher
 from avr.registry import MODES, REWARDS, list_rewards
-from avr.reward import CompositeReward, RewardTerm, Rollouts
+from avr.reward import CompositeReward, Reward, RewardTerm, Rollouts
 from avr.sequence import Segment, Trajectory
 from avr.world import render, sample_scene, sample_specs
 
@@ -178,6 +178,31 @@ def test_composite_keeps_names_with_weights_and_ignores_nan():
     assert total.tolist() == parts["accuracy"].tolist()
     with pytest.raises(ValueError, match="at least one term"):
         CompositeReward({})
+
+
+class _Fixed(Reward):  # fixed scores, one per rollout
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def score(self, rollouts):
+        return torch.tensor(self.scores, dtype=torch.float32)
+
+
+def test_composite_keeps_infinite_scores_and_fills_nan_as_each_term_says():
+    rollouts = Rollouts.of([_direct(BLANK, 1)] * 3)
+    inf = float("inf")
+    composite = CompositeReward(
+        {"a": RewardTerm(_Fixed([inf, 0.5, -inf]), 1.0), "b": RewardTerm(_Fixed([1, 1, 1]), 1.0)}
+    )
+    assert composite.score(rollouts).tolist() == [inf, 1.5, -inf]  # not clamped to ±3.4e38
+    nan = float("nan")
+    zero = CompositeReward({"a": RewardTerm(_Fixed([nan, 0.5, 1.0]), 2.0)})
+    assert zero.score(rollouts).tolist() == [0.0, 1.0, 2.0]
+    given = CompositeReward({"a": RewardTerm(_Fixed([nan, 0.5, 1.0]), 2.0, missing=0.25)})
+    assert given.score(rollouts).tolist() == [0.5, 1.0, 2.0]
+    kept = CompositeReward({"a": RewardTerm(_Fixed([nan, 0.5, 1.0]), 2.0, missing=None)})
+    assert math.isnan(kept.score(rollouts)[0]) and kept.score(rollouts)[1:].tolist() == [1.0, 2.0]
 
 
 def test_clip_score_reward_with_a_tiny_random_clip(tiny_clip, tmp_path):
