@@ -33,6 +33,8 @@ from avr.registry import load_plugins
 def main(argv: list[str] | None = None) -> LightningCLI:
     """Parse `argv` (default: the command line) and fit."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["fit"] and len(args) > 1 and not args[1].startswith("-"):
+        args = args[1:]  # `avr fit CONFIG.yaml …`
     if (
         args
         and not args[0].startswith("-")

@@ -1,7 +1,7 @@
 import re
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -39,44 +39,21 @@ def test_a_duplicate_name_is_an_error():
         register_mode("direct")(Other)
 
 
-PLUGIN = {
-    "setup.cfg": """
-        [metadata]
-        name = avr-echo-plugin
-        version = 0.0.1
-        [options]
-        py_modules = echo_mode
-        [options.entry_points]
-        avr.modes =
-            echo = echo_mode:EchoMode
-    """,
-    "pyproject.toml": """
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-    """,
-    "echo_mode.py": '''
-        """A user's mode: draw twice, keep the second."""
-        from avr.protocol import Mode
-        from avr.registry import register_mode
-        from avr.sequence import ImageRole
-
-
-        @register_mode("echo")
-        class EchoMode(Mode):
-            def draft(self, actor, episode):
-                actor.draft(episode, ImageRole.DRAFT)
-                actor.draft(episode, ImageRole.FINAL)
-    ''',
-}
+def _readme_plugin(root: Path) -> dict[str, str]:
+    """The README's complete plugin package: its fenced blocks whose first line names a file under
+    `avr-echo/`."""
+    text = (root / "README.md").read_text()
+    files = dict(re.findall(r"```(?:toml|py)\n# avr-echo/([\w.]+)\n(.*?)```", text, flags=re.S))
+    assert set(files) == {"pyproject.toml", "echo_mode.py"}, sorted(files)
+    return files
 
 
 @pytest.mark.slow
-def test_a_users_package_registers_a_mode_used_by_name(tmp_path):
-    source, site = tmp_path / "src", tmp_path / "site"
+def test_the_readme_plugin_registers_a_mode_used_by_name(pytestconfig, tmp_path):
+    source, site = tmp_path / "avr-echo", tmp_path / "site"
     source.mkdir()
-    for name, text in PLUGIN.items():
-        (source / name).write_text(textwrap.dedent(text))
+    for name, text in _readme_plugin(pytestconfig.rootpath).items():
+        (source / name).write_text(text)
     subprocess.run(
         [
             sys.executable,
@@ -98,7 +75,7 @@ def test_a_users_package_registers_a_mode_used_by_name(tmp_path):
     listing = subprocess.run(
         [sys.executable, "-m", "avr.registry"], env=env, capture_output=True, text=True, check=True
     )
-    assert "echo_mode.EchoMode" in listing.stdout and "avr-echo-plugin" in listing.stdout
+    assert "echo_mode.EchoMode" in listing.stdout and "avr-echo" in listing.stdout
     out = tmp_path / "data"
     built = subprocess.run(
         [sys.executable, "-m", "avr.data", "build", "--n", "4", "--mode", "echo", "-o", str(out)],
@@ -111,3 +88,24 @@ def test_a_users_package_registers_a_mode_used_by_name(tmp_path):
     assert (
         '"role": "draft"' in record and '"role": "final"' in record and '"mode": "echo"' in record
     )
+    prompts = tmp_path / "prompts.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "avr.world", "prompts", "--n", "2", "-o", str(prompts)],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "avr.evaluate", "--model", str(pytestconfig.rootpath / "checkpoints"
+         / "shapeworld-tiny-sft"), "--prompts", str(prompts), "--modes", "direct,echo",
+         "--steps", "2", "-o", str(tmp_path / "eval")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert '"echo"' in (tmp_path / "eval" / "metrics.json").read_text()
+    # The suite's registry checks hold with the plugin installed (they read the registry).
+    suite = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_registry.py::test_unknown_name_lists_the_registered_ones",
+         "tests/data/test_pipeline.py::test_mix_and_mode_errors"],
+        env=env, cwd=pytestconfig.rootpath, capture_output=True, text=True,
+    )  # fmt: skip
+    assert suite.returncode == 0, suite.stdout[-2000:]
