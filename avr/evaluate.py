@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
+from avr.outputs import fresh_output_dir
 from avr.policy import PolicyActor, SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
@@ -276,15 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="(model, mode) runs at once, one thread each"
     )
-    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("-o", "--output", required=True, help="output folder (must be empty)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="empty a non-empty output folder first"
+    )
     args = parser.parse_args(argv)
     try:
         specs = load_specs(args.prompts)
+        if not specs:
+            raise ValueError(f"{args.prompts}: holds no prompts")
         for i, spec in enumerate(specs):
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
         modes = {m.strip(): MODES.get(m.strip())() for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
-    except (ValueError, LookupError, FileNotFoundError) as err:
+        fresh_output_dir(args.output, args.overwrite)
+    except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sampling = SamplingConfig(

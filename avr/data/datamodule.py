@@ -8,8 +8,10 @@
 - Distributed: rank `r` of `W` takes global batches `r, r + W, …`.
 - Packing happens in the workers, through the backbone's `Packer`, with per-record noise seeds
   `(seed, epoch, record)` so a record is noised the same however it is batched.
-- Bad records raise `TrajectoryError` naming file:line; with `skip_invalid`, each is logged with
-  the running count and skipped.
+- Bad records (invalid JSON or UTF-8, a missing or unreadable image, an image of another size than
+  the manifest's `resolution`, a shard shorter than its manifest) raise `TrajectoryError` naming
+  file:line; with `skip_invalid`, each is logged with the running count and skipped, and a run of
+  as many invalid records in a row as the data set holds stops with an error instead of looping.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class TrajectoryStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lines: dict[str, list[str]] = {}
-        skipped = 0
+        lines: dict[str, list[bytes]] = {}
+        skipped = skipped_in_a_row = 0
         # This process's local batches are start, start + 1, … (the loader takes its workers
         # round-robin); local batch k is global batch k·world_size + rank.
         local = self.start + worker
@@ -83,32 +85,58 @@ class TrajectoryStream(IterableDataset):
             for record in records:
                 file, line = self.index[record]
                 if file not in lines:
-                    lines[file] = (self.root / file).read_text(encoding="utf-8").splitlines()
+                    lines[file] = (self.root / file).read_bytes().splitlines()
                 try:
-                    trajectories.append(self._read(file, line, lines[file][line]))
+                    trajectories.append(self._read(file, line, lines[file]))
                     seeds.append(
                         int(np.random.SeedSequence([self.seed, epoch, record]).generate_state(1)[0])
                     )
+                    skipped_in_a_row = 0
                 except TrajectoryError as err:
                     if not self.skip_invalid:
                         raise
                     skipped += 1
+                    skipped_in_a_row += 1
                     log.warning(
                         "skipped invalid record (%d so far in worker %d): %s", skipped, worker, err
                     )
+                    if skipped_in_a_row >= len(self.index):
+                        raise TrajectoryError(
+                            f"{self.root}: {skipped_in_a_row} invalid records in a row, as many "
+                            "as the data set holds: nothing to train on (skip_invalid skips bad "
+                            f"records, it cannot make a batch without good ones); last: {err}"
+                        ) from None
             if trajectories:
                 yield self.packer(trajectories, seeds) if self.packer else trajectories
             local += workers
 
-    def _read(self, file: str, line: int, text: str) -> Trajectory:
+    def _read(self, file: str, line: int, lines: list[bytes]) -> Trajectory:
         where = f"{self.root / file}:{line + 1}"
+        if line >= len(lines):
+            raise TrajectoryError(
+                f"{where}: missing: the shard has {len(lines)} lines where manifest.json "
+                "says it has more (a truncated or replaced shard)"
+            )
         try:
-            record = json.loads(text)
+            record = json.loads(lines[line].decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise TrajectoryError(
+                f"{where}: not UTF-8 (byte {err.object[err.start]:#04x} at column {err.start + 1})"
+            ) from None
         except json.JSONDecodeError as err:
             raise TrajectoryError(
                 f"{where}: not valid JSON ({err.msg} at column {err.colno})"
             ) from None
-        return record_to_trajectory(record, self.root, where)
+        trajectory = record_to_trajectory(record, self.root, where)
+        side = self.manifest.get("resolution")
+        for k, segment in enumerate(trajectory.segments):
+            if segment.is_image and side and segment.image.size != (side, side):
+                w, h = segment.image.size
+                raise TrajectoryError(
+                    f"{where}: segments[{k}]: a {w}×{h} image where manifest.json says "
+                    f"{side}×{side}"
+                )
+        return trajectory
 
 
 def read_manifest(root: Path) -> dict:

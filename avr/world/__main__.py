@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from avr.outputs import fresh_output_dir
 from avr.world.complexity import LEVELS, complexity
 from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.prompts import TAGS, sample_scene, sample_specs
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         args.run(args, console)
-    except (SpecError, VocabularyError, FileNotFoundError, ValueError) as err:
+    except (SpecError, VocabularyError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)  # unwrapped: paths stay whole
         return 2
     return 0
@@ -54,8 +55,11 @@ def _prompts(args, console: Console) -> None:
 
 def _render(args, console: Console) -> None:
     entries = list(iter_specs(args.prompts))
+    if not entries:
+        raise ValueError(f"{args.prompts}: holds no prompts")
     for where, spec in entries:
         check_spec_vocabulary(spec, where)
+    fresh_output_dir(args.output, args.overwrite)
     for index, (_, spec) in enumerate(entries):
         images = [
             render(
@@ -121,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", help="ground-truth renders in GenEval's output layout")
     r.add_argument("prompts", help="prompt JSONL (GenEval metadata format)")
-    r.add_argument("-o", "--output", required=True, help="folder: OUT/00000/samples/0000.png, …")
+    r.add_argument(
+        "-o", "--output", required=True, help="empty folder: OUT/00000/samples/0000.png, …"
+    )
+    r.add_argument("--overwrite", action="store_true", help="empty a non-empty output folder first")
     r.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
     r.add_argument("--resolution", type=int, default=64)
     r.add_argument("--seed", type=int, default=0, help="seed of the scene layouts")
