@@ -75,7 +75,8 @@ def _render(args, console: Console) -> None:
 
 
 def _score(args, console: Console) -> None:
-    summary = summarize(score_folder(args.folder))
+    records = score_folder(args.folder, allow_missing=args.allow_missing)
+    summary = summarize(records)
     table = Table(title=f"ShapeWorld verifier: {args.folder} ({summary.images} images)")
     table.add_column("group")
     table.add_column("accuracy", justify="right")
@@ -101,6 +102,11 @@ def _score(args, console: Console) -> None:
         style="bold",
     )
     console.print(table)
+    missing = [r for r in records if r.get("missing")]
+    if missing:
+        console.print(f"{len(missing)} missing or unreadable images counted as failures:")
+        for record in missing:
+            console.print(f"  {record['reason']}", highlight=False)
     console.print(f"results: {args.folder}/results.jsonl")
 
 
@@ -136,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score every image of a GenEval-layout folder")
     s.add_argument("folder")
+    s.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="count a prompt without images, or an unreadable image, as a failed image "
+        "(reported) instead of stopping",
+    )
     s.set_defaults(run=_score)
     return parser
 

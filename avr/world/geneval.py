@@ -6,6 +6,11 @@ OUT/00000/samples/0000.png   its images, whoever drew them
 OUT/results.jsonl            written by `score_folder`: one line per image
 ```
 
+Every prompt folder must hold at least one image, and every file in `samples/` must be a readable
+square PNG of at least 16 px; anything else is an error naming the file (`allow_missing`: counted
+as a failed image, with the reason, instead). Images with transparency are composited over the
+white ShapeWorld canvas first, so a fully transparent image is a blank canvas, not a black one.
+
 The summary follows GenEval's `summary_scores.py`: accuracy per tag is the mean of `correct` over that
 tag's images, and the overall accuracy is the mean over tags (each tag weighs the same).
 """
@@ -19,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from avr.world.complexity import LEVELS, complexity
 from avr.world.spec import PromptSpec, SpecError, iter_specs
@@ -56,7 +61,7 @@ def iter_prompts(out: str | os.PathLike) -> Iterator[tuple[str, PromptSpec, list
         if len(specs) != 1:
             raise SpecError(f"{meta}: expected exactly one spec line, found {len(specs)}")
         where, spec = specs[0]
-        samples = sorted((folder / "samples").glob("*.png"))
+        samples = sorted((folder / "samples").iterdir()) if (folder / "samples").is_dir() else []
         yield where, spec, samples
 
 
@@ -71,32 +76,48 @@ class Summary:
     images: int
 
 
-def score_folder(out: str | os.PathLike, verifier: Verifier | None = None) -> list[dict]:
+def score_folder(
+    out: str | os.PathLike, verifier: Verifier | None = None, allow_missing: bool = False
+) -> list[dict]:
     """Score every image under `out`, write `out/results.jsonl`, return its records.
 
     Every spec is checked against ShapeWorld's vocabulary before any image is scored, so a folder of
-    real GenEval prompts fails at once, naming the first foreign class and where it is.
+    real GenEval prompts fails at once, naming the first foreign class and where it is. A prompt
+    without images, or an image that cannot be read (see the module docstring), is a `ValueError`
+    naming it; with `allow_missing` it is recorded as a failed image (`correct: false`, `missing:
+    true`, the reason) and counted.
     """
     verifier = verifier or Verifier()
     prompts = list(iter_prompts(out))
     for where, spec, _ in prompts:
         check_spec_vocabulary(spec, where)
     records = []
-    for _, spec, samples in prompts:
+    for where, spec, samples in prompts:
         level = complexity(spec).level
+        common = {"tag": spec.tag, "prompt": spec.prompt, "level": level}
+        common["metadata"] = spec.to_line()
+        if not samples:
+            folder = Path(where.rsplit(":", 1)[0]).parent / "samples"
+            samples = [folder]  # reported below as the missing image
         for path in samples:
-            with Image.open(path) as image:
-                verdict = verifier.verify(image.convert("RGB"), spec)
+            try:
+                image = read_sample(path)
+            except ValueError as err:
+                if not allow_missing:
+                    raise
+                records.append(
+                    {"filename": str(path), **common, "correct": False, "reason": str(err),
+                     "score": 0.0, "missing": True}
+                )  # fmt: skip
+                continue
+            verdict = verifier.verify(image, spec)
             records.append(
                 {
                     "filename": str(path),
-                    "tag": spec.tag,
-                    "prompt": spec.prompt,
+                    **common,
                     "correct": verdict.correct,
                     "reason": verdict.reason,
                     "score": verdict.score,
-                    "level": level,
-                    "metadata": spec.to_line(),
                 }
             )
     target = Path(out) / "results.jsonl"
@@ -104,6 +125,38 @@ def score_folder(out: str | os.PathLike, verifier: Verifier | None = None) -> li
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, target)
     return records
+
+
+MIN_SIDE = 16
+
+
+def read_sample(path: Path) -> Image.Image:
+    """One sample as RGB: a readable, square PNG of at least `MIN_SIDE` px, transparency
+    composited over white; anything else is a `ValueError` naming `path`."""
+    path = Path(path)
+    if path.name == "samples" and not path.is_file():  # a prompt folder without images
+        raise ValueError(f"{path}: no PNG images (every prompt needs at least one)")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.copy()
+            kind = opened.format
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+    if kind != "PNG":
+        raise ValueError(f"{path}: a {kind} file; samples must be PNG")
+    width, height = image.size
+    if width != height or width < MIN_SIDE:
+        raise ValueError(
+            f"{path}: a {width}×{height} image; samples must be square and at least "
+            f"{MIN_SIDE} px (ShapeWorld renders 64×64)"
+        )
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def summarize(records: list[dict]) -> Summary:

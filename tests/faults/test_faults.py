@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 
 import pytest
@@ -111,3 +112,69 @@ def test_an_empty_prompt_file_is_an_error(tmp_path, capsys):
     model = "checkpoints/shapeworld-tiny-sft"
     assert evaluate(["--model", model, "--prompts", str(empty), "-o", str(tmp_path / "e")]) == 2
     assert "empty.jsonl: holds no prompts" in capsys.readouterr().err
+
+
+# ---- scoring: nothing dropped silently, nothing unreadable scored -----------------------------
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "3", "--tags", "single_object", "-o", str(prompts)]) == 0
+    assert world(["render", str(prompts), "-o", str(tmp_path / "out")]) == 0
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("no_samples_folder", r"00001/samples: no PNG images"),
+        ("jpeg", r"00001/samples/0000\.jpg: a JPEG file; samples must be PNG"),
+        ("zero_byte", r"00001/samples/0000\.png: not a readable image"),
+        ("truncated", r"00001/samples/0000\.png: not a readable image"),
+        ("folder_named_png", r"00001/samples/0000\.png: not a file"),
+        ("seven_px", r"00001/samples/0000\.png: a 7×7 image; samples must be square"),
+        ("not_square", r"00001/samples/0000\.png: a 64×32 image; samples must be square"),
+    ],
+)
+def test_score_names_a_missing_or_unreadable_image_or_counts_it(rendered, fault, message, capsys):
+    from avr.world.__main__ import main as world
+
+    samples = rendered / "00001" / "samples"
+    png = samples / "0000.png"
+    if fault == "no_samples_folder":
+        shutil.rmtree(samples)
+    elif fault == "jpeg":
+        Image.open(png).convert("RGB").save(samples / "0000.jpg", "JPEG")
+        png.unlink()
+    elif fault == "zero_byte":
+        png.write_bytes(b"")
+    elif fault == "truncated":
+        png.write_bytes(png.read_bytes()[:60])
+    elif fault == "folder_named_png":
+        png.unlink()
+        png.mkdir()
+    else:
+        Image.new("RGB", (7, 7) if fault == "seven_px" else (64, 32), "white").save(png)
+    assert world(["score", str(rendered)]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert world(["score", str(rendered), "--allow-missing"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 missing or unreadable images counted as failures" in printed
+    records = [json.loads(line) for line in (rendered / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and sum(r["correct"] for r in records) == 2  # counted, not dropped
+
+
+def test_a_fully_transparent_image_is_a_blank_canvas_not_a_match(rendered):
+    from avr.world.geneval import score_folder
+
+    png = rendered / "00000" / "samples" / "0000.png"
+    drawn = Image.open(png).convert("RGBA")
+    assert score_folder(rendered)[0]["correct"] is True
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(png)
+    assert score_folder(rendered)[0]["correct"] is False
+    drawn.save(png)  # the same image with an opaque alpha channel scores as the RGB one
+    assert score_folder(rendered)[0]["correct"] is True
