@@ -8,8 +8,9 @@ prints the resolved config. Plugins from the `avr.modes` / `avr.rewards` entry p
 first, so their classes are known by short name too.
 
 An error raised while building the model or data (an unknown mode, a missing model folder) is
-printed first, in one line, instead of under jsonargparse's dump of the whole config. When the run
-ends it prints where its logs, config and checkpoints went.
+printed first, in one line, instead of under jsonargparse's dump of the whole config. Checkpoints
+are written beside their destination and renamed into place (`avr.lit.checkpointing`). When the
+run ends it prints where its logs, config and checkpoints went.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pathlib import Path
 import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from avr.lit.checkpointing import AtomicCheckpointIO
 from avr.registry import load_plugins
 
 
@@ -71,6 +74,9 @@ class AvrCLI(LightningCLI):
             if cause is None:
                 raise
             raise SystemExit(f"error: {type(cause).__name__}: {cause}") from err
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def after_fit(self) -> None:
         trainer = self.trainer

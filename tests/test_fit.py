@@ -12,6 +12,7 @@ from avr.data.build import build, parse_mix
 from avr.defaults import tiny_model
 from avr.export import main as export
 from avr.fit import main as fit
+from avr.lit.checkpointing import AtomicCheckpointIO
 
 CONFIGS = sorted(glob.glob("experiments/*.yaml") + glob.glob("experiments/bagel/*.yaml"))
 
@@ -86,7 +87,7 @@ def test_sft_trains_checkpoints_and_exports(tmp_path):
     data = tmp_path / "data"
     build(data, 16, parse_mix("simple=1,medium=1,complex=1"), seed=0)
     root = tmp_path / "run"
-    fit(
+    cli = fit(
         [
             "experiments/sft.yaml",
             "--trainer.max_steps",
@@ -101,6 +102,7 @@ def test_sft_trains_checkpoints_and_exports(tmp_path):
             "4",
         ]
     )
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     (checkpoint,) = Path(root).rglob("last.ckpt")
     torch.load(checkpoint, map_location="cpu", weights_only=True)  # no pickle needed
     assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0

@@ -97,8 +97,6 @@ def sample_scene(
 
     check_spec_vocabulary(spec)
     wanted = [(i, c) for i, c in enumerate(spec.include) for _ in range(c.count)]
-    if len(wanted) > MAX_OBJECTS:
-        raise ValueError(f"a spec with {len(wanted)} objects exceeds MAX_OBJECTS = {MAX_OBJECTS}")
     for _ in range(tries):
         scene = _try_place(spec, wanted, rng, size, gap)
         if scene is not None:

@@ -108,26 +108,56 @@ def parse_spec(data: Any, where: str = "<spec>") -> PromptSpec:
                 f"{where}: include[{i}].position: the target index must name an earlier include "
                 f"clause (0..{i - 1}), got {clause.position[1]}"
             )
+    for i, wanted in enumerate(include):
+        for j, banned in enumerate(exclude):
+            if (
+                banned.cls == wanted.cls
+                and banned.color in (None, wanted.color)
+                and banned.count <= wanted.count
+            ):
+                what = " ".join(w for w in (banned.color, banned.cls) if w)
+                raise SpecError(
+                    f"{where}: exclude[{j}] forbids {banned.count} or more {what}, but "
+                    f"include[{i}] asks for {wanted.count}: no image can satisfy this spec"
+                )
     extra = {k: v for k, v in data.items() if k not in _SPEC_KEYS}
     return PromptSpec(tag, prompt, include, exclude, extra)
 
 
 def parse_line(line: str, where: str = "<spec>") -> PromptSpec:
-    """Parse one JSONL line; malformed JSON is a `SpecError` naming `where`."""
+    """Parse one JSONL line; malformed JSON or a key given twice in one object is a `SpecError`
+    naming `where` (JSON parsers keep the last silently)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise SpecError(f"{where}: key {key!r} appears twice in one object")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(line)
+        data = json.loads(line, object_pairs_hook=unique)
     except json.JSONDecodeError as err:
         raise SpecError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     return parse_spec(data, where)
 
 
 def iter_specs(path: str | os.PathLike) -> Iterator[tuple[str, PromptSpec]]:
-    """Yield `(file:line, spec)` for each non-blank line of a JSONL file."""
+    """Yield `(file:line, spec)` for each non-blank line of a JSONL file (UTF-8; other bytes are a
+    `SpecError` naming the line)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SpecError(
+                    f"{where}: not UTF-8 (byte {err.object[err.start]:#04x} at column "
+                    f"{err.start + 1})"
+                ) from None
             if line.strip():
-                where = f"{path}:{number}"
                 yield where, parse_line(line, where)
 
 

@@ -103,7 +103,16 @@ class Verdict:
 
 
 def check_spec_vocabulary(spec: PromptSpec, where: str = "<spec>") -> None:
-    """Raise `VocabularyError` naming the first class or color outside ShapeWorld's vocabulary."""
+    """Raise `VocabularyError` naming the first class or color outside ShapeWorld's vocabulary, or
+    a spec asking for more objects than ShapeWorld draws (`MAX_OBJECTS`)."""
+    from avr.world.prompts import MAX_OBJECTS
+
+    objects = sum(clause.count for clause in spec.include)
+    if objects > MAX_OBJECTS:
+        raise VocabularyError(
+            f"{where}: asks for {objects} objects; ShapeWorld draws at most MAX_OBJECTS = "
+            f"{MAX_OBJECTS} in one image"
+        )
     for clause in (*spec.include, *spec.exclude):
         if clause.cls not in SHAPES:
             raise VocabularyError(

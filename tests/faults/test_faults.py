@@ -178,3 +178,89 @@ def test_a_fully_transparent_image_is_a_blank_canvas_not_a_match(rendered):
     assert score_folder(rendered)[0]["correct"] is False
     drawn.save(png)  # the same image with an opaque alpha channel scores as the RGB one
     assert score_folder(rendered)[0]["correct"] is True
+
+
+# ---- checkpoints: whole or absent, wherever TMPDIR points -------------------------------------
+
+
+def test_a_checkpoint_is_written_beside_its_destination_not_in_tmpdir(tmp_path, monkeypatch):
+    import tempfile
+
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from avr.lit.checkpointing import AtomicCheckpointIO
+
+    state = {"w": torch.arange(1000.0)}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))  # TMPDIR elsewhere
+    with pytest.raises(OSError):  # Lightning's writer stages the file in TMPDIR
+        TorchCheckpointIO().save_checkpoint(state, tmp_path / "lightning.ckpt")
+    target = tmp_path / "ckpt" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(state, target)
+    loaded = torch.load(target, weights_only=True)
+    assert torch.equal(loaded["w"], state["w"])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_a_save_killed_midway_leaves_the_old_checkpoint_and_no_leftovers(tmp_path, monkeypatch):
+    import torch
+
+    from avr.lit import checkpointing
+    from avr.lit.checkpointing import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, target)
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the run is stopped during the write
+
+    monkeypatch.setattr(checkpointing.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True)["step"] == 1  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    (tmp_path / ".epoch=0-step=9.ckpt.tmp-4242").write_bytes(b"left by a SIGKILL")
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # cleaned at the next save
+
+
+# ---- prompt files ----------------------------------------------------------------------------
+
+GOOD = '{"tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}'
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (GOOD.replace('"tag": "single_object",', '"tag": "single_object", "tag": "colors",'),
+         r"p\.jsonl:2: key 'tag' appears twice in one object"),
+        (GOOD.replace('"count": 1', '"count": 9'),
+         r"p\.jsonl:2: asks for 9 objects; ShapeWorld draws at most MAX_OBJECTS = 8"),
+        (GOOD.replace("]}", '], "exclude": [{"class": "circle", "count": 1}]}'),
+         r"p\.jsonl:2: exclude\[0\] forbids 1 or more circle, but include\[0\] asks for 1"),
+    ],
+)  # fmt: skip
+def test_a_bad_prompt_line_is_an_error_naming_file_and_line(tmp_path, capsys, line, message):
+    from avr.evaluate import main as evaluate
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(GOOD + "\n" + line + "\n")
+    assert world(["render", str(prompts), "-o", str(tmp_path / "r")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    model = "checkpoints/shapeworld-tiny-sft"
+    assert evaluate(["--model", model, "--prompts", str(prompts), "-o", str(tmp_path / "e")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(
+        GOOD.encode() + b"\n" + GOOD.replace("circle", "c\xe9rcle").encode("latin-1") + b"\n"
+    )
+    assert world(["render", str(prompts), "-o", str(tmp_path / "r")]) == 2
+    assert re.search(r"p\.jsonl:2: not UTF-8 \(byte 0xe9 at column \d+\)", capsys.readouterr().err)

@@ -55,7 +55,7 @@ def test_unknown_tag_and_unplaceable_spec_are_errors():
     with pytest.raises(ValueError, match="unknown tag 'shapes'; expected one of single_object"):
         sample_specs(3, ["shapes"])
     crowded = PromptSpec("counting", "many", (Clause("circle", 9),))
-    with pytest.raises(ValueError, match="exceeds MAX_OBJECTS"):
+    with pytest.raises(ValueError, match="ShapeWorld draws at most MAX_OBJECTS = 8"):
         sample_scene(crowded, np.random.default_rng(0))
 
 

@@ -159,4 +159,13 @@ def test_valid_specs_round_trip(include, exclude, data):
         for i, c in enumerate(include)
     ]
     spec = PromptSpec("t", "p", tuple(include), tuple(exclude))
-    assert parse_line(spec.to_line()) == spec
+    impossible = any(
+        b.cls == w.cls and b.color in (None, w.color) and b.count <= w.count
+        for w in include
+        for b in exclude
+    )
+    if impossible:  # an exclude clause forbids what an include clause asks for
+        with pytest.raises(SpecError, match="no image can satisfy this spec"):
+            parse_line(spec.to_line())
+    else:
+        assert parse_line(spec.to_line()) == spec
