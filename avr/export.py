@@ -8,6 +8,7 @@ mostly the initial weights).
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 
 import torch
@@ -39,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--weights ema: the checkpoint keeps no EMA (set ema_decay)")
         prefix = "ema.module." if has_ema and args.weights != "raw" else "backbone."
         model = backbone_from_checkpoint(args.checkpoint, prefix)
+    except (pickle.UnpicklingError, EOFError) as err:
+        print(
+            f"error: {args.checkpoint}: not a checkpoint that loads without pickle (empty, "
+            "truncated, or holding Python objects other than tensors and plain values: "
+            f"{type(err).__name__}); avr never runs pickled code",
+            file=sys.stderr,
+        )
+        return 2
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
         return 2

@@ -154,6 +154,40 @@ def check_init_args(args: list[str]) -> None:
                 raise SystemExit(
                     f"error: {section}: {class_path} takes no argument {key!r}{maybe}; valid: {', '.join(valid)}"
                 )
+    _check_reward_classes(args, config)
+
+
+def _check_reward_classes(args: list[str], config: dict) -> None:
+    """Every reward `class_path` (in the YAML's `model.init_args.rewards` or an override) imports;
+    one that does not stops with the registered rewards listed."""
+    from avr.registry import REWARDS
+
+    spec = config.get("model") or {}
+    rewards = ((spec.get("init_args") or {}) if isinstance(spec, dict) else {}).get("rewards")
+    paths = {
+        name: (term.get("reward") or {}).get("class_path")
+        for name, term in (rewards or {}).items()
+        if isinstance(term, dict) and isinstance(term.get("reward"), dict)
+    }
+    prefix = "--model.init_args.rewards."
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if key.startswith(prefix) and key.endswith(".reward.class_path"):
+            name = key[len(prefix) : -len(".reward.class_path")]
+            paths[name] = value or (args[i + 1] if i + 1 < len(args) else None)
+    for name, path in paths.items():
+        if not path or "." not in path:
+            continue
+        try:
+            _import(path)
+        except (ImportError, AttributeError, ValueError) as err:
+            known = ", ".join(
+                f"{e.name} ({e.cls.__module__}.{e.cls.__qualname__})" for e in REWARDS.entries()
+            )
+            raise SystemExit(
+                f"error: model.init_args.rewards.{name}.reward: cannot import {path!r} ({err}); "
+                f"registered rewards: {known}"
+            ) from None
 
 
 def _override(args: list[str], flag: str) -> str | None:

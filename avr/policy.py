@@ -48,6 +48,21 @@ class SamplingConfig:
     shift: float = 1.0
     """Timestep schedule shift."""
 
+    def __post_init__(self) -> None:
+        rules = {
+            "max_text_tokens": (self.max_text_tokens >= 1, "≥ 1"),
+            "temperature": (self.temperature >= 0, "≥ 0 (0: greedy)"),
+            "top_k": (self.top_k >= 0, "≥ 0 (0: all tokens)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "steps": (self.steps >= 1, "≥ 1"),
+            "cfg_scale": (self.cfg_scale >= 0, "≥ 0 (1: no guidance)"),
+            "noise_level": (self.noise_level >= 0, "≥ 0 (0: ODE)"),
+            "shift": (self.shift > 0, "> 0"),
+        }
+        for key, (ok, wanted) in rules.items():
+            if not ok:
+                raise ValueError(f"sampling.{key}: expected {wanted}, got {getattr(self, key)!r}")
+
 
 class PolicyActor:
     """Runs a mode's steps with `model`; deterministic given `generator`'s seed."""

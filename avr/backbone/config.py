@@ -140,6 +140,7 @@ class UnifiedConfig:
 
     def __post_init__(self) -> None:
         self.modes = tuple(self.modes)
+        _check_scalar_types(self)
         if self.codec not in ("pixel", "vae"):
             raise ValueError(f"config key 'codec': expected 'pixel' or 'vae', got {self.codec!r}")
         if self.attention not in ("auto", "flex", "sdpa"):
@@ -168,6 +169,8 @@ class UnifiedConfig:
                 raise ValueError(f"config key {key!r}: expected a positive side or null")
         if "model_type" not in self.lm and self.lm_path is None:
             raise ValueError("config key 'lm': needs 'model_type' (e.g. 'qwen2') or set 'lm_path'")
+        if "model_type" in self.lm:
+            _check_lm_keys(self.lm)
 
     @classmethod
     def qwen2_0_5b(cls, **overrides: Any) -> UnifiedConfig:
@@ -276,3 +279,44 @@ class UnifiedConfig:
                 f"unknown config key {unknown[0]!r}; expected one of {', '.join(valid)}"
             )
         return cls(**data)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_scalar_types(config: UnifiedConfig) -> None:
+    """A scalar field of the wrong type (`image_size: "sixty-four"`) is an error naming the key."""
+    for f in dataclasses.fields(config):
+        kinds = str(f.type).replace(" ", "").split("|")
+        allowed = tuple(t for kind in kinds for t in _SCALARS.get(kind, ()))
+        if not allowed or not all(k in (*_SCALARS, "None") for k in kinds):
+            continue  # not a plain scalar field
+        value = getattr(config, f.name)
+        if value is None and "None" in kinds:
+            continue
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            raise ValueError(f"config key {f.name!r}: expected {' or '.join(kinds)}, got {value!r}")
+
+
+def _check_lm_keys(lm: dict[str, Any]) -> None:
+    """Keys of the `lm` dict that its transformers config class does not define are errors (the
+    config class would keep them silently, and the model would not be the one asked for)."""
+    import difflib
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = lm["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"config key 'lm': unknown model_type {model_type!r}")
+    config_class = CONFIG_MAPPING[model_type]
+    # What the class defines, takes, or folds into its rope parameters (`rope_theta` in
+    # transformers 5); any other key would only be stored as an unused attribute.
+    valid = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+    valid |= set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    valid |= {"rope_theta", "rope_scaling", "partial_rotary_factor"} & set(lm)
+    for key in lm:
+        if key not in valid:
+            hint = difflib.get_close_matches(key, sorted(valid), n=1)
+            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"config key 'lm': {config_class.__name__} has no key {key!r}{maybe}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers import PreTrainedTokenizerFast
 
@@ -83,6 +84,10 @@ def read_config(directory: str | os.PathLike, **overrides: Any) -> UnifiedConfig
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of config keys, got {type(data).__name__}"
+        )
     try:
         return UnifiedConfig.from_dict({**data, **overrides})
     except (TypeError, ValueError) as err:
@@ -108,5 +113,21 @@ def from_pretrained(
     config = read_config(directory, **overrides)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)
     model = UnifiedModel(config, tokenizer)
-    load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
+    load_weights(model, directory / WEIGHTS, device)
     return model.to(device)
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """`model`'s weights from the safetensors file `path`, strictly; a damaged file or weights of
+    other shapes than the config's are a `ValueError` naming the file and the first bad key."""
+    try:
+        load_model(model, str(path), strict=True, device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a complete safetensors file ({err})") from None
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(
+            f"{path}: the weights do not fit {path.parent / CONFIG}: "
+            f"{problems[0] if problems else err}{more}"
+        ) from None

@@ -387,9 +387,10 @@ def is_janus_dir(directory: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "janus"
+        data = json.loads(config.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
+    return isinstance(data, dict) and data.get("model_type") == "janus"
 
 
 class JanusSession(Session):

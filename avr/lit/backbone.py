@@ -40,9 +40,16 @@ def build_backbone(
         config = UnifiedConfig.from_dict(overrides) if overrides else None
         return tiny_model(seed, config)
     if not Path(path).is_dir():
+        where = (
+            ""
+            if Path(path).is_absolute()
+            else f" (a relative path is read from the working directory, {Path.cwd()}; the "
+            "shipped configs name the repository's checkpoints/, so run them from its root or "
+            "give an absolute path)"
+        )
         raise FileNotFoundError(
             f"model: {path} is not a folder written by save_pretrained / avr.export, "
-            "nor a BAGEL or Janus checkpoint"
+            f"nor a BAGEL or Janus checkpoint{where}"
         )
     return from_pretrained(path, **(overrides or {}))
 

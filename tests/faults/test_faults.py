@@ -264,3 +264,94 @@ def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
     )
     assert world(["render", str(prompts), "-o", str(tmp_path / "r")]) == 2
     assert re.search(r"p\.jsonl:2: not UTF-8 \(byte 0xe9 at column \d+\)", capsys.readouterr().err)
+
+
+# ---- model folders and checkpoints: errors that name the file and the key ---------------------
+
+SHIPPED = "checkpoints/shapeworld-tiny-sft"
+
+
+def _damaged(tmp_path, fault):
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if fault == "truncated_weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100_000])
+    elif fault == "config_is_a_list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif fault == "image_size_is_a_word":
+        config["image_size"] = "sixty-four"
+    elif fault == "hidden_size_changed":
+        config["lm"]["hidden_size"] = 256
+    elif fault == "unknown_lm_key":
+        config["lm"]["hiden_size"] = 256
+    if fault in ("image_size_is_a_word", "hidden_size_changed", "unknown_lm_key"):
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("truncated_weights", r"model\.safetensors: not a complete safetensors file"),
+        ("config_is_a_list", r"config\.json: expected a JSON object of config keys, got list"),
+        ("image_size_is_a_word", r"config\.json: config key 'image_size': expected int, got 'sixty-four'"),
+        ("hidden_size_changed", r"model\.safetensors: the weights do not fit .*config\.json: size mismatch for \S+: .* \(and \d+ more\)"),
+        ("unknown_lm_key", r"config\.json: config key 'lm': Qwen2Config has no key 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+    ],
+)  # fmt: skip
+def test_a_damaged_model_folder_is_a_clear_error(tmp_path, fault, message):
+    from avr.backbone import from_pretrained
+
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(_damaged(tmp_path, fault))
+
+
+@pytest.mark.parametrize("fault", ["zero_byte", "pickled"])
+def test_export_refuses_an_empty_or_pickled_checkpoint_with_exit_2(tmp_path, fault, capsys):
+    import collections
+
+    import torch
+
+    from avr.export import main as export
+
+    checkpoint = tmp_path / "bad.ckpt"
+    if fault == "zero_byte":
+        checkpoint.write_bytes(b"")
+    else:  # a Python object that weights_only refuses: loading it would run pickled code
+        torch.save({"state_dict": collections.Counter(a=1), "hook": print}, checkpoint)
+    assert export([str(checkpoint), "-o", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "bad.ckpt: not a checkpoint that loads without pickle" in error
+    assert "weights_only=False" not in error and not (tmp_path / "out").exists()
+
+
+# ---- configs: bad values stop before training, in one line -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.init_args.sampling.temperature", "-1"], r"^error: ValueError: sampling\.temperature: expected ≥ 0"),
+        (["--model.init_args.sampling.steps", "0"], r"^error: ValueError: sampling\.steps: expected ≥ 1, got 0"),
+        (["--model.init_args.rewards.compositional.reward.class_path", "my_rewards.Nope"],
+         r"^error: model\.init_args\.rewards\.compositional\.reward: cannot import 'my_rewards\.Nope' .*registered rewards: .*compositional \(avr\.rewards\.compositional\.CompositionalReward\)"),
+        (["--model.init_args.model", "checkpoints/no-such-model"],
+         r"not a folder .*\(a relative path is read from the working directory"),
+    ],
+)  # fmt: skip
+def test_a_bad_rl_setting_stops_before_training_naming_it(override, message):
+    from avr.fit import main as fit
+
+    with pytest.raises(SystemExit, match=message):
+        fit(["experiments/rl.yaml", *override])
+
+
+def test_rl_csv_logs_are_flushed_every_step_so_a_kill_loses_none():
+    from omegaconf import OmegaConf
+
+    for config in ("experiments/rl.yaml", "experiments/bagel/rl.yaml"):
+        loggers = OmegaConf.load(config).trainer.logger
+        (csv,) = [lg for lg in loggers if lg.class_path.endswith("CSVLogger")]
+        assert csv.init_args.flush_logs_every_n_steps == 1, config
