@@ -143,10 +143,10 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("nfe", "text_tokens"), ("NFE", "text tokens"), strict=True):
-        for label, run in runs.items():
-            x, y = run["per_prompt"][key], 100 * run["overall"]
+        for (x, y), labels in point_labels(runs, key).items():
             ax.scatter([x], [y], s=40)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(" = ".join(labels), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)  # fmt: skip
         ax.set(xlabel=f"{name} per prompt", ylabel="overall accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
     fig.suptitle(f"accuracy against compute ({metrics['prompts']} prompts)")
@@ -162,6 +162,16 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per complexity level")
     ax.legend(fontsize=8)
     fig.savefig(out / "accuracy_by_level.png", dpi=120)
+
+
+def point_labels(runs: dict, key: str) -> dict[tuple[float, float], list[str]]:
+    """Runs grouped by their point (compute `key` per prompt, overall accuracy in %): runs that
+    land on the same point are labelled once, together ("a = b"), instead of overprinting."""
+    points: dict[tuple[float, float], list[str]] = {}
+    for label, run in runs.items():
+        point = (round(run["per_prompt"][key], 6), round(100 * run["overall"], 6))
+        points.setdefault(point, []).append(label)
+    return points
 
 
 def plot_trajectories(folder: Path, prompts: int) -> None:

@@ -113,3 +113,16 @@ def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, py
         == 2
     )
     assert "unknown mode 'draw'" in capsys.readouterr().err
+
+
+def test_runs_on_the_same_point_are_labelled_once_together():
+    from avr.evaluate import point_labels
+
+    def run(nfe, overall):
+        return {"per_prompt": {"nfe": nfe}, "overall": overall}
+
+    runs = {"direct": run(10.0, 0.25), "adaptive-no-plan": run(10.0, 0.25), "plan": run(21.0, 0.3)}
+    assert point_labels(runs, "nfe") == {
+        (10.0, 25.0): ["direct", "adaptive-no-plan"],
+        (21.0, 30.0): ["plan"],
+    }
