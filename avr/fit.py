@@ -80,11 +80,12 @@ class AvrCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, rank 0 prints
         if not trainer.is_global_zero:
             return
         lines = [f"logs:        {logger.log_dir}" for logger in trainer.loggers if logger.log_dir]
-        if trainer.log_dir and (Path(trainer.log_dir) / "config.yaml").is_file():
-            lines.append(f"config:      {Path(trainer.log_dir) / 'config.yaml'}")
+        if log_dir and (Path(log_dir) / "config.yaml").is_file():
+            lines.append(f"config:      {Path(log_dir) / 'config.yaml'}")
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.dirpath:
             lines.append(f"checkpoints: {checkpoint.dirpath}")
