@@ -170,12 +170,10 @@ def _check_reward_classes(args: list[str], config: dict) -> None:
         for name, term in (rewards or {}).items()
         if isinstance(term, dict) and isinstance(term.get("reward"), dict)
     }
-    prefix = "--model.init_args.rewards."
-    for i, arg in enumerate(args):
-        key, _, value = arg.partition("=")
-        if key.startswith(prefix) and key.endswith(".reward.class_path"):
-            name = key[len(prefix) : -len(".reward.class_path")]
-            paths[name] = value or (args[i + 1] if i + 1 < len(args) else None)
+    prefix, suffix = "--model.init_args.rewards.", ".reward.class_path"
+    for key in (a.split("=")[0] for a in args):
+        if key.startswith(prefix) and key.endswith(suffix):
+            paths[key[len(prefix) : -len(suffix)]] = _override(args, key)
     for name, path in paths.items():
         if not path or "." not in path:
             continue
