@@ -113,6 +113,59 @@ def rollout(args: argparse.Namespace, console: Console) -> str:
 
 
 @bench
+def rollouts(args: argparse.Namespace, console: Console) -> str:
+    """Rollouts/s of `adaptive` (`--model`; `--prompts` prompts of every level × `--group`
+    rollouts, RL's sampling: SDE images, sampled text) through `avr.rollout`, batched vs one at a
+    time, side by side; also checks that both give the same trajectories."""
+    import torch
+
+    from avr.backbone import from_pretrained
+    from avr.policy import SamplingConfig
+    from avr.registry import MODES
+    from avr.rollout import Job, episode_seed, rollout
+    from avr.world import LEVELS, complexity
+
+    torch.set_num_threads(args.threads)
+    model = from_pretrained(args.model).eval()
+    pool = sample_specs(40 * args.prompts, seed=args.seed)
+    by_level = {lv: [s for s in pool if complexity(s).level == lv] for lv in LEVELS}
+    specs = [by_level[LEVELS[i % len(LEVELS)]][i // len(LEVELS)] for i in range(args.prompts)]
+    mode = MODES.get("adaptive")()
+    jobs = [
+        Job(mode, spec, episode_seed(args.seed, p, g))
+        for p, spec in enumerate(specs)
+        for g in range(args.group)
+    ]
+    sampling = SamplingConfig(steps=10, noise_level=0.7, max_text_tokens=64)
+    rollout(model, jobs[:2], sampling, max_batch=2)  # warm-up
+    rates, results = {}, {}
+    for name, batch in (("one at a time", 1), (f"batched ({len(jobs)})", len(jobs))):
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        results[name] = rollout(model, jobs, sampling, max_batch=batch, seconds=seconds)
+        rates[name] = len(jobs) / (time.perf_counter() - start)
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seconds.items()))
+        console.print(f"{name:14s} {rates[name]:.2f} rollouts/s ({split})")
+    single, batched = results.values()
+    gap = max(
+        float((a.sample.latents - b.sample.latents).abs().max())
+        for x, y in zip(single, batched, strict=True)
+        for a, b in zip(x.images, y.images, strict=True)
+    )
+    same_text = all(
+        [s.text for s in x.segments] == [s.text for s in y.segments]
+        for x, y in zip(single, batched, strict=True)
+    )
+    modes = [t.meta["mode"] for t in batched]
+    console.print(
+        f"modes chosen: {', '.join(f'{m} {modes.count(m)}' for m in sorted(set(modes)))}; "
+        f"same text: {same_text}; largest latent difference {gap:.1e}"
+    )
+    one, many = rates.values()
+    return f"rollouts: batched {many:.2f} vs one at a time {one:.2f} rollouts/s, {many / one:.1f}x"
+
+
+@bench
 def packing(args: argparse.Namespace, console: Console) -> str:
     """SFT forward+backward tokens/s on a mixed-length batch (direct, reflect and plan-shaped
     trajectories, a third each): packed rows vs one padded row per trajectory, same model and masks."""
@@ -309,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-len", type=int, default=512, help="packed row length (packing)")
     parser.add_argument(
-        "--model", default="checkpoints/shapeworld-tiny-sft", help="exported model (adaptive)"
+        "--model",
+        default="checkpoints/shapeworld-tiny-sft",
+        help="exported model (adaptive, rollouts)",
     )
     parser.add_argument("--config", help="training YAML (memory)")
     parser.add_argument(
@@ -317,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         default="bagel_7b",
         help="UnifiedConfig preset for a model folder that is not here (memory)",
     )
+    parser.add_argument("--prompts", type=int, default=8, help="prompts (rollouts)")
+    parser.add_argument("--group", type=int, default=4, help="rollouts per prompt (rollouts)")
     parser.add_argument("--rung", type=int, default=3, help="ladder rung (ladder)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (ladder)")
     parser.add_argument("--batch", type=int, default=16, help="trajectories per step (ladder)")

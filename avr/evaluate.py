@@ -34,9 +34,10 @@ from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
 from avr.outputs import fresh_output_dir
-from avr.policy import PolicyActor, SamplingConfig
+from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
+from avr.rollout import Job, rollout
 from avr.sequence import trajectory_to_record
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
 from avr.world.fidelity import Fidelity
@@ -54,21 +55,23 @@ def evaluate(
     seed: int = 0,
     grid_prompts: int = 8,
     workers: int = 1,
+    batch: int = 32,
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
-    `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say). Runs
-    are labelled by mode name, or `<model>/<mode>` when there are several models; each run's
-    outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode) runs at once, in
-    processes of one thread each (their `seconds` then count time shared with the others). Returns
-    the metrics (also written to `out/metrics.json`)."""
+        `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say). Runs
+        are labelled by mode name, or `<model>/<mode>` when there are several models; each run's
+        outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode) runs at once, in
+        processes of one thread each (their `seconds` then count time shared with the others); each run
+    rolls out `batch` episodes at a time through `avr.rollout`. Returns
+        the metrics (also written to `out/metrics.json`)."""
     jobs = {
         (mode_name if len(models) == 1 else f"{model_name}/{mode_name}"): (model_name, mode_name)
         for model_name in models
         for mode_name in modes
     }
     args = {
-        label: (models[m], modes[k], specs, out / label, sampling, seed)
+        label: (models[m], modes[k], specs, out / label, sampling, seed, batch)
         for label, (m, k) in jobs.items()
     }
     if workers > 1:
@@ -83,6 +86,7 @@ def evaluate(
         "prompts": len(specs),
         "sampling": vars(sampling),
         "workers": workers,
+        "batch": batch,
     }
     for label, (model_name, mode_name) in jobs.items():
         metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}
@@ -93,8 +97,11 @@ def evaluate(
     return metrics
 
 
-def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) -> dict:
-    """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores."""
+def _run(
+    model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int, batch: int = 32
+) -> dict:
+    """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores.
+    Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time."""
     model.eval()
     cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
     chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
@@ -102,13 +109,12 @@ def _run(model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int) 
     verifier = Verifier()
     fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
     side = model.config.image_size
-    for i, spec in enumerate(specs):
-        start = time.perf_counter()
-        with torch.no_grad():
-            trajectory = mode.rollout(
-                PolicyActor(model, sampling, torch.Generator().manual_seed(seed + i)), spec
-            )
-        cost["seconds"] += time.perf_counter() - start
+    start = time.perf_counter()
+    trajectories = rollout(
+        model, [Job(mode, spec, seed + i) for i, spec in enumerate(specs)], sampling, batch
+    )
+    cost["seconds"] = time.perf_counter() - start
+    for i, (spec, trajectory) in enumerate(zip(specs, trajectories, strict=True)):
         cost["nfe"] += trajectory.meta.get("nfe", 0)
         cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
         level, picked = complexity(spec).level, trajectory.meta["mode"]
@@ -287,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="(model, mode) runs at once, one thread each"
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="episodes rolled out together (avr.rollout; 1: one at a time, same results)",
+    )
     parser.add_argument("-o", "--output", required=True, help="output folder (must be empty)")
     parser.add_argument(
         "--overwrite", action="store_true", help="empty a non-empty output folder first"
@@ -298,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.prompts}: holds no prompts")
         for i, spec in enumerate(specs):
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
+        if args.batch < 1:
+            raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
         modes = {m.strip(): MODES.get(m.strip())() for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
         fresh_output_dir(args.output, args.overwrite)
@@ -311,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         max_text_tokens=args.max_text_tokens,
     )
     metrics = evaluate(
-        models, specs, modes, Path(args.output), sampling, args.seed, workers=args.workers
+        models,
+        specs,
+        modes,
+        Path(args.output),
+        sampling,
+        args.seed,
+        workers=args.workers,
+        batch=args.batch,
     )
     table = Table(title=f"{args.output}: {len(specs)} prompts")
     for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):

@@ -10,6 +10,7 @@ opens the next plan step or image (`<ins>`, `<img>`), which is then not opened t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,21 +66,25 @@ class SamplingConfig:
 
 
 class PolicyActor:
-    """Runs a mode's steps with `model`; deterministic given `generator`'s seed."""
+    """Runs a mode's steps with `model`; deterministic given `generator`'s seed. Callers roll out
+    through `avr.rollout.rollout`, which gives each episode's actor one row of a batched session
+    (`open_session`); by default the actor opens a session of its own."""
 
     def __init__(
         self,
         model: UnifiedModel,
         sampling: SamplingConfig | None = None,
         generator: torch.Generator | None = None,
+        open_session: Callable[[], Session] | None = None,
     ) -> None:
         self.model, self.sampling = model, sampling or SamplingConfig()
+        self.open_session = open_session or (lambda: model.session(batch_size=1))
         self.generator = generator or torch.Generator().manual_seed(0)
         tok = model.tokenizer
         self.stop_critique = ["</refine>", tok.eos_token, "<ins>", IMAGE_START]
 
     def begin(self, episode: Episode) -> None:
-        session = self.model.session(batch_size=1)
+        session = self.open_session()
         session.append_tokens([[self.model.tokenizer.bos_token_id]])
         session.append_text([episode.spec.prompt])
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))

@@ -1,7 +1,11 @@
 """The plugin registry: modes and rewards by name, from this package or anyone's.
 
 A plugin registers with a decorator in its own module and exposes that module through an entry point
-of the group `avr.modes` or `avr.rewards`; `load_plugins()` imports every such entry point once. The
+of the group `avr.modes` or `avr.rewards`; `load_plugins()` imports every such entry point once.
+An entry point may also name a class (`echo = avr_echo:EchoMode`) that is not decorated: it is
+registered under the entry point's name. One that names anything else (a function, a module that
+registers nothing, a class of the wrong kind) is an error naming the entry point and its
+distribution: a plugin is never silently absent. The
 built-ins (`avr.modes.*`, `avr.rewards.*`) take exactly the same path, so a user's package is a
 peer, not a special case. `python -m avr.registry` lists what is registered and who provides it.
 """
@@ -9,6 +13,7 @@ peer, not a special case. `python -m avr.registry` lists what is registered and 
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -87,8 +92,54 @@ def load_plugins() -> None:
             key = f"{group}:{ep.name}={ep.value}"
             if key in _loaded:
                 continue
+            _register_entry_point(ep, MODES if group == MODES.group else REWARDS)
             _loaded.add(key)
-            ep.load()
+
+
+def _register_entry_point(ep, registry: Registry) -> None:
+    """Load `ep`: a module registers its classes itself; an undecorated class is registered under
+    the entry point's name; anything else is a `RegistryError`."""
+    where = (
+        f"entry point {ep.name!r} = {ep.value!r} in group {registry.group} "
+        f"(distribution {ep.dist.name if ep.dist is not None else 'unknown'})"
+    )
+    try:
+        target = ep.load()
+    except Exception as err:
+        raise RegistryError(f"{where} does not load: {type(err).__name__}: {err}") from err
+    base = _base(registry)
+    if isinstance(target, type):
+        if not issubclass(target, base):
+            raise RegistryError(f"{where} names {_path(target)}, which is not a {_path(base)}")
+        if not any(e.cls is target for e in registry._entries.values()):
+            registry.register(ep.name)(target)
+        return
+    if isinstance(target, types.ModuleType):
+        prefix = target.__name__
+        if not any(
+            e.cls.__module__ == prefix or e.cls.__module__.startswith(prefix + ".")
+            for e in registry._entries.values()
+        ):
+            raise RegistryError(
+                f"{where} names module {prefix}, which registers no {registry.kind} "
+                f"(decorate a class with @register_{registry.kind}, or name the class: "
+                f"{ep.name} = {prefix}:ClassName)"
+            )
+        return
+    raise RegistryError(
+        f"{where} names {type(target).__name__} {ep.value}; expected a {registry.kind} class "
+        f"or a module that registers one"
+    )
+
+
+def _base(registry: Registry) -> type:
+    if registry is MODES:
+        from avr.protocol import Mode
+
+        return Mode
+    from torchmetrics import Metric
+
+    return Metric
 
 
 def list_modes() -> list[str]:

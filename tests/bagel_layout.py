@@ -26,6 +26,7 @@ LLM_CONFIG = {
     "rope_theta": 10000.0,
     "max_position_embeddings": 1024,
     "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",  # as Qwen2.5's config files (and BAGEL's copy of them) carry
 }
 VIT_CONFIG = {
     "model_type": "siglip_vision_model",
@@ -34,7 +35,9 @@ VIT_CONFIG = {
     "num_hidden_layers": VIT_LAYERS + 1,  # BAGEL's loaders drop the last layer
     "num_attention_heads": 2,
     "patch_size": VIT_PATCH,
-    "image_size": 980,
+    # BAGEL builds its SigLIP position table with (image_size // patch_size)² rows (4,900 for
+    # 980 px in 14 px patches): this folder's table has VIT_SIDE² rows, so its config says so
+    "image_size": VIT_SIDE * VIT_PATCH,
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
 }

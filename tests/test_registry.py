@@ -39,6 +39,92 @@ def test_a_duplicate_name_is_an_error():
         register_mode("direct")(Other)
 
 
+_PLUGIN = """
+from avr.protocol import Mode
+from avr.registry import register_mode
+from avr.sequence import ImageRole
+
+
+class Undecorated(Mode):
+    def draft(self, actor, episode):
+        actor.draft(episode, ImageRole.FINAL)
+
+
+def not_a_class():
+    pass
+
+
+@register_mode("decorated-{tag}")
+class Decorated(Undecorated):
+    pass
+"""
+
+
+@pytest.fixture
+def plugin_points(monkeypatch, tmp_path):
+    """Entry points of a fake distribution, served to `load_plugins` beside the real ones; the
+    registry is restored afterwards."""
+    import importlib.metadata
+
+    import avr.registry as registry
+
+    saved = {r: dict(r._entries) for r in (MODES, REWARDS)}
+    loaded = set(registry._loaded)
+    real = registry.entry_points
+    extra: list[importlib.metadata.EntryPoint] = []
+    monkeypatch.setattr(
+        registry,
+        "entry_points",
+        lambda group: [*real(group=group), *[e for e in extra if e.group == group]],
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def add(name: str, value: str, group: str = "avr.modes", module: str | None = None) -> None:
+        if module is not None:
+            (tmp_path / f"{module}.py").write_text(_PLUGIN.format(tag=module))
+        extra.append(importlib.metadata.EntryPoint(name, value, group))
+
+    yield add
+    for r, entries in saved.items():
+        r._entries.clear()
+        r._entries.update(entries)
+    registry._loaded.clear()
+    registry._loaded.update(loaded)
+
+
+def test_an_entry_point_naming_an_undecorated_class_registers_it_under_its_name(plugin_points):
+    plugin_points("shout", "plug_a:Undecorated", module="plug_a")
+    assert MODES.get("shout").__module__ == "plug_a"
+    assert "shout" in MODES.names()
+
+
+def test_an_entry_point_naming_a_decorated_class_or_its_module_keeps_the_decorator_name(
+    plugin_points,
+):
+    plugin_points("anything", "plug_b:Decorated", module="plug_b")
+    plugin_points("plug-c", "plug_c", module="plug_c")
+    names = MODES.names()
+    assert {"decorated-plug_b", "decorated-plug_c"} <= set(names) and "anything" not in names
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("plug_d:not_a_class", r"names function plug_d:not_a_class; expected a mode class"),
+        ("json", r"names module json, which registers no mode"),
+        ("plug_d:Undecorated", r"names plug_d\.Undecorated, which is not a torchmetrics"),
+        ("no_such_module_here", r"does not load: ModuleNotFoundError"),
+    ],
+)
+def test_an_entry_point_naming_anything_else_is_an_error_naming_it(plugin_points, value, message):
+    group = "avr.rewards" if value == "plug_d:Undecorated" else "avr.modes"
+    plugin_points("broken", value, group=group, module="plug_d")
+    with pytest.raises(RegistryError, match=rf"entry point 'broken' = '{value}' in group {group}"):
+        MODES.names()
+    with pytest.raises(RegistryError, match=message):
+        MODES.names()
+
+
 def _readme_plugin(root: Path) -> dict[str, str]:
     """The README's complete plugin package: its fenced blocks whose first line names a file under
     `avr-echo/`."""

@@ -86,11 +86,13 @@ def from_bagel(
     directory: str | os.PathLike,
     modes: tuple[str, ...] = DEFAULT_MODES,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> UnifiedModel:
     """Load a BAGEL checkpoint folder. `overrides` are `UnifiedConfig` fields on top of
     `UnifiedConfig.bagel_7b()` with the folder's own LM, SigLIP and autoencoder shapes (e.g.
-    `image_size=1024`, `attention="flex"`)."""
+    `image_size=1024`, `attention="flex"`). Every weight ends in `dtype`, whatever
+    `llm_config.json`'s `torch_dtype` says."""
     directory = Path(directory)
     config, tokenizer = bagel_config(directory, modes, **overrides)
     with init_empty_weights(include_buffers=False):  # weights on meta: no random init, no copy
@@ -100,7 +102,7 @@ def from_bagel(
     unloaded = [name for name, param in model.named_parameters() if param.is_meta]
     if unloaded:  # every weight has a source key, so this means a bug in the map
         raise ValueError(f"{directory}: no weight loaded for {unloaded[:5]}")
-    return model.to(device)
+    return model.to(device, dtype)
 
 
 def bagel_config(
@@ -115,6 +117,8 @@ def bagel_config(
     lm = _read_json(directory / LLM_CONFIG)
     lm.setdefault("model_type", "qwen2")
     lm["tie_word_embeddings"] = False  # BAGEL's loaders untie lm_head from the embeddings
+    for key in ("torch_dtype", "dtype"):  # the loader's `dtype` decides, for every part alike
+        lm.pop(key, None)
     vision = _read_json(directory / VIT_CONFIG)
     vision["num_hidden_layers"] = int(vision.get("num_hidden_layers", 1)) - 1
     for key in ("image_size", "vision_use_head", "architectures", "model_type", "torch_dtype"):

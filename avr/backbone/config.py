@@ -314,7 +314,7 @@ def _check_lm_keys(lm: dict[str, Any]) -> None:
     # transformers 5); any other key would only be stored as an unused attribute.
     valid = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
     valid |= set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
-    valid |= {"rope_theta", "rope_scaling", "partial_rotary_factor"} & set(lm)
+    valid |= {"rope_theta", "rope_scaling", "partial_rotary_factor", "torch_dtype"} & set(lm)
     for key in lm:
         if key not in valid:
             hint = difflib.get_close_matches(key, sorted(valid), n=1)

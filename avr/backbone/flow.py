@@ -43,6 +43,25 @@ def noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 - t) * x0 + t * eps
 
 
+Generators = torch.Generator | list[torch.Generator | None] | None
+"""One generator for the whole batch, or one per row (a batch of episodes, each drawing its own
+noise: a row's draws then do not depend on which other rows share the batch; `None`: zeros)."""
+
+
+def randn(shape: tuple[int, ...], generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise of `shape` (on the CPU); per-row generators draw row by row."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack(
+        [
+            torch.zeros(shape[1:]) if g is None else torch.randn(shape[1:], generator=g)
+            for g in generator
+        ]
+    )
+
+
 def ode_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
     """One Euler step of `dx/dt = v`."""
     return x + (t_next - t) * v
@@ -88,7 +107,7 @@ def sde_step(
     t_next: float,
     noise_level: float,
     t_max: float,
-    generator=None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample `x_{t_next}`; returns it and its log-prob per sample (summed over all other dims),
     or None at `noise_level = 0`, where the step is deterministic."""
@@ -96,7 +115,7 @@ def sde_step(
     std = float(sde_std(t, t_next, noise_level, t_max))
     if std == 0:
         return mean, None
-    eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+    eps = randn(tuple(x.shape), generator).to(x.device, x.dtype)
     x_next = mean + std * eps
     return x_next, gaussian_logprob(x_next, mean, std)
 

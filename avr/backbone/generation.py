@@ -46,6 +46,18 @@ class ImageSample:
     nfe: int  # velocity evaluations (a CFG step counts two)
 
 
+def _multinomial(
+    probs: torch.Tensor, generator: flow.Generators, active: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of `probs` `[B, V]`; per-row generators draw only for active rows."""
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    token = torch.zeros(probs.shape[0], dtype=torch.long)
+    for b in torch.nonzero(active).flatten().tolist():
+        token[b] = torch.multinomial(probs[b], 1, generator=generator[b])[0]
+    return token
+
+
 class Session:
     """Incremental generation for a batch of `batch_size` sequences on one model."""
 
@@ -62,6 +74,77 @@ class Session:
         ] = []
         tok = model.tokenizer
         self.image_start, self.image_end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    # ---- batching sessions ------------------------------------------------------------------
+
+    @classmethod
+    def merge(cls, sessions: list[Session]) -> Session:
+        """One session whose rows are `sessions`' rows (cached, on one model): each row's cache is
+        padded at the end with positions nothing attends to. The cache is a set of keys/values
+        with their positions already applied, so padding changes no row's result (up to float
+        rounding). Undo with `split`; a single session is returned as it is."""
+        if len(sessions) == 1:
+            return sessions[0]
+        first = sessions[0]
+        if any(s.model is not first.model or not s.use_cache for s in sessions):
+            raise ValueError("merge needs cached sessions of one model")
+        merged = cls(first.model, sum(s.batch_size for s in sessions))
+        merged.position = torch.cat([s.position for s in sessions])
+        filled = [s for s in sessions if s.cache.length]
+        if not filled:  # nothing read yet (the first call of a batch of episodes)
+            return merged
+        length = max(s.cache.length for s in sessions)
+        template = filled[0].cache
+
+        def padded(tensor: torch.Tensor | None, like: torch.Tensor, dim: int, value=0):
+            if tensor is None:  # an empty session: zero width
+                shape = list(like.shape)
+                shape[0], shape[dim] = 1, 0
+                tensor = like.new_full(shape, value)
+            pad = [0, 0] * (tensor.ndim - 1 - dim) + [0, length - tensor.shape[dim]]
+            return torch.nn.functional.pad(tensor, pad, value=value)
+
+        def layer(s: Session, kind: str, i: int) -> torch.Tensor:
+            like = getattr(template, kind)[i]
+            return padded(getattr(s.cache, kind)[i] if s.cache.length else None, like, 2)
+
+        for kind in ("keys", "values"):
+            stacked = [
+                torch.cat([layer(s, kind, i) for s in sessions]) for i in range(len(template.keys))
+            ]
+            setattr(merged.cache, kind, stacked)
+        merged.cache.valid = torch.cat(
+            [padded(s.cache.valid, template.valid, 1, False) for s in sessions]
+        )
+        logits = next(s.last_logits for s in filled)
+        merged.last_logits = torch.cat(
+            [
+                s.last_logits if s.last_logits is not None else torch.zeros_like(logits)
+                for s in sessions
+            ]
+        )
+        return merged
+
+    def split(self) -> list[Session]:
+        """One session per row, each cache holding only its row's attended positions."""
+        if self.batch_size == 1:
+            return [self]
+        rows = []
+        for b in range(self.batch_size):
+            row = type(self)(self.model, 1)
+            row.position = self.position[b : b + 1].clone()
+            if not self.cache.length:
+                rows.append(row)
+                continue
+            keep = torch.nonzero(self.cache.valid[b]).flatten()
+            row.cache.keys = [k[b : b + 1, :, keep] for k in self.cache.keys]
+            row.cache.values = [v[b : b + 1, :, keep] for v in self.cache.values]
+            row.cache.valid = self.cache.valid[b : b + 1, keep]
+            row.last_logits = None if self.last_logits is None else self.last_logits[b : b + 1]
+            if not len(keep):  # this row has read nothing
+                row.cache, row.last_logits = KVCache(), None
+            rows.append(row)
+        return rows
 
     # ---- appending context ------------------------------------------------------------------
 
@@ -115,14 +198,15 @@ class Session:
     def sample_text(
         self,
         max_new_tokens: int,
-        stop: list[str] | None = None,
+        stop: list[str] | list[list[str]] | None = None,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: flow.Generators = None,
         active: torch.Tensor | None = None,
     ) -> TextSample:
-        """Decode until a stop token (default `<eos>`) or `max_new_tokens`.
+        """Decode until a stop token (default `<eos>`; `stop` may hold one list per row) or
+        `max_new_tokens`.
 
         `temperature = 0` is greedy. Log-probs are `log softmax(logits / temperature)` of the chosen
         token, before top-k/top-p filtering: the policy's own distribution, as GRPO needs it.
@@ -130,9 +214,11 @@ class Session:
         if self.last_logits is None:
             raise ValueError("append a prompt before sampling text")
         tok = self.model.tokenizer
-        stop_ids = torch.tensor(
-            tok.convert_tokens_to_ids(stop or [tok.eos_token]), device=self.device
-        )
+        stops = stop or [tok.eos_token]
+        per_row = stops if isinstance(stops[0], list) else [stops] * self.batch_size
+        if len(per_row) != self.batch_size:
+            raise ValueError(f"got {len(per_row)} stop lists for a batch of {self.batch_size}")
+        stop_ids = [set(tok.convert_tokens_to_ids(row)) for row in per_row]
         active = self._active(active).clone()
         warpers = LogitsProcessorList()
         if temperature > 0:
@@ -149,21 +235,19 @@ class Session:
             logits = self.last_logits
             policy = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
             if temperature > 0:
-                probs = torch.softmax(warpers(None, logits.clone()), dim=-1)
-                token = (
-                    torch.multinomial(probs.cpu(), 1, generator=generator)
-                    .squeeze(1)
-                    .to(self.device)
-                )
+                probs = torch.softmax(warpers(None, logits.clone()), dim=-1).cpu()
+                token = _multinomial(probs, generator, active).to(self.device)
             else:
                 token = logits.argmax(-1)
-            for b in torch.nonzero(active).flatten().tolist():
-                ids[b].append(int(token[b]))
-                logps[b].append(float(policy[b, token[b]]))
-            self.append_tokens(
-                [[int(token[b])] if active[b] else [] for b in range(self.batch_size)]
-            )
-            active &= ~torch.isin(token, stop_ids)
+            chosen = policy.gather(1, token[:, None])[:, 0].tolist()
+            tokens, running = token.tolist(), active.tolist()
+            for b in range(self.batch_size):
+                if running[b]:
+                    ids[b].append(tokens[b])
+                    logps[b].append(chosen[b])
+            self.append_tokens([[t] if r else [] for t, r in zip(tokens, running, strict=True)])
+            stopped = [r and t in row for r, t, row in zip(running, tokens, stop_ids, strict=True)]
+            active &= ~torch.tensor(stopped, device=self.device)
         return TextSample(ids, logps, [tok.decode(r) for r in ids])
 
     # ---- images -----------------------------------------------------------------------------
@@ -176,7 +260,7 @@ class Session:
         noise_level: float = 0.0,
         shift: float = 1.0,
         read: bool = True,
-        generator: torch.Generator | None = None,
+        generator: flow.Generators = None,
         active: torch.Tensor | None = None,
         start: bool = True,
     ) -> ImageSample:
@@ -194,7 +278,7 @@ class Session:
             self._append_marker(self.image_start, active)
         geometry = model.geometry
         shape = (self.batch_size, geometry.gen_tokens, geometry.token_dim)
-        x = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        x = flow.randn(shape, generator).to(self.device, self.dtype)
         times = flow.schedule(steps, shift)
         path, logps = [x], []
         for i in range(steps):

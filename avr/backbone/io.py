@@ -95,16 +95,22 @@ def read_config(directory: str | os.PathLike, **overrides: Any) -> UnifiedConfig
 
 
 def from_pretrained(
-    directory: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    **overrides: Any,
 ) -> UnifiedModel | JanusBackbone:
     """Load a model written by `save_pretrained`, a checkpoint in BAGEL's published layout (see
     `avr.backbone.bagel`) or a transformers Janus folder (a `JanusBackbone`, see
     `avr.backbone.janus`), strictly and without pickle. `overrides` replace `UnifiedConfig`
     fields that leave the weights' shapes alone (`image_size` of a BAGEL model, `attention`,
-    `max_seq_len` …); one that changes a shape fails the strict load, naming the key."""
+    `max_seq_len` …); one that changes a shape fails the strict load, naming the key. The whole
+    model is in `dtype` (float32 default; "bfloat16" where asked), whatever the folder's config
+    files say (a Qwen2 `config.json` says bfloat16)."""
     directory = Path(directory)
+    dtype = as_dtype(dtype)
     if is_bagel_dir(directory):
-        return from_bagel(directory, device=device, **overrides)
+        return from_bagel(directory, device=device, dtype=dtype, **overrides)
     if is_janus_dir(directory):
         return JanusBackbone.from_pretrained(directory, device=device, **overrides)
     for name in (CONFIG, WEIGHTS, TOKENIZER):
@@ -114,7 +120,17 @@ def from_pretrained(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)
     model = UnifiedModel(config, tokenizer)
     load_weights(model, directory / WEIGHTS, device)
-    return model.to(device)
+    return model.to(device, dtype)
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`torch.float32` from "float32" (or a dtype); anything but a floating dtype is an error."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"dtype: expected a floating torch dtype such as 'float32' or 'bfloat16', got {dtype!r}"
+        )
+    return value
 
 
 def load_weights(model: torch.nn.Module, path: Path, device: str | torch.device = "cpu") -> None:

@@ -123,6 +123,8 @@ class JanusBackbone(torch.nn.Module):
     tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
 
     kind = "janus"
+    #: Sequences one session holds: the rollout engine runs Janus episodes one at a time.
+    session_rows = 1
 
     def __init__(
         self,
@@ -449,6 +451,8 @@ class JanusSession(Session):
         here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
         otherwise."""
         model = self.model
+        if isinstance(generator, list):  # one row: its own generator
+            (generator,) = generator
         if start:
             self.append_tokens([[self.image_start]])
         if self.last_logits is None:

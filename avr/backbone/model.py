@@ -173,6 +173,7 @@ class UnifiedModel(nn.Module):
     def embed_clean(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images `[K, 3, H, W]` in [0, 1] as a clean latent copy: their codec tokens embedded at
         t = 0 with the generation tokens' positions → `[K, N, D]`."""
+        pixels = pixels.to(self.decoder.embed_tokens.weight.dtype)  # the model's one dtype
         tokens = self.codec.to_tokens(self.codec.encode(pixels))
         time = torch.zeros(tokens.shape[0], device=tokens.device, dtype=tokens.dtype)
         return self.embed_latents(tokens, time)
@@ -318,10 +319,10 @@ class UnifiedModel(nn.Module):
             )
         x = self.decoder.embed_tokens(batch.input_ids)  # [R, L, D]
         if batch.gen_xt is not None:  # RL: the sampled noisy states themselves
-            x_t = x0 = batch.gen_xt
+            x_t = x0 = batch.gen_xt.to(x.dtype)
         else:
-            x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels))  # [M, N, D_tok]
-            x_t = flow.noise(x0, batch.gen_noise, batch.gen_t)
+            x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels.to(x.dtype)))  # [M, N, D]
+            x_t = flow.noise(x0, batch.gen_noise.to(x.dtype), batch.gen_t.to(x.dtype))
         gen_mask, read_mask = batch.kind == GEN, batch.kind == READ
         clean_mask = batch.kind == LATENT
         if x0.shape[0]:
@@ -417,7 +418,7 @@ def _grid_ids(grid: int, side: int, key: str) -> torch.Tensor:
 def _build_lm(config: UnifiedConfig, vocab_size: int) -> nn.Module:
     if config.lm_path is not None:
         lm = AutoModelForCausalLM.from_pretrained(
-            config.lm_path, local_files_only=True, attn_implementation="sdpa"
+            config.lm_path, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
         )
         if lm.get_input_embeddings().num_embeddings < vocab_size:
             lm.resize_token_embeddings(vocab_size)
@@ -425,7 +426,11 @@ def _build_lm(config: UnifiedConfig, vocab_size: int) -> nn.Module:
     # A pretrained core may pad its vocabulary past the tokenizer (Qwen2: 152,064 rows)
     vocab_size = max(vocab_size, int(config.lm.get("vocab_size") or 0))
     lm_config = AutoConfig.for_model(**{**config.lm, "vocab_size": vocab_size})
-    return AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+    # float32 like every other part, whatever the config's `torch_dtype` says (loaders cast the
+    # whole model to the dtype asked for afterwards)
+    return AutoModelForCausalLM.from_config(
+        lm_config, attn_implementation="sdpa", dtype=torch.float32
+    )
 
 
 def _build_codec(config: UnifiedConfig) -> LatentCodec:

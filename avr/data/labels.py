@@ -11,10 +11,9 @@ complexity level's mode when none does.
 
 from __future__ import annotations
 
-import torch
-
-from avr.policy import PolicyActor, SamplingConfig
+from avr.policy import SamplingConfig
 from avr.registry import MODES
+from avr.rollout import Job, rollout
 from avr.world import PromptSpec, Verifier
 
 
@@ -47,13 +46,10 @@ class ModeLabeler:
         key = (mode, spec)
         if key not in self.rates:
             self.model.eval()
+            mode_ = MODES.get(mode)()
+            jobs = [Job(mode_, spec, self.seed + k) for k in range(self.samples)]
             wins = 0
-            for k in range(self.samples):
-                generator = torch.Generator().manual_seed(self.seed + k)
-                with torch.no_grad():
-                    trajectory = MODES.get(mode)().rollout(
-                        PolicyActor(self.model, self.sampling, generator), spec
-                    )
+            for trajectory in rollout(self.model, jobs, self.sampling):
                 final = trajectory.final_image
                 wins += final is not None and self.verifier.verify(final, spec).correct
             self.rates[key] = wins / self.samples

@@ -19,8 +19,9 @@ from einops import rearrange
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
-from avr.policy import PolicyActor, SamplingConfig
+from avr.policy import SamplingConfig
 from avr.registry import MODES
+from avr.rollout import Job, rollout
 from avr.world import sample_scene, sample_specs
 
 
@@ -76,11 +77,10 @@ class TrajectoryGrid(L.Callback):
         backbone.eval()
         mode = MODES.get(self.mode)()
         rows, texts = [], []
-        for i, spec in enumerate(self.specs):
-            actor = PolicyActor(
-                backbone, self.sampling, torch.Generator().manual_seed(self.seed + i)
-            )
-            trajectory = mode.rollout(actor, spec)
+        jobs = [Job(mode, spec, self.seed + i) for i, spec in enumerate(self.specs)]
+        for spec, trajectory in zip(
+            self.specs, rollout(backbone, jobs, self.sampling), strict=True
+        ):
             rows.append([np.asarray(s.image) for s in trajectory.images])
             written = [s.text.strip() for s in trajectory.segments[1:] if s.text]
             texts.append("\n".join([f"{spec.prompt} → {trajectory.meta['mode']}", *written]))

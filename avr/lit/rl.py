@@ -28,10 +28,11 @@ from avr.backbone.lora import LoraSettings, adapters_disabled
 from avr.backbone.packing import pack
 from avr.lit.backbone import BackboneModule
 from avr.lit.grpo import PolicyLoss, group_advantages, k3
-from avr.policy import PolicyActor, SamplingConfig
+from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
 from avr.reward import CompositeReward, RewardTerm, Rollouts
+from avr.rollout import Job, episode_seed, rollout
 from avr.world import PromptSpec, complexity
 from avr.world.complexity import LEVELS
 
@@ -57,6 +58,7 @@ class RLModule(BackboneModule):
         scale_std: bool = True,
         advantage_clip: float = 5.0,
         sde_window: tuple[int, int] | None = None,
+        rollout_batch: int = 32,
         max_len: int = 2048,
         max_bad_steps: int = 5,
         model_overrides: dict[str, Any] | None = None,
@@ -67,7 +69,8 @@ class RLModule(BackboneModule):
         `mode`: a registered name or a `Mode`; `rewards`: `{name: {reward, weight}}` (default: the
         compositional verifier, weight 1); `sampling`: rollout sampling (its `noise_level` must be
         > 0: Flow-GRPO needs SDE log-probs); `sde_window`: the SDE steps `[first, last)` a training
-        step may draw from (default all); `kl_text` / `kl_image`: β of each KL term;
+        step may draw from (default all); `rollout_batch`: episodes rolled out together
+        (`avr.rollout`; the trajectories do not depend on it); `kl_text` / `kl_image`: β of each KL term;
         `model_overrides`, `lora`, `activation_checkpointing`: as in `SFTModule`. With LoRA and
         nothing else trainable, the reference is the policy with its adapters off (no copy)."""
         super().__init__(
@@ -93,7 +96,9 @@ class RLModule(BackboneModule):
             raise ValueError(
                 f"sde_window must be [first, last) with 0 ≤ first < last, got {list(sde_window)}"
             )
-        self.group_size = group_size
+        if rollout_batch < 1:
+            raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
+        self.group_size, self.rollout_batch = group_size, rollout_batch
         self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
         if self.sampling.noise_level <= 0:
             raise ValueError(
@@ -164,20 +169,16 @@ class RLModule(BackboneModule):
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
         """`group_size` rollouts of each prompt with the current policy (eval mode, SDE)."""
         self.backbone.eval()
-        trajectories, specs, groups = [], [], []
-        for p, spec in enumerate(prompts):
-            for g in range(self.group_size):
-                seed = int(
-                    np.random.SeedSequence([self.seed, self.global_step, p, g]).generate_state(1)[0]
-                )
-                actor = PolicyActor(
-                    self.backbone, self.sampling, torch.Generator().manual_seed(seed)
-                )
-                trajectory = self.mode.rollout(actor, spec)
-                trajectory.meta.update(spec=spec.to_json(), level=complexity(spec).level)
-                trajectories.append(trajectory)
-                specs.append(spec)
-                groups.append(p)
+        jobs = [
+            Job(self.mode, spec, episode_seed(self.seed, self.global_step, p, g))
+            for p, spec in enumerate(prompts)
+            for g in range(self.group_size)
+        ]
+        trajectories = rollout(self.backbone, jobs, self.sampling, self.rollout_batch)
+        for job, trajectory in zip(jobs, trajectories, strict=True):
+            trajectory.meta.update(spec=job.spec.to_json(), level=complexity(job.spec).level)
+        specs = [job.spec for job in jobs]
+        groups = [p for p in range(len(prompts)) for _ in range(self.group_size)]
         self.backbone.train()
         return trajectories, specs, groups
 

@@ -4,6 +4,8 @@ generates; every way the folder can be wrong is an error that names the key or f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from bagel_layout import (
@@ -114,6 +116,31 @@ def test_forward_backward_and_two_step_generation(bagel, make_trajectories):
     assert image.logprobs.shape == (2, 2) and torch.isfinite(image.logprobs).all()
     text = session.sample_text(3, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert all(0 <= i < len(bagel.tokenizer) for row in text.ids for i in row)
+
+
+def test_a_bfloat16_llm_config_loads_in_one_dtype_end_to_end(bagel_dir, make_trajectories):
+    """`llm_config.json` says `"torch_dtype": "bfloat16"` (as Qwen2.5's does): the model is still
+    float32 throughout by default, and bfloat16 throughout when asked; both run a forward."""
+    assert json.loads((bagel_dir / "llm_config.json").read_text())["torch_dtype"] == "bfloat16"
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model = from_pretrained(bagel_dir, image_size=64, **kwargs).eval()
+        assert {p.dtype for p in model.parameters()} == {expected}
+        batch = pack(make_trajectories(1), model.tokenizer, model.geometry, 4096)
+        with torch.no_grad():
+            out = model(batch)
+        assert out.logits.dtype == expected and torch.isfinite(out.velocity.float()).all()
+    with pytest.raises(ValueError, match="dtype: expected a floating torch dtype"):
+        from_pretrained(bagel_dir, dtype="int8")
+
+
+def test_the_fixture_siglip_table_is_what_bagel_builds(bagel_dir):
+    """BAGEL's SigLIP embeddings hold (image_size // patch_size)² positions."""
+    vit = json.loads((bagel_dir / "vit_config.json").read_text())
+    table = load_file(bagel_dir / "ema.safetensors")[
+        "vit_model.vision_model.embeddings.position_embedding.weight"
+    ]
+    assert table.shape[0] == (vit["image_size"] // vit["patch_size"]) ** 2
 
 
 def test_a_loaded_bagel_saves_and_reloads_in_avr_format(bagel, tmp_path):

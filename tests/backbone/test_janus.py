@@ -16,6 +16,7 @@ from avr.export import main as export
 from avr.fit import main as fit
 from avr.policy import PolicyActor, SamplingConfig
 from avr.registry import MODES
+from avr.rollout import Job, rollout
 from avr.world import sample_specs
 
 
@@ -47,10 +48,12 @@ def test_the_folder_round_trips_through_from_pretrained(janus):
 
 @pytest.mark.parametrize("mode", ["direct", "reflect", "plan", "adaptive"])
 def test_every_mode_runs_unchanged_and_replays_to_the_sampled_logprobs(janus, mode):
-    spec = sample_specs(6, seed=1)[5]
+    """Through the rollout engine (one Janus episode at a time), as RL and evaluation run it."""
+    specs = sample_specs(6, seed=1)[4:]
     sampling = SamplingConfig(noise_level=0.7, max_text_tokens=12, steps=2)
-    actor = PolicyActor(janus, sampling, torch.Generator().manual_seed(3))
-    trajectory = MODES.get(mode)().rollout(actor, spec)
+    jobs = [Job(MODES.get(mode)(), spec, 3) for spec in specs]
+    trajectory, other = rollout(janus, jobs, sampling)
+    assert other.images and other.images[-1].image.size == (64, 64)
     images = [s for s in trajectory.segments if s.is_image]
     assert images and images[-1].image.size == (64, 64)
     assert trajectory.meta["nfe"] == 16 * len(images)  # one LM pass per codebook token

@@ -1,0 +1,288 @@
+"""The rollout engine: every caller that samples trajectories from a model (RL, `avr.evaluate`,
+the trajectory-grid callback, capability-aware labels, `avr.bench`) goes through `rollout`.
+
+**Seeding rule.** A job is `(mode, spec, seed)`; its episode draws every random number (mode token,
+text tokens, image noise, SDE noise) from its own `torch.Generator` seeded with `seed`. So the
+trajectory is a function of the job, the sampling settings and the weights alone, not of the
+caller, of the batch size or of which other episodes share the batch.
+
+**How episodes are batched: threads and a scheduler.** A mode's control flow is plain,
+synchronous, per-episode Python (`Mode.run(actor, episode)`), and users' plugins must stay that
+way, so each episode runs in its own thread with its own `PolicyActor`. The actor's session is a
+`_Row`: a proxy for the episode's own one-row `Session` (its KV cache). Each call on it (append
+text, sample text, draw an image) is posted to the scheduler and blocks. When every live episode
+is blocked on a call (or done), the scheduler runs the calls of one kind (and one set of
+arguments) together: it merges the asking episodes' sessions into one batch (`Session.merge`:
+caches padded with positions nothing attends to), makes one batched, KV-cached call with per-row
+stops (a critique that ends early pads while the others write), splits the batch back into
+one-row sessions without the padding (`Session.split`), and wakes the episodes. Episodes that are
+not asking cost nothing, and no episode's cache grows by another's padding. Threads, rather than
+generators or `async`, because they are the only way to suspend a plugin's unmodified, plain
+function in the middle of a call; the backbone runs on the scheduler's thread only, so the
+episode threads never compute concurrently with it and the result does not depend on thread
+timing. Episodes branch freely: a reflect that is right stops, a plan takes more steps; the batch
+shrinks as episodes end.
+
+Backbones whose sessions hold one sequence (`session_rows = 1`, Janus) run through the same
+engine one episode at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from avr.backbone.generation import ImageSample, Session, TextSample
+from avr.policy import PolicyActor, SamplingConfig
+from avr.protocol import Mode
+from avr.sequence import Trajectory
+from avr.world.spec import PromptSpec
+
+
+@dataclass(frozen=True)
+class Job:
+    """One episode to roll out: `mode` on `spec`, every random draw from `seed`."""
+
+    mode: Mode
+    spec: PromptSpec
+    seed: int
+
+
+def episode_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys (base seed, step, prompt, sample …), well mixed, so nearby
+    keys give unrelated streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def rollout(
+    model,
+    jobs: Sequence[Job],
+    sampling: SamplingConfig | None = None,
+    max_batch: int = 32,
+    seconds: dict[str, float] | None = None,
+) -> list[Trajectory]:
+    """Roll out `jobs` with `model` (no gradients), `max_batch` episodes at a time; returns their
+    trajectories in order. `max_batch = 1` runs them one at a time (the reference that batched
+    runs equal up to float rounding). `seconds`, when given, accumulates the backbone's time per
+    kind of call (`append_tokens`, `sample_text`, `generate_image`)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+    sampling = sampling or SamplingConfig()
+    max_batch = min(max_batch, getattr(model, "session_rows", max_batch) or max_batch)
+    out: list[Trajectory] = []
+    with torch.no_grad():
+        for start in range(0, len(jobs), max_batch):
+            batch = _Batch(model, jobs[start : start + max_batch], sampling)
+            out.extend(batch.run())
+            for kind, spent in batch.seconds.items():
+                if seconds is not None:
+                    seconds[kind] = seconds.get(kind, 0.0) + spent
+    return out
+
+
+# ---- the scheduler --------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """A call an episode waits on: `kind` is a `Session` method, `kwargs` its arguments for one
+    row; the scheduler fills `result` (or `error`) and sets `done`."""
+
+    row: int
+    kind: str
+    kwargs: dict[str, Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    model: Any
+    jobs: Sequence[Job]
+    sampling: SamplingConfig
+    waiting: dict[int, _Call] = field(default_factory=dict)
+    live: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Condition()
+        self.sessions: list[Session] = [self.model.session(batch_size=1) for _ in self.jobs]
+        self.generators = [torch.Generator().manual_seed(int(job.seed)) for job in self.jobs]
+        self.results: list[Trajectory | None] = [None] * len(self.jobs)
+        self.errors: list[BaseException | None] = [None] * len(self.jobs)
+        self.aborted: BaseException | None = None
+        self.seconds: dict[str, float] = {}
+
+    # -- the episodes' side
+
+    def call(self, row: int, kind: str, **kwargs) -> Any:
+        """Post a call for `row` and block until the scheduler has run it."""
+        call = _Call(row, kind, kwargs)
+        with self.lock:
+            if self.aborted is not None:
+                raise RuntimeError("rollout aborted") from self.aborted
+            self.waiting[row] = call
+            self.lock.notify_all()
+            while not call.done:
+                self.lock.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _episode(self, row: int) -> None:
+        job = self.jobs[row]
+        actor = PolicyActor(
+            self.model, self.sampling, self.generators[row], open_session=lambda: _Row(self, row)
+        )
+        try:
+            self.results[row] = job.mode.rollout(actor, job.spec)
+        except BaseException as error:  # re-raised on the caller's thread
+            self.errors[row] = error
+        finally:
+            with self.lock:
+                self.live -= 1
+                self.lock.notify_all()
+
+    # -- the scheduler's side
+
+    def run(self) -> list[Trajectory]:
+        self.live = len(self.jobs)
+        threads = [
+            threading.Thread(target=self._episode, args=(row,), daemon=True)
+            for row in range(len(self.jobs))
+        ]
+        for thread in threads:
+            thread.start()
+        with self.lock:
+            while True:
+                while self.live and len(self.waiting) < self.live:
+                    self.lock.wait()
+                if not self.live:
+                    break
+                calls, self.waiting = sorted(self.waiting.values(), key=lambda c: c.row), {}
+                try:
+                    self._execute(calls)
+                except BaseException as error:
+                    self.aborted = error
+                    for call in calls:
+                        call.error = RuntimeError("rollout aborted")
+                        call.error.__cause__ = error
+                for call in calls:
+                    call.done = True
+                self.lock.notify_all()
+        for thread in threads:
+            thread.join()
+        if self.aborted is not None:
+            raise self.aborted
+        for error in self.errors:
+            if error is not None:
+                raise error
+        return [t for t in self.results if t is not None]
+
+    def _execute(self, calls: list[_Call]) -> None:
+        """Run the waiting calls, each kind (and each set of arguments) as one batched call."""
+        groups: dict[tuple, list[_Call]] = {}
+        for call in calls:
+            if call.kind == "append_tokens":
+                key: tuple = ("append_tokens",)
+            elif call.kind == "generate_image":  # `<img>` openings are appended first, below
+                key = ("generate_image", *sorted(_no(call.kwargs, "start").items()))
+            elif call.kind == "sample_text":  # each row stops at its own stop tokens
+                key = ("sample_text", *sorted(_no(call.kwargs, "stop").items()))
+            else:
+                key = (call.kind, *((k, _hashable(v)) for k, v in sorted(call.kwargs.items())))
+            groups.setdefault(key, []).append(call)
+        for key, group in groups.items():
+            start = time.perf_counter()
+            getattr(self, f"_{key[0]}")(group)
+            self.seconds[key[0]] = self.seconds.get(key[0], 0.0) + time.perf_counter() - start
+
+    def _merged(self, group: list[_Call]) -> Session:
+        return type(self.sessions[0]).merge([self.sessions[c.row] for c in group])
+
+    def _split(self, group: list[_Call], merged: Session) -> None:
+        for call, session in zip(group, merged.split(), strict=True):
+            self.sessions[call.row] = session
+
+    def _generators(self, group: list[_Call]) -> list[torch.Generator | None]:
+        return [self.generators[c.row] for c in group]
+
+    def _append_tokens(self, group: list[_Call]) -> None:
+        merged = self._merged(group)
+        merged.append_tokens([list(c.kwargs["ids"]) for c in group])
+        self._split(group, merged)
+
+    def _sample_text(self, group: list[_Call]) -> None:
+        merged = self._merged(group)
+        stops = [list(c.kwargs["stop"] or [self.model.tokenizer.eos_token]) for c in group]
+        sample = merged.sample_text(
+            **_no(group[0].kwargs, "stop"), stop=stops, generator=self._generators(group)
+        )
+        self._split(group, merged)
+        for b, call in enumerate(group):
+            call.result = TextSample([sample.ids[b]], [sample.logprobs[b]], [sample.text[b]])
+
+    def _generate_image(self, group: list[_Call]) -> None:
+        merged = self._merged(group)
+        opening = [bool(c.kwargs.get("start", True)) for c in group]
+        if any(opening):
+            merged.append_tokens([[merged.image_start] if o else [] for o in opening])
+        sample = merged.generate_image(
+            **_no(group[0].kwargs, "start"), generator=self._generators(group), start=False
+        )
+        self._split(group, merged)
+        if len(group) == 1:  # as the session returned it (a token backbone's sample included)
+            group[0].result = sample
+            return
+        for b, call in enumerate(group):
+            call.result = ImageSample(
+                sample.pixels[b : b + 1],
+                sample.latents[:, b : b + 1],
+                sample.timesteps,
+                None if sample.logprobs is None else sample.logprobs[b : b + 1],
+                sample.nfe,
+            )
+
+
+class _Row:
+    """What an episode's actor sees as its session: one row of the batch's shared `Session`."""
+
+    def __init__(self, batch: _Batch, row: int) -> None:
+        self.batch, self.row = batch, row
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        return self.batch.sessions[self.row].last_logits
+
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        (row,) = ids
+        self.batch.call(self.row, "append_tokens", ids=tuple(row))
+
+    def append_text(self, texts: list[str]) -> None:
+        (text,) = texts
+        tok = self.batch.model.tokenizer
+        self.append_tokens([tok.encode(text, add_special_tokens=False)])
+
+    def sample_text(self, max_new_tokens: int, stop: list[str] | None = None, **kwargs):
+        kwargs.pop("generator", None)  # the row's own generator is used
+        return self.batch.call(
+            self.row, "sample_text", max_new_tokens=max_new_tokens, stop=stop, **kwargs
+        )
+
+    def generate_image(self, **kwargs) -> ImageSample:
+        kwargs.pop("generator", None)
+        return self.batch.call(self.row, "generate_image", **kwargs)
+
+
+def _no(kwargs: dict, key: str) -> dict:
+    return {k: v for k, v in kwargs.items() if k != key}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
