@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from avr.backbone import save_pretrained
-from avr.lit.backbone import backbone_from_checkpoint
+from avr.lit.base import backbone_from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
         return 2
-    if model.kind == "janus":
-        model.save_pretrained(args.output)
-    else:
-        save_pretrained(model, args.output)
+    model.save_pretrained(args.output)
     print(f"exported {args.checkpoint} ({prefix.rstrip('.')}) → {args.output}")
     return 0
 

@@ -40,6 +40,7 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
 
 from avr.backbone.generation import ImageSample, Session
+from avr.backbone.protocol import register_backbone
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
 from avr.sequence import image_to_array
 
@@ -118,6 +119,7 @@ class _Layout:
     image_old: list[float] = field(default_factory=list)
 
 
+@register_backbone
 class JanusBackbone(torch.nn.Module):
     """Janus with avr's tokenizer; build with `JanusBackbone(JanusForConditionalGeneration(...),
     tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
@@ -125,6 +127,7 @@ class JanusBackbone(torch.nn.Module):
     kind = "janus"
     #: Sequences one session holds: the rollout engine runs Janus episodes one at a time.
     session_rows = 1
+    ce_weight = 1.0  # text CE weight beside the image-token CE in `sft_loss`
 
     def __init__(
         self,
@@ -303,8 +306,20 @@ class JanusBackbone(torch.nn.Module):
             "image_rollout": torch.tensor(layout.image_old, dtype=torch.float32),
         }
 
+    def packer(self, max_len: int) -> None:
+        """None: `sft_loss` takes the list of trajectories itself (one pass each)."""
+        return None
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"janus": self.janus.config.to_dict(), "settings": self.config.to_dict()}
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any], tokenizer) -> JanusBackbone:
+        janus = JanusForConditionalGeneration(JanusConfig.from_dict(config["janus"]))
+        return cls(janus, tokenizer, JanusSettings(**config["settings"]))
+
     def sft_loss(
-        self, trajectories, ce_weight: float = 1.0
+        self, trajectories, ce_weight: float | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """SFT on teacher trajectories: `ce_weight · CE(text) + CE(image tokens)`, each the mean
         over its targets in the batch (one teacher-forced pass per trajectory)."""
@@ -334,7 +349,8 @@ class JanusBackbone(torch.nn.Module):
             "tokens": torch.tensor(float(counts["tokens"])),
             "tokens/image": torch.tensor(float(counts["image"])),
         }
-        return ce_weight * text + image, stats
+        weight = self.ce_weight if ce_weight is None else ce_weight
+        return weight * text + image, stats
 
     # ---- files ------------------------------------------------------------------------------
 

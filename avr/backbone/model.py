@@ -41,6 +41,7 @@ from avr.backbone import flow
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.packing import GEN, LATENT, READ, FlowSettings, ImageGeometry, PackedBatch
+from avr.backbone.protocol import register_backbone
 
 
 @dataclass
@@ -73,11 +74,13 @@ class UnifiedOutput:
     image_t: torch.Tensor | None = None  # [M] timestep of each noisy copy
 
 
+@register_backbone
 class UnifiedModel(nn.Module):
     """The unified model; build with `UnifiedModel(config, tokenizer)` (seed first for a
-    reproducible random init) or `avr.backbone.io.from_pretrained(dir)`."""
+    reproducible random init) or `avr.backbone.io.from_pretrained(dir)`. A `Backbone`."""
 
     kind = "unified"
+    session_rows = None  # sessions hold any number of sequences
 
     def __init__(self, config: UnifiedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
@@ -156,6 +159,37 @@ class UnifiedModel(nn.Module):
         from avr.backbone.generation import Session
 
         return Session(self, batch_size, cache=cache)
+
+    # ---- the Backbone protocol (training and files) ------------------------------------------
+
+    def packer(self, max_len: int):
+        """Trajectories → packed batches of `max_len` tokens per row (`Packer`)."""
+        from avr.backbone.packing import Packer
+
+        return Packer(self.tokenizer, self.geometry, max_len, self.flow_settings)
+
+    def sft_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`UnifiedLoss` of the config (CE on text targets + flow loss on images)."""
+        from avr.backbone.loss import UnifiedLoss
+
+        loss, stats = UnifiedLoss.for_model(self.config)(self(batch))
+        return loss, {**stats, "tokens": torch.tensor(float(batch.tokens))}
+
+    def checkpoint_config(self) -> dict:
+        """The config with the LM's (and VAE's) full configs inlined (`portable_config`)."""
+        from avr.backbone.io import portable_config
+
+        return portable_config(self)
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict, tokenizer) -> UnifiedModel:
+        return cls(UnifiedConfig.from_dict(config), tokenizer)
+
+    def save_pretrained(self, directory):
+        """`avr.backbone.io.save_pretrained`: config.json, model.safetensors, tokenizer/."""
+        from avr.backbone.io import save_pretrained
+
+        return save_pretrained(self, directory)
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -312,7 +346,7 @@ class UnifiedModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> UnifiedOutput:
         """Packed rows → CE logits at the labelled positions and velocities of the noisy copies."""
-        length = batch.kind.shape[1]
+        length = batch.token_type.shape[1]
         if length > self.config.max_seq_len:
             raise ValueError(
                 f"a packed row of {length} tokens exceeds max_seq_len {self.config.max_seq_len}"
@@ -323,8 +357,8 @@ class UnifiedModel(nn.Module):
         else:
             x0 = self.codec.to_tokens(self.codec.encode(batch.gen_pixels.to(x.dtype)))  # [M, N, D]
             x_t = flow.noise(x0, batch.gen_noise.to(x.dtype), batch.gen_t.to(x.dtype))
-        gen_mask, read_mask = batch.kind == GEN, batch.kind == READ
-        clean_mask = batch.kind == LATENT
+        gen_mask, read_mask = batch.token_type == GEN, batch.token_type == READ
+        clean_mask = batch.token_type == LATENT
         if x0.shape[0]:
             x = x.masked_scatter(
                 gen_mask[..., None], self.embed_latents(x_t, batch.gen_t).to(x.dtype)
@@ -339,7 +373,7 @@ class UnifiedModel(nn.Module):
             )
         latent = gen_mask | clean_mask  # codec tokens, noisy or clean: the generation expert's
         if self.use_flex(x.device):
-            rows, _ = batch.kind.shape
+            rows, _ = batch.token_type.shape
             block_mask = create_block_mask(
                 batch.mask_mod(), rows, None, length, length, device=x.device
             )

@@ -58,13 +58,13 @@ class FlowSettings:
 
 @dataclass
 class PackedBatch:
-    """Rows of packed tokens. Per token `[R, L]`: ids, kind (PAD/TEXT/GEN/READ/LATENT), the
+    """Rows of packed tokens. Per token `[R, L]`: ids, `token_type` (PAD/TEXT/GEN/READ/LATENT), the
     trajectory it belongs to (`sample`, −1 for padding), its image copy (`block`, −1 for text),
     RoPE position, next-token label (−100: none) and `uncond`. Per generated image (row-major
     order): pixels, noise and timestep; per vision copy: pixels; per clean latent copy: pixels."""
 
     input_ids: torch.Tensor
-    kind: torch.Tensor
+    token_type: torch.Tensor
     sample: torch.Tensor
     block: torch.Tensor
     position: torch.Tensor
@@ -88,12 +88,12 @@ class PackedBatch:
     @property
     def tokens(self) -> int:
         """Non-padding tokens."""
-        return int((self.kind != PAD).sum())
+        return int((self.token_type != PAD).sum())
 
     def attention_mask(self) -> torch.Tensor:
         """Dense boolean mask `[R, 1, L, L]` (True: may attend), for SDPA."""
-        length = self.kind.shape[1]
-        idx = torch.arange(length, device=self.kind.device)
+        length = self.token_type.shape[1]
+        idx = torch.arange(length, device=self.token_type.device)
         return allowed(
             self.sample[:, :, None],
             self.sample[:, None, :],
@@ -101,13 +101,13 @@ class PackedBatch:
             idx[None, None, :],
             self.block[:, :, None],
             self.block[:, None, :],
-            self.kind[:, None, :],
+            self.token_type[:, None, :],
             self.uncond[:, :, None],
         )[:, None]
 
     def mask_mod(self):
         """The same rule as a FlexAttention `mask_mod(b, h, q, kv)`."""
-        sample, block, kind, uncond = self.sample, self.block, self.kind, self.uncond
+        sample, block, kind, uncond = self.sample, self.block, self.token_type, self.uncond
 
         def mask_mod(b, h, q, kv):
             return allowed(
@@ -270,7 +270,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
     shape = (len(rows), length)
     arrays = {
         "input_ids": np.zeros(shape, np.int64),
-        "kind": np.full(shape, PAD, np.int64),
+        "token_type": np.full(shape, PAD, np.int64),
         "sample": np.full(shape, -1, np.int64),
         "block": np.full(shape, -1, np.int64),
         "position": np.zeros(shape, np.int64),
@@ -285,7 +285,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
             n = len(item["ids"])
             span = slice(offset, offset + n)
             arrays["input_ids"][r, span] = item["ids"]
-            arrays["kind"][r, span] = item["kind"]
+            arrays["token_type"][r, span] = item["kind"]
             arrays["sample"][r, span] = item["index"]
             arrays["position"][r, span] = item["pos"]
             local = np.array(item["copy"])

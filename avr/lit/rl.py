@@ -26,7 +26,7 @@ import torch
 from avr.backbone import flow
 from avr.backbone.lora import LoraSettings, adapters_disabled
 from avr.backbone.packing import pack
-from avr.lit.backbone import BackboneModule
+from avr.lit.base import BackboneModule
 from avr.lit.grpo import PolicyLoss, group_advantages, k3
 from avr.policy import SamplingConfig
 from avr.protocol import Mode

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from avr.backbone import UnifiedLoss
 from avr.backbone.lora import LoraSettings
-from avr.backbone.packing import PackedBatch, Packer
-from avr.lit.backbone import BackboneModule
+from avr.backbone.packing import PackedBatch
+from avr.lit.base import BackboneModule
 
 
 class SFTModule(BackboneModule):
@@ -55,11 +54,6 @@ class SFTModule(BackboneModule):
             lora,
             activation_checkpointing,
         )
-        self.unified = self.backbone.kind == "unified"
-        self.ce_weight = self.backbone.config.ce_weight if self.unified else 1.0
-        self.loss_fn = (
-            UnifiedLoss.for_model(self.backbone.config) if self.unified else UnifiedLoss()
-        )
         self.max_len = max_len
         self.ema = (
             AveragedModel(
@@ -71,13 +65,10 @@ class SFTModule(BackboneModule):
         self._step_start = 0.0
 
     @property
-    def packer(self) -> Packer | None:
-        """How trajectories become packed batches for this backbone (None for a discrete-token
-        backbone: it takes the trajectories themselves)."""
-        b = self.backbone
-        if not self.unified:
-            return None
-        return Packer(b.tokenizer, b.geometry, self.max_len, b.flow_settings)
+    def packer(self):
+        """How trajectories become batches for this backbone (`Backbone.packer`; None: the
+        backbone takes the list of trajectories itself)."""
+        return self.backbone.packer(self.max_len)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -88,12 +79,8 @@ class SFTModule(BackboneModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: PackedBatch | list, batch_idx: int) -> torch.Tensor:
-        if self.unified:
-            loss, stats = self.loss_fn(self.backbone(batch))
-            self._tokens = batch.tokens
-        else:  # a list of trajectories: text CE + image-token CE (`JanusBackbone.sft_loss`)
-            loss, stats = self.backbone.sft_loss(batch, self.ce_weight)
-            self._tokens = int(stats["tokens"])
+        loss, stats = self.backbone.sft_loss(batch)
+        self._tokens = int(stats["tokens"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss/text", stats["loss/text"])
         self.log("train/loss/image", stats["loss/image"])

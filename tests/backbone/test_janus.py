@@ -11,6 +11,7 @@ from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
 
 from avr.backbone import from_pretrained
 from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+from avr.backbone.protocol import Backbone
 from avr.defaults import shapeworld_tokenizer
 from avr.export import main as export
 from avr.fit import main as fit
@@ -39,6 +40,7 @@ def janus(janus_dir):
 
 def test_the_folder_round_trips_through_from_pretrained(janus):
     assert isinstance(janus, JanusBackbone) and janus.kind == "janus"
+    assert isinstance(janus, Backbone)
     fresh = _tiny()
     assert janus.state_dict().keys() == fresh.state_dict().keys()
     for name, tensor in fresh.state_dict().items():

@@ -63,7 +63,7 @@ def test_samples_in_one_row_do_not_see_each_other(model, trajectories):
     assert batch.input_ids.shape[0] == 1
     with torch.no_grad():
         before = model(batch)
-        a_tokens = (batch.sample == 0) & (batch.kind == TEXT)
+        a_tokens = (batch.sample == 0) & (batch.token_type == TEXT)
         batch.input_ids[a_tokens] = 5
         batch.gen_pixels[batch.gen_sample == 0] = 1 - batch.gen_pixels[batch.gen_sample == 0]
         after = model(batch)
@@ -92,7 +92,7 @@ def test_layout_of_one_trajectory(model, trajectories):
     tok = model.tokenizer
     batch = _pack(model, [trajectories[1]], [0])
     ids, kind, pos, labels = (
-        t[0].tolist() for t in (batch.input_ids, batch.kind, batch.position, batch.labels)
+        t[0].tolist() for t in (batch.input_ids, batch.token_type, batch.position, batch.labels)
     )
     start, end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
     g, r = model.geometry.gen_tokens, model.geometry.read_tokens

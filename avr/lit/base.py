@@ -16,16 +16,13 @@ import lightning as L
 import torch
 from tokenizers import Tokenizer
 from transformers import (
-    JanusConfig,
-    JanusForConditionalGeneration,
     PreTrainedTokenizerFast,
     get_cosine_schedule_with_warmup,
 )
 
-from avr.backbone import UnifiedConfig, UnifiedModel, from_pretrained
-from avr.backbone.io import portable_config
-from avr.backbone.janus import JanusBackbone, JanusSettings
+from avr.backbone import UnifiedConfig, from_pretrained
 from avr.backbone.lora import LoraSettings, add_lora, merge_lora
+from avr.backbone.protocol import Backbone, backbone_class
 from avr.defaults import tiny_model
 
 CHECKPOINT_KEY = "avr_backbone"
@@ -33,7 +30,7 @@ CHECKPOINT_KEY = "avr_backbone"
 
 def build_backbone(
     path: str | None, seed: int, overrides: dict[str, Any] | None = None
-) -> UnifiedModel | JanusBackbone:
+) -> Backbone:
     """The exported (BAGEL, Janus) model at `path`, or (None) the tiny ShapeWorld model seeded with
     `seed`; `overrides` are `UnifiedConfig` fields (see `from_pretrained`)."""
     if path is None:
@@ -113,25 +110,16 @@ class BackboneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         backbone = self.backbone
-        if backbone.kind == "janus":
-            config = {
-                "janus": backbone.janus.config.to_dict(),
-                "settings": backbone.config.to_dict(),
-            }
-        else:
-            config = portable_config(backbone)
         checkpoint[CHECKPOINT_KEY] = {
             "kind": backbone.kind,
-            "config": json.dumps(config),
+            "config": json.dumps(backbone.checkpoint_config()),
             "lora": json.dumps(dataclasses.asdict(self.lora) if self.lora else None),
             "tokenizer": self.backbone.tokenizer.backend_tokenizer.to_str(),
             "special": json.dumps(self.backbone.tokenizer.special_tokens_map),
         }
 
 
-def backbone_from_checkpoint(
-    path: str | Path, prefix: str = "backbone."
-) -> UnifiedModel | JanusBackbone:
+def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Backbone:
     """Rebuild the backbone saved in a Lightning checkpoint (weights only, no pickle); LoRA
     adapters, when trained, are merged into the weights."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -141,12 +129,9 @@ def backbone_from_checkpoint(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(saved["tokenizer"]), **json.loads(saved["special"])
     )
-    if saved.get("kind", "unified") == "janus":
-        config = json.loads(saved["config"])
-        janus = JanusForConditionalGeneration(JanusConfig.from_dict(config["janus"]))
-        model = JanusBackbone(janus, tokenizer, JanusSettings(**config["settings"]))
-    else:
-        model = UnifiedModel(UnifiedConfig.from_dict(json.loads(saved["config"])), tokenizer)
+    model = backbone_class(saved.get("kind", "unified")).from_checkpoint_config(
+        json.loads(saved["config"]), tokenizer
+    )
     lora = json.loads(saved.get("lora", "null"))
     if lora is not None:
         add_lora(model, LoraSettings(**lora))
