@@ -152,6 +152,9 @@ def test_rl_trains_and_logs_every_component(tmp_path):
     for row in rows:  # every cell on every step: counts of this step's 2 rollouts
         if row.get("train/reward"):
             assert sum(float(row[k]) for k in modes) == 2
+            # one group of 2: mixed exactly when its two rollouts took different modes
+            took = {k.split("/")[3] for k in modes if float(row[k])}
+            assert float(row["train/mixed_mode_groups"]) == float(len(took) == 2)
 
 
 def test_sft_with_lora_and_activation_checkpointing_exports_merged_weights(tmp_path):

@@ -154,6 +154,7 @@ class RLModule(BackboneModule):
             self.skipped += 1
         self._log_step(
             trajectories,
+            groups,
             rewards,
             parts,
             loss,
@@ -316,7 +317,7 @@ class RLModule(BackboneModule):
             )
         return None
 
-    def _log_step(self, trajectories, rewards, parts, loss, stats, seconds) -> None:
+    def _log_step(self, trajectories, groups, rewards, parts, loss, stats, seconds) -> None:
         self.log("train/reward", rewards.nanmean(), prog_bar=True)
         for name, values in parts.items():
             if not torch.isnan(values).all():
@@ -342,6 +343,13 @@ class RLModule(BackboneModule):
         for level in LEVELS:
             for mode in sorted(self._modes_seen):
                 self.log(f"train/mode/{level}/{mode}", float(counts[level, mode]))
+        # The intra-group complexity penalty compares modes within a group: it can act only in
+        # groups whose rollouts took at least two modes.
+        modes_per_group: dict[int, set[str]] = {}
+        for group, trajectory in zip(groups, trajectories, strict=True):
+            modes_per_group.setdefault(group, set()).add(trajectory.meta["mode"])
+        mixed = sum(len(m) >= 2 for m in modes_per_group.values())
+        self.log("train/mixed_mode_groups", mixed / max(len(modes_per_group), 1))
 
 
 def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:

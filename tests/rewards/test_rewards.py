@@ -101,6 +101,32 @@ def test_compositional_partial_and_strict():
     assert CompositionalReward(strict=True).score(rollouts).tolist() == [1.0, 0.0, 0.0]
 
 
+def test_compositional_extra_penalty_charges_objects_the_prompt_did_not_ask_for(verifier):
+    from avr.rewards.compositional import CompositionalReward
+
+    from avr.world.scene import SceneObject
+
+    asked = len(SCENE)
+    extra = None
+    for x, y in ((0.08, 0.08), (0.92, 0.08), (0.08, 0.92), (0.92, 0.92), (0.5, 0.08)):
+        candidate = SCENE.add(SceneObject("circle", "red", x, y, 0.1))
+        if len(verifier.verify(render(candidate), SPEC).detections) == asked + 1:
+            extra = candidate
+            break
+    assert extra is not None, "no free corner for an extra object"
+    rollouts = Rollouts.of([_direct(render(SCENE), 1), _direct(render(extra), 1)])
+    geneval = CompositionalReward().score(rollouts).tolist()
+    assert geneval[0] == geneval[1] == 1.0  # at-least semantics credit the extra shape
+    precise = CompositionalReward(extra_penalty=0.25).score(rollouts).tolist()
+    assert precise == pytest.approx([1.0, 0.75])
+    assert CompositionalReward(strict=True, extra_penalty=2.0).score(rollouts).tolist() == [
+        1.0,
+        0.0,
+    ]
+    with pytest.raises(ValueError, match="extra_penalty must be ≥ 0"):
+        CompositionalReward(extra_penalty=-1)
+
+
 def test_complexity_penalty_charges_extra_compute_relative_to_the_cheapest_success():
     from avr.rewards.complexity_penalty import ComplexityPenalty
 
