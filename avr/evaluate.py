@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
+from avr.intervals import overall_interval, paired, wilson
 from avr.outputs import fresh_output_dir
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
@@ -91,6 +92,7 @@ def evaluate(
     for label, (model_name, mode_name) in jobs.items():
         metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}
         plot_trajectories(out / label, grid_prompts)
+    metrics["paired"] = compare_runs(metrics["runs"], [spec.tag for spec in specs])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_accuracy(metrics, out)
     (out / "report.md").write_text(report(metrics), encoding="utf-8")
@@ -129,9 +131,18 @@ def _run(
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    summary = summarize(score_folder(folder))
+    scored = score_folder(folder)  # one record per prompt, in prompt order
+    summary = summarize(scored)
+    correct = [int(r["correct"]) for r in scored]
+    tags = [r["tag"] for r in scored]
     return {
         "overall": summary.overall,
+        "interval": {
+            "overall": overall_interval(correct, tags),
+            "by_tag": {t: wilson(round(a * n), n) for t, (a, _, n) in summary.by_tag.items()},
+            "by_level": {lv: wilson(round(a * n), n) for lv, (a, _, n) in summary.by_level.items()},
+        },
+        "correct": correct,
         "overall_partial": summary.overall_partial,
         "by_tag": {t: a for t, (a, _, _) in summary.by_tag.items()},
         "by_level": {lv: a for lv, (a, _, _) in summary.by_level.items()},
@@ -139,6 +150,21 @@ def _run(
         "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
         "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
     }
+
+
+def compare_runs(runs: dict, tags: list[str]) -> list[dict]:
+    """Paired comparisons on the same prompts (`avr.intervals.paired`): every two modes of one
+    model, and every two models on one mode; `b − a` with its interval and McNemar's p."""
+    labels = list(runs)
+    pairs = [
+        (a, b)
+        for i, a in enumerate(labels)
+        for b in labels[i + 1 :]
+        if runs[a]["model"] == runs[b]["model"] or runs[a]["mode"] == runs[b]["mode"]
+    ]
+    return [
+        {"a": a, "b": b, **paired(runs[a]["correct"], runs[b]["correct"], tags)} for a, b in pairs
+    ]
 
 
 def plot_accuracy(metrics: dict, out: Path) -> None:
@@ -150,12 +176,18 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ("nfe", "text_tokens"), ("NFE", "text tokens"), strict=True):
         for (x, y), labels in point_labels(runs, key).items():
-            ax.scatter([x], [y], s=40)
+            low, high = (
+                100 * v for v in runs[labels[0]].get("interval", {}).get("overall", (y / 100,) * 2)
+            )
+            ax.errorbar([x], [y], yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], fmt="o",
+                        capsize=3)  # fmt: skip
             ax.annotate(" = ".join(labels), (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)  # fmt: skip
         ax.set(xlabel=f"{name} per prompt", ylabel="overall accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"accuracy against compute ({metrics['prompts']} prompts)")
+    fig.suptitle(
+        f"accuracy against compute ({metrics['prompts']} prompts; bars: 95% bootstrap intervals)"
+    )
     fig.savefig(out / "accuracy_vs_compute.png", dpi=120)
 
     fig = Figure(figsize=(max(6, 1.2 * len(runs) + 3), 4), layout="constrained")
@@ -163,9 +195,25 @@ def plot_accuracy(metrics: dict, out: Path) -> None:
     width = 0.8 / len(runs)
     for k, (label, run) in enumerate(runs.items()):
         values = [100 * (run["by_level"].get(level) or 0.0) for level in LEVELS]
-        ax.bar([i + k * width for i in range(len(LEVELS))], values, width, label=label)
+        bounds = run.get("interval", {}).get("by_level", {})
+        errors = [
+            [
+                max(0.0, v - 100 * bounds[lv][0]) if lv in bounds else 0.0
+                for v, lv in zip(values, LEVELS, strict=True)
+            ],
+            [
+                max(0.0, 100 * bounds[lv][1] - v) if lv in bounds else 0.0
+                for v, lv in zip(values, LEVELS, strict=True)
+            ],
+        ]
+        ax.bar([i + k * width for i in range(len(LEVELS))], values, width, label=label,
+               yerr=errors, capsize=2)  # fmt: skip
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(LEVELS))], LEVELS)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per complexity level")
+    ax.set(
+        ylabel="accuracy (%)",
+        ylim=(0, 100),
+        title="accuracy per complexity level (bars: 95% Wilson intervals)",
+    )
     ax.legend(fontsize=8)
     fig.savefig(out / "accuracy_by_level.png", dpi=120)
 
@@ -220,8 +268,43 @@ def report(metrics: dict) -> str:
     rows = [(tag, [r["by_tag"].get(tag) for r in runs.values()]) for tag in tags]
     rows += [(f"level: {lv}", [r["by_level"].get(lv) for r in runs.values()]) for lv in LEVELS]
     rows.append(("**overall (mean over tags)**", [r["overall"] for r in runs.values()]))
-    lines = [f"# ShapeWorld evaluation ({metrics['prompts']} prompts)", "", *header]
-    lines += [f"| {name} | " + " | ".join(_pct(v) for v in values) + " |" for name, values in rows]
+    bounds = [
+        [r.get("interval", {}).get("by_tag", {}).get(tag) for r in runs.values()] for tag in tags
+    ]
+    bounds += [
+        [r.get("interval", {}).get("by_level", {}).get(lv) for r in runs.values()] for lv in LEVELS
+    ]
+    bounds.append([r.get("interval", {}).get("overall") for r in runs.values()])
+    lines = [
+        f"# ShapeWorld evaluation ({metrics['prompts']} prompts)",
+        "",
+        "Accuracy with its 95% interval (Wilson per tag and level; bootstrap over prompts, "
+        "stratified by tag, for the overall).",
+        "",
+        *header,
+    ]
+    lines += [
+        f"| {name} | "
+        + " | ".join(_pct_ci(v, b) for v, b in zip(values, bound, strict=True))
+        + " |"
+        for (name, values), bound in zip(rows, bounds, strict=True)
+    ]
+    if metrics.get("paired"):
+        lines += [
+            "",
+            "Paired comparisons on the same prompts (b − a in overall accuracy, 95% paired "
+            "bootstrap interval; McNemar's exact p on the prompts only one run got right):",
+            "",
+            "| a | b | b − a | 95% interval | only a | only b | McNemar p |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in metrics["paired"]:
+            low, high = c["interval"]
+            lines.append(
+                f"| {c['a']} | {c['b']} | {100 * c['difference']:+.1f} pts | "
+                f"[{100 * low:+.1f}, {100 * high:+.1f}] | {c['only_a']} | {c['only_b']} | "
+                f"{c['mcnemar_p']:.3f} |"
+            )
     lines += ["", "| compute per prompt | " + " | ".join(labels) + " |", header[1]]
     for key in ("nfe", "text_tokens", "seconds"):
         values = [f"{r['per_prompt'][key]:.1f}" for r in runs.values()]
@@ -250,6 +333,12 @@ def report(metrics: dict) -> str:
         + ", ".join(f"[{label}]({label}/trajectories.png)" for label in labels),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pct_ci(value, bound) -> str:
+    if value is None or bound is None or any(b != b for b in bound):  # NaN: no prompts
+        return _pct(value)
+    return f"{_pct(value)} [{100 * bound[0]:.0f}–{100 * bound[1]:.0f}]"
 
 
 def _pct(value) -> str:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from avr.backbone import save_pretrained
@@ -41,6 +42,14 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
     assert len((out / "adaptive" / "results.jsonl").read_text().splitlines()) == 8
     report = (out / "report.md").read_text()
     assert "overall (mean over tags)" in report and "heldout: exact" in report
+    # every accuracy with its interval, and the two modes compared on the same prompts
+    low, high = direct["interval"]["overall"]
+    assert 0.0 <= low <= direct["overall"] <= high <= 1.0
+    assert set(direct["interval"]["by_level"]) == set(direct["by_level"])
+    assert len(direct["correct"]) == 8
+    (comparison,) = metrics["paired"]
+    assert (comparison["a"], comparison["b"], comparison["prompts"]) == ("direct", "adaptive", 8)
+    assert "Paired comparisons on the same prompts" in report
     fidelity = direct["fidelity"]
     held = sum(is_held_out(s) for s in sample_specs(8, seed=0))
     assert 0 < held < 8  # both groups occur, and are reported apart
@@ -113,6 +122,27 @@ def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, py
         == 2
     )
     assert "unknown mode 'draw'" in capsys.readouterr().err
+
+
+def test_intervals_and_paired_comparisons():
+    from avr.intervals import overall_interval, paired, wilson
+
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.2775, abs=1e-4)
+    tags = ["a"] * 20 + ["b"] * 20
+    a = [1] * 10 + [0] * 10 + [1] * 5 + [0] * 15  # overall (0.5 + 0.25) / 2
+    low, high = overall_interval(a, tags)
+    assert low < 0.375 < high and high - low < 0.5
+    same = paired(a, a, tags)
+    assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and same["mcnemar_p"] == 1
+    b = [1] * 20 + [1] * 5 + [0] * 15  # b also gets the 10 prompts a missed in tag "a"
+    better = paired(a, b, tags)
+    assert (better["only_a"], better["only_b"]) == (0, 10)
+    assert better["difference"] == pytest.approx(0.25) and better["interval"][0] > 0
+    assert better["mcnemar_p"] == pytest.approx(2 * 0.5**10)
+    with pytest.raises(ValueError, match="the same prompts"):
+        paired(a, b[:-1], tags)
 
 
 def test_runs_on_the_same_point_are_labelled_once_together():
