@@ -24,6 +24,7 @@ import textwrap
 import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from avr.outputs import fresh_output_dir
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
-from avr.rollout import Job, rollout
+from avr.rollout import Job, episode_seed, rollout
 from avr.sequence import trajectory_to_record
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
 from avr.world.fidelity import Fidelity
@@ -60,12 +61,12 @@ def evaluate(
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
-        `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say). Runs
-        are labelled by mode name, or `<model>/<mode>` when there are several models; each run's
-        outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode) runs at once, in
-        processes of one thread each (their `seconds` then count time shared with the others); each run
-    rolls out `batch` episodes at a time through `avr.rollout`. Returns
-        the metrics (also written to `out/metrics.json`)."""
+    `modes` maps a name to a mode instance (`{"reflect-k3": ReflectMode(rounds=3)}`, say) or to a
+    `BestOf` baseline. Runs are labelled by mode name, or `<model>/<mode>` when there are several
+    models; each run's outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode)
+    runs at once, in processes of one thread each (their `seconds` then count time shared with the
+    others); each run rolls out `batch` episodes at a time through `avr.rollout`. Returns the
+    metrics (also written to `out/metrics.json`)."""
     jobs = {
         (mode_name if len(models) == 1 else f"{model_name}/{mode_name}"): (model_name, mode_name)
         for model_name in models
@@ -99,11 +100,28 @@ def evaluate(
     return metrics
 
 
+@dataclass(frozen=True)
+class BestOf:
+    """A compute-matched baseline: `mode` sampled `n` times per prompt, the **verifier** picking
+    the first sample it accepts (else the first sample). The verifier is the judge of the
+    benchmark itself, so this is an oracle selection: an upper bound on what `n` independent
+    samples buy, against which a mode that reflects with the model's own verdict is compared at
+    equal compute. Its compute counts all `n` samples. On the command line: `--modes 'direct*4'`."""
+
+    mode: Mode
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"best-of needs n ≥ 1, got {self.n}")
+
+
 def _run(
     model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int, batch: int = 32
 ) -> dict:
     """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores.
-    Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time."""
+    Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time; a
+    `BestOf`'s further samples with `episode_seed(seed, i, k)`."""
     model.eval()
     cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
     chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
@@ -111,14 +129,28 @@ def _run(
     verifier = Verifier()
     fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
     side = model.config.image_size
+    inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
+    jobs = [
+        Job(inner, spec, seed + i if k == 0 else episode_seed(seed, i, k))
+        for i, spec in enumerate(specs)
+        for k in range(n)
+    ]
     start = time.perf_counter()
-    trajectories = rollout(
-        model, [Job(mode, spec, seed + i) for i, spec in enumerate(specs)], sampling, batch
-    )
+    samples = rollout(model, jobs, sampling, batch)
     cost["seconds"] = time.perf_counter() - start
+    trajectories = []
+    for i, spec in enumerate(specs):
+        candidates = samples[i * n : (i + 1) * n]
+        for trajectory in candidates:  # the compute of every sample counts
+            cost["nfe"] += trajectory.meta.get("nfe", 0)
+            cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
+        accepted = [
+            t
+            for t in candidates
+            if t.final_image is not None and verifier.verify(t.final_image, spec).correct
+        ]
+        trajectories.append((accepted or candidates)[0])
     for i, (spec, trajectory) in enumerate(zip(specs, trajectories, strict=True)):
-        cost["nfe"] += trajectory.meta.get("nfe", 0)
-        cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
         level, picked = complexity(spec).level, trajectory.meta["mode"]
         chosen[level][picked] = chosen[level].get(picked, 0) + 1
         final = trajectory.final_image  # a rollout that drew nothing is judged on a blank canvas
@@ -150,6 +182,16 @@ def _run(
         "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
         "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
     }
+
+
+def parse_mode(name: str) -> Mode | BestOf:
+    """A registered mode by name, or `NAME*N`: that mode as a best-of-N baseline (`BestOf`)."""
+    base, star, count = name.partition("*")
+    if not star:
+        return MODES.get(name)()
+    if not count.isdigit() or int(count) < 2:
+        raise ValueError(f"--modes {name!r}: best-of needs NAME*N with an integer N ≥ 2")
+    return BestOf(MODES.get(base)(), int(count))
 
 
 def compare_runs(runs: dict, tags: list[str]) -> list[dict]:
@@ -374,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         help="exported model folder; repeat as NAME=DIR to compare models in one report",
     )
     parser.add_argument("--prompts", required=True, help="prompt JSONL (GenEval metadata format)")
-    parser.add_argument("--modes", default="direct,reflect,plan,adaptive")
+    parser.add_argument(
+        "--modes",
+        default="direct,reflect,plan,adaptive",
+        help="registered modes, comma-separated; NAME*N: best-of-N baseline picked by the "
+        "verifier (quote it: 'direct*4')",
+    )
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--max-text-tokens", type=int, default=96)
@@ -401,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
         if args.batch < 1:
             raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
-        modes = {m.strip(): MODES.get(m.strip())() for m in args.modes.split(",") if m.strip()}
+        modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
         fresh_output_dir(args.output, args.overwrite)
     except (ValueError, LookupError, OSError) as err:

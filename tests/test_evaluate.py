@@ -124,6 +124,23 @@ def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, py
     assert "unknown mode 'draw'" in capsys.readouterr().err
 
 
+def test_best_of_n_counts_every_sample_and_never_loses_to_its_first(tmp_path, capsys):
+    """On the committed t2i model (which gets some single-object prompts right)."""
+    save_specs(sample_specs(8, ["single_object", "colors"], seed=2), tmp_path / "prompts.jsonl")
+    model = Path(__file__).parents[1] / "checkpoints" / "shapeworld-tiny-t2i"
+    base = ["--model", str(model), "--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "4"]
+    assert main([*base, "--modes", "direct,direct*3", "-o", str(tmp_path / "eval")]) == 0
+    runs = json.loads((tmp_path / "eval" / "metrics.json").read_text())["runs"]
+    direct, best = runs["direct"], runs["direct*3"]
+    assert best["per_prompt"]["nfe"] == 3 * direct["per_prompt"]["nfe"]
+    # its first sample is the direct run's own rollout, so it is right wherever direct is
+    assert sum(direct["correct"]) >= 1
+    assert all(b >= d for b, d in zip(best["correct"], direct["correct"], strict=True))
+    for bad in ("direct*1", "direct*x"):
+        assert main([*base, "--modes", bad, "-o", str(tmp_path / bad)]) == 2
+        assert "best-of needs NAME*N with an integer N ≥ 2" in capsys.readouterr().err
+
+
 def test_intervals_and_paired_comparisons():
     from avr.intervals import overall_interval, paired, wilson
 
