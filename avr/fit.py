@@ -63,6 +63,24 @@ def main(argv: list[str] | None = None) -> LightningCLI:
     )
 
 
+def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict:
+    """The config `avr.fit CONFIG OVERRIDES…` would run, parsed by the same LightningCLI parser
+    (defaults of every class filled in, interpolations resolved, types checked) but with nothing
+    instantiated: no model is built, no weight read. A plain nested dict."""
+    load_plugins()
+    jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    cli = _ParseOnly(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        run=False,
+        args=["--config", str(config), *(overrides or [])],
+    )
+    return cli.config.as_dict()
+
+
 class AvrCLI(LightningCLI):
     """LightningCLI that names the cause of a failed instantiation and says where a run's outputs went."""
 
@@ -92,6 +110,13 @@ class AvrCLI(LightningCLI):
         if any(type(logger).__name__ == "TensorBoardLogger" for logger in trainer.loggers):
             lines.append(f"view:        tensorboard --logdir {trainer.loggers[0].save_dir}")
         Console(stderr=True).print("\n".join(["run finished; outputs:", *lines]), highlight=False)
+
+
+class _ParseOnly(LightningCLI):
+    """Parses and stops: `parse_config`."""
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
 _PARSER_FILES = ("jsonargparse", f"lightning{Path('/pytorch/cli.py')}")

@@ -52,15 +52,22 @@ class ParamCounts:
 
 
 def read_training_config(path: str | Path, preset: str = "bagel_7b") -> TrainingShape:
-    """Read a `python -m avr.fit` YAML. The model's shape comes from its folder (an avr export or
-    a BAGEL checkpoint) when that exists here, else from `UnifiedConfig.<preset>()`."""
+    """Read a `python -m avr.fit` YAML through `avr.fit`'s own parser (`parse_config`: defaults
+    filled in, types checked, nothing built). The model's shape comes from its folder (an avr
+    export or a BAGEL checkpoint) when that exists here, else from `UnifiedConfig.<preset>()`."""
+    from avr.fit import parse_config
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ValueError(f"{path}{line}: not valid YAML") from None
+    try:
+        data = parse_config(path)
+    except SystemExit as err:  # the parser's own message is already printed
+        raise ValueError(f"{path}: not a valid avr.fit config (see the message above)") from err
     trainer, model = data.get("trainer") or {}, (data.get("model") or {})
     args = model.get("init_args") or {}
     overrides = args.get("model_overrides") or {}

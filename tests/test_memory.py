@@ -64,3 +64,19 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
     path.write_text("model:\n  init_args: [\n")
     with pytest.raises(ValueError, match=r"bad.yaml:\d+: not valid YAML"):
         read_training_config(path)
+
+
+def test_configs_are_read_by_the_fit_parser(tmp_path, capsys):
+    """The same parser as `avr.fit`: a key the module does not take is refused, not ignored, and
+    what the YAML leaves out is the module's default."""
+    base = yaml.safe_load(Path("experiments/bagel/rl.yaml").read_text())
+    base["model"]["init_args"].pop("max_len", None)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base))
+    assert read_training_config(good).seq_len == 2048  # RLModule's default max_len
+    base["model"]["init_args"]["max_lenght"] = 4096
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(base))
+    with pytest.raises(ValueError, match="not a valid avr.fit config"):
+        read_training_config(bad)
+    assert "max_lenght" in capsys.readouterr().err
