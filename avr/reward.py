@@ -60,10 +60,13 @@ class Rollouts:
 
 
 class Reward(Metric):
-    """Base class: implement `score`; NaN marks samples the reward does not apply to."""
+    """Base class: implement `score`; NaN marks samples the reward does not apply to.
+    `judges_images`: whether the reward scores what was drawn (RL's image advantages come only
+    from such rewards; text advantages from the whole composite)."""
 
     higher_is_better = True
     full_state_update = False
+    judges_images: bool = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -92,6 +95,8 @@ class Reward(Metric):
 
 class FinalImageReward(Reward):
     """A reward on each rollout's final image and its spec; a rollout that drew nothing scores 0."""
+
+    judges_images = True
 
     @abstractmethod
     def score_image(self, image, spec: PromptSpec) -> float:
@@ -140,6 +145,17 @@ class CompositeReward(Reward):
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return self.score_parts(rollouts)[0]
+
+    def image_total(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """`Σ weight · reward` over the terms whose reward judges images (from `score_parts`'
+        parts); None when no term does."""
+        judged = [name for name, term in self.terms.items() if term.reward.judges_images]
+        if not judged:
+            return None
+        return sum(
+            self.terms[name].weight * _fill_nan(parts[name], self.terms[name].missing)
+            for name in judged
+        )
 
 
 def _fill_nan(scores: torch.Tensor, missing: float | None) -> torch.Tensor:

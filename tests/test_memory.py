@@ -77,6 +77,6 @@ def test_configs_are_read_by_the_fit_parser(tmp_path, capsys):
     base["model"]["init_args"]["max_lenght"] = 4096
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(base))
-    with pytest.raises(ValueError, match="not a valid avr.fit config"):
+    with pytest.raises(ValueError, match=r"not a valid avr\.fit config"):
         read_training_config(bad)
     assert "max_lenght" in capsys.readouterr().err

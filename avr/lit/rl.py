@@ -59,6 +59,7 @@ class RLModule(BackboneModule):
         advantage_clip: float = 5.0,
         sde_window: tuple[int, int] | None = None,
         rollout_batch: int = 32,
+        image_rewards_only: bool = True,
         max_len: int = 2048,
         max_bad_steps: int = 5,
         model_overrides: dict[str, Any] | None = None,
@@ -70,7 +71,10 @@ class RLModule(BackboneModule):
         compositional verifier, weight 1); `sampling`: rollout sampling (its `noise_level` must be
         > 0: Flow-GRPO needs SDE log-probs); `sde_window`: the SDE steps `[first, last)` a training
         step may draw from (default all); `rollout_batch`: episodes rolled out together
-        (`avr.rollout`; the trajectories do not depend on it); `kl_text` / `kl_image`: β of each KL term;
+        (`avr.rollout`; the trajectories do not depend on it); `image_rewards_only`: the image
+        generator's advantages come from the rewards that judge images (`Reward.judges_images`:
+        compositional, CLIP) and the text's from the whole composite, each group-normalised, so a
+        text-only reward does not move the generator (False: both from the composite); `kl_text` / `kl_image`: β of each KL term;
         `model_overrides`, `lora`, `activation_checkpointing`: as in `SFTModule`. With LoRA and
         nothing else trainable, the reference is the policy with its adapters off (no copy)."""
         super().__init__(
@@ -99,6 +103,7 @@ class RLModule(BackboneModule):
         if rollout_batch < 1:
             raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
         self.group_size, self.rollout_batch = group_size, rollout_batch
+        self.image_rewards_only = image_rewards_only
         self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
         if self.sampling.noise_level <= 0:
             raise ValueError(
@@ -143,11 +148,20 @@ class RLModule(BackboneModule):
         rollouts = Rollouts(trajectories, specs, groups)
         rewards, parts = self.rewards.score_parts(rollouts)  # [B]
         advantages = group_advantages(rewards, groups, self.scale_std, self.advantage_clip)  # [B]
+        image_rewards = self.rewards.image_total(parts) if self.image_rewards_only else rewards
+        image_advantages = (
+            torch.zeros_like(advantages)  # nothing judges images: the generator is not moved
+            if image_rewards is None
+            else group_advantages(image_rewards, groups, self.scale_std, self.advantage_clip)
+        )
+        if image_rewards is not None:
+            parts = {**parts, "images": image_rewards}  # logged as train/reward/images
         scored = time.perf_counter()
-        loss, stats = self.policy_loss(trajectories, advantages)
+        loss, stats = self.policy_loss(trajectories, advantages, image_advantages)
         finite = bool(
             torch.isfinite(rewards).all()
             and torch.isfinite(advantages).all()
+            and torch.isfinite(image_advantages).all()
             and torch.isfinite(loss)
         )
         if not finite:
@@ -192,12 +206,16 @@ class RLModule(BackboneModule):
             return run(self.backbone)
 
     def policy_loss(
-        self, trajectories: list, advantages: torch.Tensor
+        self,
+        trajectories: list,
+        advantages: torch.Tensor,
+        image_advantages: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image
         (a discrete-token backbone: PPO-clip on its sampled image tokens instead)."""
+        image_advantages = advantages if image_advantages is None else image_advantages
         if self.backbone.kind != "unified":
-            return self._token_policy_loss(trajectories, advantages)
+            return self._token_policy_loss(trajectories, advantages, image_advantages)
         batch, steps = self._rl_batch(trajectories)
         out = self.backbone(batch)
         ref = self._reference(lambda model: model(batch))
@@ -215,7 +233,7 @@ class RLModule(BackboneModule):
         )
         image_logp, image_kl = self._image_terms(batch.gen_xt, out.velocity, ref.velocity, steps)
         image_loss, image_stats = self.image_loss(
-            image_logp, image_logp.detach(), advantages[out.image_sample], image_kl
+            image_logp, image_logp.detach(), image_advantages[out.image_sample], image_kl
         )
         stats = {f"text/{k}": v for k, v in text_stats.items()} | {
             f"image/{k}": v for k, v in image_stats.items()
@@ -228,7 +246,7 @@ class RLModule(BackboneModule):
         return text_loss + image_loss, stats
 
     def _token_policy_loss(
-        self, trajectories: list, advantages: torch.Tensor
+        self, trajectories: list, advantages: torch.Tensor, image_advantages: torch.Tensor
     ) -> tuple[torch.Tensor, dict]:
         """GRPO over every sampled token, text and image alike, each trajectory replayed in one
         teacher-forced pass (`JanusBackbone.replay`)."""
@@ -242,7 +260,8 @@ class RLModule(BackboneModule):
             for kind, part in parts.items():
                 part["logp"].append(mine[kind])
                 part["ref"].append(ref[kind])
-                part["adv"].append(advantages[b].expand(mine[kind].shape[0]))
+                adv = image_advantages if kind == "image" else advantages
+                part["adv"].append(adv[b].expand(mine[kind].shape[0]))
                 part["old"].append(mine[f"{kind}_rollout"])
         total, stats = 0.0, {}
         for kind, loss_fn in (("text", self.text_loss), ("image", self.image_loss)):

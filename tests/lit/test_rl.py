@@ -47,6 +47,31 @@ def test_equal_rewards_give_no_gradient_and_no_nan():
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+class TextOnly(Reward):
+    """Differs within every group, judges no image (like the format reward)."""
+
+    def score(self, rollouts):
+        return torch.arange(len(rollouts), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("image_rewards_only", [True, False])
+def test_a_text_only_reward_does_not_move_the_image_generator(image_rewards_only):
+    module = _module(
+        mode="adaptive",
+        rewards={"t": RewardTerm(TextOnly(), 1.0)},
+        kl_text=0.0,
+        kl_image=0.0,
+        image_rewards_only=image_rewards_only,
+    )
+    loss = module.training_step(sample_specs(2, seed=3), 0)
+    loss.backward()
+    image_head = module.backbone.velocity_out.weight.grad
+    text_head = module.backbone.lm.lm_head.weight.grad
+    assert text_head is not None and text_head.abs().sum() > 0  # the text is trained
+    moved = image_head is not None and bool(image_head.abs().sum() > 0)
+    assert moved is not image_rewards_only
+
+
 class FirstInfinite(Reward):
     def score(self, rollouts):
         scores = torch.full((len(rollouts),), 0.5)
