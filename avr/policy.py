@@ -48,6 +48,11 @@ class SamplingConfig:
     """SDE noise level `a` (0: ODE)."""
     shift: float = 1.0
     """Timestep schedule shift."""
+    mode_temperature: float | None = None
+    """Temperature of the adaptive mode choice alone (None: `temperature`). Above it, RL explores
+    modes the policy is sure it does not want, so a group holds several modes and the complexity
+    penalty has something to compare; the trainer weighs such samples by π/μ (μ: this behaviour
+    distribution)."""
 
     def __post_init__(self) -> None:
         rules = {
@@ -59,6 +64,10 @@ class SamplingConfig:
             "cfg_scale": (self.cfg_scale >= 0, "≥ 0 (1: no guidance)"),
             "noise_level": (self.noise_level >= 0, "≥ 0 (0: ODE)"),
             "shift": (self.shift > 0, "> 0"),
+            "mode_temperature": (
+                self.mode_temperature is None or self.mode_temperature > 0,
+                "> 0 or null (the text temperature)",
+            ),
         }
         for key, (ok, wanted) in rules.items():
             if not ok:
@@ -91,14 +100,22 @@ class PolicyActor:
         episode.state.update(session=session, opened=None, steps=None, nfe=0, text_tokens=0)
 
     def choose(self, episode: Episode, modes: list[str]) -> str:
-        """Sample a mode token, restricted to `modes`' tokens (log-prob under the full policy)."""
+        """Sample a mode token, restricted to `modes`' tokens. Its log-prob is the full policy's
+        (at the text temperature, as the trainer computes it); with a `mode_temperature`, the
+        behaviour distribution's log-prob is kept too (`segment.behaviour_logprobs`)."""
         session: Session = episode.state["session"]
         tok = self.model.tokenizer
         ids = tok.convert_tokens_to_ids([mode_token(m) for m in modes])
         logits = session.last_logits[0]
         temperature = self.sampling.temperature or 1.0
         policy = torch.log_softmax(logits / temperature, -1)
-        if self.sampling.temperature > 0:
+        explore = self.sampling.mode_temperature
+        behaviour = None
+        if explore is not None:
+            mu = torch.log_softmax(logits[ids].float() / explore, -1)
+            pick = int(torch.multinomial(mu.exp().cpu(), 1, generator=self.generator))
+            behaviour = [float(mu[pick])]
+        elif self.sampling.temperature > 0:
             probs = torch.softmax(logits[ids] / temperature, -1)
             pick = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
         else:
@@ -106,6 +123,7 @@ class PolicyActor:
         session.append_tokens([[ids[pick]]])
         sample = TextSample([[ids[pick]]], [[float(policy[ids[pick]])]], [mode_token(modes[pick])])
         episode.add_text(mode_token(modes[pick]), sample, sample.logprobs[0])
+        episode.trajectory.segments[-1].behaviour_logprobs = behaviour
         episode.state["text_tokens"] += 1
         return modes[pick]
 

@@ -227,9 +227,14 @@ class RLModule(BackboneModule):
             -1, ref.labels[:, None]
         )[:, 0]
         rollout_logp = _sampled_logprobs(trajectories, out.label_sample.tolist())
-        # One update per batch of rollouts: π_old is the policy that just sampled, so ρ = 1 exactly.
+        # One update per batch of rollouts: π_old is the policy that just sampled, so ρ = 1 exactly,
+        # except where a token was drawn from another behaviour distribution μ (an explored mode
+        # token): there π_old is replaced by μ, so ρ = π/μ.
+        old = logp.detach() + _behaviour_correction(trajectories, out.label_sample.tolist()).to(
+            logp
+        )
         text_loss, text_stats = self.text_loss(
-            logp, logp.detach(), advantages[out.label_sample], k3(logp, logp_ref)
+            logp, old, advantages[out.label_sample], k3(logp, logp_ref)
         )
         image_logp, image_kl = self._image_terms(batch.gen_xt, out.velocity, ref.velocity, steps)
         image_loss, image_stats = self.image_loss(
@@ -369,6 +374,26 @@ class RLModule(BackboneModule):
             modes_per_group.setdefault(group, set()).add(trajectory.meta["mode"])
         mixed = sum(len(m) >= 2 for m in modes_per_group.values())
         self.log("train/mixed_mode_groups", mixed / max(len(modes_per_group), 1))
+
+
+def _behaviour_correction(trajectories: list, label_sample: list[int]) -> torch.Tensor:
+    """Per sampled text token, in label order: `log μ − log π_sampler` where the token was drawn
+    from a behaviour distribution μ other than the policy (`segment.behaviour_logprobs`), else 0."""
+    per_trajectory = {}
+    for b, t in enumerate(trajectories):
+        values = []
+        for s in t.segments:
+            if s.is_image or not s.logprobs:
+                continue
+            behaviour = getattr(s, "behaviour_logprobs", None)
+            values += (
+                [mu - lp for mu, lp in zip(behaviour, s.logprobs, strict=True)]
+                if behaviour
+                else [0.0] * len(s.logprobs)
+            )
+        per_trajectory[b] = values
+    order = list(dict.fromkeys(label_sample))
+    return torch.tensor([v for b in order for v in per_trajectory[b]])
 
 
 def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:

@@ -72,6 +72,29 @@ def test_a_text_only_reward_does_not_move_the_image_generator(image_rewards_only
     assert moved is not image_rewards_only
 
 
+def test_mode_exploration_mixes_groups_and_weighs_by_the_behaviour_probability():
+    import math
+
+    from avr.lit.rl import _behaviour_correction
+
+    sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7, mode_temperature=50.0)
+    module = RLModule(model=None, seed=0, group_size=4, sampling=sampling, mode="adaptive")
+    trajectories, _, groups = module.rollout(sample_specs(3, seed=4))
+    chosen = [t.segments[1] for t in trajectories]  # prompt, then the sampled mode token
+    for segment in chosen:  # nearly uniform over 3 modes at temperature 50
+        (mu,) = segment.behaviour_logprobs
+        assert abs(mu - math.log(1 / 3)) < 0.1
+    per_group = {}
+    for g, t in zip(groups, trajectories, strict=True):
+        per_group.setdefault(g, set()).add(t.meta["mode"])
+    assert any(len(m) >= 2 for m in per_group.values())
+    correction = _behaviour_correction(trajectories, list(range(len(trajectories))))
+    expected = chosen[0].behaviour_logprobs[0] - chosen[0].logprobs[0]
+    assert correction[0].item() == pytest.approx(expected)  # μ replaces π_old on that token
+    with pytest.raises(ValueError, match=r"sampling\.mode_temperature"):
+        SamplingConfig(mode_temperature=0.0)
+
+
 class FirstInfinite(Reward):
     def score(self, rollouts):
         scores = torch.full((len(rollouts),), 0.5)
