@@ -109,8 +109,9 @@ def sde_step(
     t_max: float,
     generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample `x_{t_next}`; returns it and its log-prob per sample (summed over all other dims),
-    or None at `noise_level = 0`, where the step is deterministic."""
+    """Sample `x_{t_next}`; returns it and its log-prob per sample (the mean over all other dims,
+    as Flow-GRPO and the trainer take it), or None at `noise_level = 0`, where the step is
+    deterministic."""
     mean = sde_mean(x, v, t, t_next, noise_level, t_max)
     std = float(sde_std(t, t_next, noise_level, t_max))
     if std == 0:
@@ -121,7 +122,8 @@ def sde_step(
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
-    """`log N(x; mean, std²)` summed over all dims but the first (`std`: scalar or per sample)."""
+    """`log N(x; mean, std²)` per dimension, averaged over all dims but the first (`std`: scalar
+    or per sample). The mean, not the sum, keeps the ratios of a 64×192-dim step finite."""
     (std,) = _times(x, std)
     logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return logp.flatten(1).sum(-1)
+    return logp.flatten(1).mean(-1)

@@ -20,9 +20,49 @@ mean difference `‖μ_θ − μ_ref‖² / (2 σ_t² Δt)` averaged over dimens
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from avr.backbone import flow
+
+
+@dataclass(frozen=True)
+class SdeStep:
+    """One sampled SDE step of a rollout image, as the trainer replays it: the state it moved to,
+    its times (and the schedule's `t_max`, Flow-GRPO's guard at t = 1) and the log-prob the sampler
+    recorded for it (per-dimension mean, as `image_terms` computes it)."""
+
+    x_next: torch.Tensor  # [N, D_tok]
+    t: float
+    t_next: float
+    t_max: float
+    logprob: float | None = None
+
+
+def image_terms(
+    x_t: torch.Tensor,
+    velocity: torch.Tensor,
+    velocity_ref: torch.Tensor,
+    steps: Sequence[SdeStep],
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's per-image terms for one replayed SDE step each: the step's log-prob under the
+    policy's velocity (mean over dimensions) and the KL to the reference's, `[M]` each."""
+    if not steps:
+        empty = velocity.sum() * 0
+        return empty.reshape(0), empty.reshape(0)
+    x_next = torch.stack([s.x_next for s in steps]).to(velocity)
+    t = torch.tensor([s.t for s in steps], device=velocity.device)
+    t_next = torch.tensor([s.t_next for s in steps], device=velocity.device)
+    t_max = steps[0].t_max
+    mean = flow.sde_mean(x_t, velocity, t, t_next, noise_level, t_max)  # [M, N, D]
+    mean_ref = flow.sde_mean(x_t, velocity_ref, t, t_next, noise_level, t_max)
+    std = flow.sde_std(t, t_next, noise_level, t_max).to(velocity)  # [M]
+    logp = flow.gaussian_logprob(x_next, mean, std)  # [M]
+    kl = ((mean - mean_ref) ** 2).flatten(1).mean(-1) / (2 * std**2)  # [M]
+    return logp, kl
 
 
 def group_advantages(

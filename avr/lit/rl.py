@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from avr.backbone import flow
 from avr.backbone.lora import LoraSettings, adapters_disabled
 from avr.backbone.packing import pack
 from avr.lit.base import BackboneModule
-from avr.lit.grpo import PolicyLoss, group_advantages, k3
+from avr.lit.grpo import PolicyLoss, SdeStep, group_advantages, image_terms, k3
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
@@ -236,7 +235,9 @@ class RLModule(BackboneModule):
         text_loss, text_stats = self.text_loss(
             logp, old, advantages[out.label_sample], k3(logp, logp_ref)
         )
-        image_logp, image_kl = self._image_terms(batch.gen_xt, out.velocity, ref.velocity, steps)
+        image_logp, image_kl = image_terms(
+            batch.gen_xt, out.velocity, ref.velocity, steps, self.sampling.noise_level
+        )
         image_loss, image_stats = self.image_loss(
             image_logp, image_logp.detach(), image_advantages[out.image_sample], image_kl
         )
@@ -248,6 +249,10 @@ class RLModule(BackboneModule):
             logp.numel()
         ):  # sampling (cached, incremental) vs training (packed) forward: should be ~0
             stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
+        recorded = [s.logprob for s in steps]
+        if recorded and None not in recorded:  # the sampler's step log-probs vs the trainer's
+            gap = torch.tensor(recorded) - image_logp.detach().float().cpu()
+            stats["image/logprob_gap"] = gap.abs().max()
         return text_loss + image_loss, stats
 
     def _token_policy_loss(
@@ -306,31 +311,14 @@ class RLModule(BackboneModule):
             t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
             xs.append(sample.latents[j, 0])
             ts.append(t)
-            steps.append((sample.latents[j + 1, 0], t, t_next, float(sample.timesteps[1])))
+            recorded = None if sample.logprobs is None else float(sample.logprobs[0, j])
+            steps.append(
+                SdeStep(sample.latents[j + 1, 0], t, t_next, float(sample.timesteps[1]), recorded)
+            )
         if xs:
             batch.gen_xt = torch.stack(xs).to(self.device, self.backbone.latent_in.weight.dtype)
             batch.gen_t = torch.tensor(ts, device=self.device)
         return batch, steps
-
-    def _image_terms(
-        self, x_t, velocity: torch.Tensor, velocity_ref: torch.Tensor, steps: list
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image: the SDE step's log-prob (mean over dimensions) and the KL to the reference."""
-        if not steps:
-            empty = velocity.sum() * 0
-            return empty.reshape(0), empty.reshape(0)
-        x_next = torch.stack([s[0] for s in steps]).to(velocity)
-        t = torch.tensor([s[1] for s in steps], device=velocity.device)
-        t_next = torch.tensor([s[2] for s in steps], device=velocity.device)
-        t_max = steps[0][3]
-        a = self.sampling.noise_level
-        mean = flow.sde_mean(x_t, velocity, t, t_next, a, t_max)  # [M, N, D]
-        mean_ref = flow.sde_mean(x_t, velocity_ref, t, t_next, a, t_max)
-        std = flow.sde_std(t, t_next, a, t_max).to(velocity)  # [M]
-        dims = x_next[0].numel()
-        logp = flow.gaussian_logprob(x_next, mean, std) / dims  # [M]
-        kl = ((mean - mean_ref) ** 2).flatten(1).mean(-1) / (2 * std**2)  # [M]
-        return logp, kl
 
     def _skip(self, why: str) -> None:
         self.bad_in_a_row += 1

@@ -29,6 +29,7 @@ def test_first_step_ratio_is_exactly_one_and_log_probs_agree():
     loss, stats = module.policy_loss(trajectories, advantages)
     assert stats["text/ratio"].item() == 1.0 and stats["image/ratio"].item() == 1.0
     assert stats["text/logprob_gap"].item() < 1e-2  # the sampler's log-probs are the trainer's
+    assert stats["image/logprob_gap"].item() < 1e-3  # per SDE step, both per-dimension means
     loss.backward()
     assert module.backbone.velocity_out.weight.grad.abs().sum() > 0
 
