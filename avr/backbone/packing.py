@@ -142,6 +142,7 @@ def pack(
     flow: FlowSettings = FlowSettings(),
     packed: bool = True,
     rl: bool = False,
+    states: Sequence[Sequence[tuple[torch.Tensor, float]]] | None = None,
 ) -> PackedBatch:
     """Pack `trajectories` into rows of at most `max_len` tokens (first fit, longest first);
     `packed=False` gives the padded baseline instead, one trajectory per row.
@@ -151,13 +152,17 @@ def pack(
     as targets, `<img>` not repeated where the model wrote it.
 
     Each trajectory's noise, timesteps and CFG dropout come from its own seed (`seeds[i]`, default
-    `i`), so a trajectory is noised the same whether packed alone or with others.
+    `i`), so a trajectory is noised the same whether packed alone or with others. `states` (RL)
+    gives instead, per trajectory and generated image in order, the noisy state `(x_t [N, D_tok],
+    t)` to train on (a step of the rollout's own denoising path): the batch's `gen_xt` and `gen_t`.
     """
+    if states is not None and len(states) != len(trajectories):
+        raise ValueError(f"got states for {len(states)} of {len(trajectories)} trajectories")
     seeds = list(range(len(trajectories))) if seeds is None else list(seeds)
     if len(seeds) != len(trajectories):
         raise ValueError(f"got {len(seeds)} seeds for {len(trajectories)} trajectories")
     laid = [
-        _layout(t, i, tokenizer, geometry, s, flow, rl)
+        _layout(t, i, tokenizer, geometry, s, flow, rl, None if states is None else states[i])
         for i, (t, s) in enumerate(zip(trajectories, seeds, strict=True))
     ]
     for i, item in enumerate(laid):
@@ -187,6 +192,7 @@ def _layout(
     seed: int,
     flow: FlowSettings,
     rl: bool = False,
+    states: Sequence[tuple[torch.Tensor, float]] | None = None,
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
     copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
@@ -249,6 +255,14 @@ def _layout(
     noise = torch.randn((n_gen, geometry.gen_tokens, geometry.token_dim), generator=g)
     t = sample_timesteps(n_gen, flow.timestep_mean, flow.timestep_std, flow.timestep_shift, g)
     uncond = torch.rand(n_gen, generator=g) < flow.cfg_dropout
+    xt = None
+    if states is not None:
+        if len(states) != n_gen:
+            raise ValueError(
+                f"trajectory {index}: {len(states)} states for {n_gen} generated images"
+            )
+        xt = torch.stack([x for x, _ in states]) if states else noise[:0]
+        t = torch.tensor([float(time) for _, time in states], dtype=t.dtype)
     return {
         "index": index,
         "ids": ids,
@@ -262,6 +276,7 @@ def _layout(
         "noise": noise,
         "t": t,
         "uncond": uncond,
+        "xt": xt,
     }
 
 
@@ -278,6 +293,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
         "uncond": np.zeros(shape, bool),
     }
     gen_pixels, noise, t, gen_sample, read_pixels, clean_pixels = [], [], [], [], [], []
+    xts = []
     blocks = 0
     for r, row in enumerate(rows):
         offset = 0
@@ -305,6 +321,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
             clean_pixels += item["clean_pixels"]
             noise.append(item["noise"])
             t.append(item["t"])
+            xts.append(item["xt"])
             gen_sample += [item["index"]] * len(item["gen_pixels"])
             offset += n
     side = geometry.image_size
@@ -320,6 +337,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
         gen_sample=torch.tensor(gen_sample, dtype=torch.long),
         read_pixels=stacked(read_pixels),
         clean_pixels=stacked(clean_pixels),
+        gen_xt=None if any(x is None for x in xts) else torch.cat(xts),
     )
 
 

@@ -291,33 +291,36 @@ class RLModule(BackboneModule):
     # ---- helpers ----------------------------------------------------------------------------
 
     def _rl_batch(self, trajectories: list):
+        """The packed replay of `trajectories` and one SDE step per generated image (drawn within
+        `sde_window`): its noisy state goes to the packer, its record (`SdeStep`) to the loss."""
+        rng = np.random.default_rng([self.seed, self.global_step, 2**20])
+        states, records = [], []
+        for trajectory in trajectories:
+            mine, picked = [], []
+            for segment in trajectory.segments:
+                if not segment.is_image or segment.sample is None:
+                    continue
+                sample = segment.sample
+                total = len(sample.timesteps) - 1
+                first, last = self.sde_window or (0, total)
+                j = int(rng.integers(max(0, first), min(total, last)))
+                t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
+                mine.append((sample.latents[j, 0], t))
+                recorded = None if sample.logprobs is None else float(sample.logprobs[0, j])
+                t_max = float(sample.timesteps[1])
+                picked.append(SdeStep(sample.latents[j + 1, 0], t, t_next, t_max, recorded))
+            states.append(mine)
+            records.append(picked)
         tok, geometry = self.backbone.tokenizer, self.backbone.geometry
         batch = pack(
-            trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True
-        ).to(self.device)
-        images = {
-            b: [s for s in t.segments if s.is_image and s.sample is not None]
-            for b, t in enumerate(trajectories)
-        }
+            trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True,
+            states=states,
+        ).to(self.device)  # fmt: skip
         taken: Counter = Counter()
-        xs, ts, steps = [], [], []
-        rng = np.random.default_rng([self.seed, self.global_step, 2**20])
-        for b in batch.gen_sample.tolist():
-            sample = images[b][taken[b]].sample
+        steps = []
+        for b in batch.gen_sample.tolist():  # the batch's image order
+            steps.append(records[b][taken[b]])
             taken[b] += 1
-            total = len(sample.timesteps) - 1
-            first, last = self.sde_window or (0, total)
-            j = int(rng.integers(max(0, first), min(total, last)))
-            t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
-            xs.append(sample.latents[j, 0])
-            ts.append(t)
-            recorded = None if sample.logprobs is None else float(sample.logprobs[0, j])
-            steps.append(
-                SdeStep(sample.latents[j + 1, 0], t, t_next, float(sample.timesteps[1]), recorded)
-            )
-        if xs:
-            batch.gen_xt = torch.stack(xs).to(self.device, self.backbone.latent_in.weight.dtype)
-            batch.gen_t = torch.tensor(ts, device=self.device)
         return batch, steps
 
     def _skip(self, why: str) -> None:
