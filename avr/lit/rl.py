@@ -59,6 +59,7 @@ class RLModule(BackboneModule):
         sde_window: tuple[int, int] | None = None,
         rollout_batch: int = 32,
         image_rewards_only: bool = True,
+        ppo_epochs: int = 1,
         max_len: int = 2048,
         max_bad_steps: int = 5,
         model_overrides: dict[str, Any] | None = None,
@@ -73,7 +74,10 @@ class RLModule(BackboneModule):
         (`avr.rollout`; the trajectories do not depend on it); `image_rewards_only`: the image
         generator's advantages come from the rewards that judge images (`Reward.judges_images`:
         compositional, CLIP) and the text's from the whole composite, each group-normalised, so a
-        text-only reward does not move the generator (False: both from the composite); `kl_text` / `kl_image`: β of each KL term;
+        text-only reward does not move the generator (False: both from the composite);
+        `ppo_epochs`: optimizer steps per rollout batch (the later ones reuse it, with the
+        sampling-time log-probs as π_old, so the clip acts; their prompt batches go unused);
+        `kl_text` / `kl_image`: β of each KL term;
         `model_overrides`, `lora`, `activation_checkpointing`: as in `SFTModule`. With LoRA and
         nothing else trainable, the reference is the policy with its adapters off (no copy)."""
         super().__init__(
@@ -103,6 +107,11 @@ class RLModule(BackboneModule):
             raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
         self.group_size, self.rollout_batch = group_size, rollout_batch
         self.image_rewards_only = image_rewards_only
+        if ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be ≥ 1, got {ppo_epochs}")
+        self.ppo_epochs = ppo_epochs
+        self._batch: tuple | None = None  # the rollout batch being trained on, and its scores
+        self._epochs_done = 0
         self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
         if self.sampling.noise_level <= 0:
             raise ValueError(
@@ -141,6 +150,45 @@ class RLModule(BackboneModule):
     # ---- the algorithm ----------------------------------------------------------------------
 
     def training_step(self, prompts: list[PromptSpec], batch_idx: int) -> torch.Tensor | None:
+        if self._batch is None or self._epochs_done >= self.ppo_epochs:
+            self._batch = self._sample(prompts)  # a fresh rollout batch, scored
+            self._epochs_done = 0
+        # (else: another update on the last rollouts; this step's prompts are not used)
+        trajectories, groups, rewards, parts, advantages, image_advantages, (rolled, scored) = (
+            self._batch
+        )
+        on_policy = self._epochs_done == 0
+        self._epochs_done += 1
+        if not on_policy:
+            rolled, scored = 0.0, 0.0  # no rollout or scoring this step
+        update_start = time.perf_counter()
+        loss, stats = self.policy_loss(trajectories, advantages, image_advantages, on_policy)
+        stats["ppo_epoch"] = torch.tensor(float(self._epochs_done - 1))
+        finite = bool(
+            torch.isfinite(rewards).all()
+            and torch.isfinite(advantages).all()
+            and torch.isfinite(image_advantages).all()
+            and torch.isfinite(loss)
+        )
+        if not finite:
+            self.skipped += 1
+            self._epochs_done = self.ppo_epochs  # never reuse a batch that could not be trained on
+        self._log_step(
+            trajectories,
+            groups,
+            rewards,
+            parts,
+            loss,
+            stats,
+            (rolled, scored, time.perf_counter() - update_start),
+        )
+        if not finite:
+            return self._skip("non-finite reward, advantage or loss")
+        self.bad_in_a_row = 0
+        return loss
+
+    def _sample(self, prompts: list[PromptSpec]) -> tuple:
+        """Roll out `prompts`, score them, and compute text and image advantages."""
         start = time.perf_counter()
         trajectories, specs, groups = self.rollout(prompts)
         rolled = time.perf_counter()
@@ -155,29 +203,8 @@ class RLModule(BackboneModule):
         )
         if image_rewards is not None:
             parts = {**parts, "images": image_rewards}  # logged as train/reward/images
-        scored = time.perf_counter()
-        loss, stats = self.policy_loss(trajectories, advantages, image_advantages)
-        finite = bool(
-            torch.isfinite(rewards).all()
-            and torch.isfinite(advantages).all()
-            and torch.isfinite(image_advantages).all()
-            and torch.isfinite(loss)
-        )
-        if not finite:
-            self.skipped += 1
-        self._log_step(
-            trajectories,
-            groups,
-            rewards,
-            parts,
-            loss,
-            stats,
-            (rolled - start, scored - rolled, time.perf_counter() - scored),
-        )
-        if not finite:
-            return self._skip("non-finite reward, advantage or loss")
-        self.bad_in_a_row = 0
-        return loss
+        seconds = (rolled - start, time.perf_counter() - rolled)
+        return trajectories, groups, rewards, parts, advantages, image_advantages, seconds
 
     @torch.no_grad()
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
@@ -209,12 +236,15 @@ class RLModule(BackboneModule):
         trajectories: list,
         advantages: torch.Tensor,
         image_advantages: torch.Tensor | None = None,
+        on_policy: bool = True,
     ) -> tuple[torch.Tensor, dict]:
         """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image
-        (a discrete-token backbone: PPO-clip on its sampled image tokens instead)."""
+        (a discrete-token backbone: PPO-clip on its sampled image tokens instead). `on_policy`:
+        the policy is the one that sampled, so π_old is its own detached log-prob (ρ = 1 exactly);
+        else (a later PPO epoch) π_old is what the sampler recorded."""
         image_advantages = advantages if image_advantages is None else image_advantages
         if self.backbone.kind != "unified":
-            return self._token_policy_loss(trajectories, advantages, image_advantages)
+            return self._token_policy_loss(trajectories, advantages, image_advantages, on_policy)
         batch, steps = self._rl_batch(trajectories)
         out = self.backbone(batch)
         ref = self._reference(lambda model: model(batch))
@@ -226,20 +256,26 @@ class RLModule(BackboneModule):
             -1, ref.labels[:, None]
         )[:, 0]
         rollout_logp = _sampled_logprobs(trajectories, out.label_sample.tolist())
-        # One update per batch of rollouts: π_old is the policy that just sampled, so ρ = 1 exactly,
-        # except where a token was drawn from another behaviour distribution μ (an explored mode
-        # token): there π_old is replaced by μ, so ρ = π/μ.
-        old = logp.detach() + _behaviour_correction(trajectories, out.label_sample.tolist()).to(
-            logp
-        )
+        # The first update of a rollout batch: π_old is the policy that just sampled, so ρ = 1
+        # exactly; a later PPO epoch: π_old is what the sampler recorded. Where a token was drawn
+        # from another behaviour distribution μ (an explored mode token), μ replaces π_old.
+        sampled = logp.detach() if on_policy else rollout_logp.to(logp)
+        correction = _behaviour_correction(trajectories, out.label_sample.tolist()).to(logp)
+        old = sampled + correction
         text_loss, text_stats = self.text_loss(
             logp, old, advantages[out.label_sample], k3(logp, logp_ref)
         )
         image_logp, image_kl = image_terms(
             batch.gen_xt, out.velocity, ref.velocity, steps, self.sampling.noise_level
         )
+        recorded = [s.logprob for s in steps]
+        image_old = (
+            image_logp.detach()
+            if on_policy or None in recorded
+            else torch.tensor(recorded, dtype=image_logp.dtype, device=image_logp.device)
+        )
         image_loss, image_stats = self.image_loss(
-            image_logp, image_logp.detach(), image_advantages[out.image_sample], image_kl
+            image_logp, image_old, image_advantages[out.image_sample], image_kl
         )
         stats = {f"text/{k}": v for k, v in text_stats.items()} | {
             f"image/{k}": v for k, v in image_stats.items()
@@ -249,14 +285,17 @@ class RLModule(BackboneModule):
             logp.numel()
         ):  # sampling (cached, incremental) vs training (packed) forward: should be ~0
             stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
-        recorded = [s.logprob for s in steps]
         if recorded and None not in recorded:  # the sampler's step log-probs vs the trainer's
             gap = torch.tensor(recorded) - image_logp.detach().float().cpu()
             stats["image/logprob_gap"] = gap.abs().max()
         return text_loss + image_loss, stats
 
     def _token_policy_loss(
-        self, trajectories: list, advantages: torch.Tensor, image_advantages: torch.Tensor
+        self,
+        trajectories: list,
+        advantages: torch.Tensor,
+        image_advantages: torch.Tensor,
+        on_policy: bool = True,
     ) -> tuple[torch.Tensor, dict]:
         """GRPO over every sampled token, text and image alike, each trajectory replayed in one
         teacher-forced pass (`JanusBackbone.replay`)."""
@@ -277,9 +316,8 @@ class RLModule(BackboneModule):
         for kind, loss_fn in (("text", self.text_loss), ("image", self.image_loss)):
             part = {k: torch.cat(v) for k, v in parts[kind].items()}
             logp = part["logp"]
-            loss, kind_stats = loss_fn(
-                logp, logp.detach(), part["adv"].to(logp), k3(logp, part["ref"])
-            )
+            old = logp.detach() if on_policy else part["old"].to(logp)
+            loss, kind_stats = loss_fn(logp, old, part["adv"].to(logp), k3(logp, part["ref"]))
             total = total + loss
             stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
             stats[f"{kind}/tokens"] = torch.tensor(float(logp.numel()))
@@ -345,7 +383,8 @@ class RLModule(BackboneModule):
             self.log(f"train/{name}", value)
         for name, value in zip(("rollout", "reward", "update"), seconds, strict=True):
             self.log(f"train/time/{name}", value)
-        self.log("train/rollouts_per_s", len(trajectories) / max(seconds[0], 1e-9))
+        if seconds[0] > 0:  # a step that rolled out (not a later PPO epoch)
+            self.log("train/rollouts_per_s", len(trajectories) / seconds[0])
         self.log("train/nfe", float(np.mean([t.meta.get("nfe", 0) for t in trajectories])))
         self.log(
             "train/text_tokens",

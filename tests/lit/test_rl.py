@@ -96,6 +96,24 @@ def test_mode_exploration_mixes_groups_and_weighs_by_the_behaviour_probability()
         SamplingConfig(mode_temperature=0.0)
 
 
+def test_ppo_epochs_reuse_a_rollout_batch_with_the_sampling_log_probs_as_pi_old():
+    module = _module(mode="adaptive", ppo_epochs=2)
+    module.training_step(sample_specs(2, seed=5), 0)
+    first = module._batch
+    with torch.no_grad():  # the policy moves away from the one that sampled, as an update would
+        for head in (module.backbone.lm.lm_head, module.backbone.velocity_out):
+            head.weight.add_(0.05 * torch.randn_like(head.weight))
+    module.training_step(sample_specs(2, seed=6), 1)  # a later epoch: the same rollouts
+    assert module._batch is first
+    trajectories, _, _, _, advantages, image_advantages, _ = first
+    _, stats = module.policy_loss(trajectories, advantages, image_advantages, on_policy=False)
+    assert stats["text/ratio"].item() != 1.0 and stats["image/ratio"].item() != 1.0
+    module.training_step(sample_specs(2, seed=7), 2)  # two epochs done: new rollouts
+    assert module._batch is not first
+    with pytest.raises(ValueError, match="ppo_epochs must be ≥ 1"):
+        _module(ppo_epochs=0)
+
+
 class FirstInfinite(Reward):
     def score(self, rollouts):
         scores = torch.full((len(rollouts),), 0.5)
