@@ -48,6 +48,10 @@ class SamplingConfig:
     """SDE noise level `a` (0: ODE)."""
     shift: float = 1.0
     """Timestep schedule shift."""
+    sde_window: tuple[int, int] | None = None
+    """With `noise_level > 0`: only denoising steps `[first, last)` are stochastic, the others
+    follow the ODE (MixGRPO's mixed ODE/SDE rollout: less variance outside the trained steps).
+    None: every step is."""
     mode_temperature: float | None = None
     """Temperature of the adaptive mode choice alone (None: `temperature`). Above it, RL explores
     modes the policy is sure it does not want, so a group holds several modes and the complexity
@@ -64,6 +68,11 @@ class SamplingConfig:
             "cfg_scale": (self.cfg_scale >= 0, "≥ 0 (1: no guidance)"),
             "noise_level": (self.noise_level >= 0, "≥ 0 (0: ODE)"),
             "shift": (self.shift > 0, "> 0"),
+            "sde_window": (
+                self.sde_window is None
+                or (len(self.sde_window) == 2 and 0 <= self.sde_window[0] < self.sde_window[1]),
+                "[first, last) with 0 ≤ first < last, or null (every step)",
+            ),
             "mode_temperature": (
                 self.mode_temperature is None or self.mode_temperature > 0,
                 "> 0 or null (the text temperature)",
@@ -180,6 +189,7 @@ class PolicyActor:
             steps=s.steps,
             cfg_scale=s.cfg_scale,
             noise_level=s.noise_level,
+            noise_window=None if s.sde_window is None else tuple(s.sde_window),
             shift=s.shift,
             generator=self.generator,
             start=not opened,
@@ -187,7 +197,11 @@ class PolicyActor:
         episode.state["nfe"] += sample.nfe
         pixels = rearrange(sample.pixels[0].float().cpu(), "c h w -> h w c")
         image = Image.fromarray((pixels.numpy() * 255).round().astype("uint8"), "RGB")
-        logprobs = sample.logprobs[0].tolist() if sample.logprobs is not None else None
+        logprobs = (  # None for the steps a mixed sampler drew with the ODE
+            [None if v != v else v for v in sample.logprobs[0].tolist()]
+            if sample.logprobs is not None
+            else None
+        )
         episode.add_image(image, role, sample, logprobs)
 
     def finish(self, episode: Episode) -> None:

@@ -126,6 +126,15 @@ class RLModule(BackboneModule):
             PolicyLoss(clip_eps, kl_image),
         )
         self.scale_std, self.advantage_clip = scale_std, advantage_clip
+        if sde_window is None and self.sampling.sde_window is not None:
+            sde_window = tuple(self.sampling.sde_window)  # train the steps that were stochastic
+        if sde_window is not None and self.sampling.sde_window is not None:
+            first, last = self.sampling.sde_window
+            if not first <= sde_window[0] < sde_window[1] <= last:
+                raise ValueError(
+                    f"sde_window {list(sde_window)} trains steps that sampling.sde_window "
+                    f"{[first, last]} draws with the ODE (no log-prob to train)"
+                )
         self.sde_window, self.max_len, self.max_bad_steps = sde_window, max_len, max_bad_steps
         self.reference = (
             None

@@ -114,6 +114,23 @@ def test_ppo_epochs_reuse_a_rollout_batch_with_the_sampling_log_probs_as_pi_old(
         _module(ppo_epochs=0)
 
 
+def test_a_mixed_ode_sde_rollout_trains_only_its_stochastic_steps():
+    sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
+    module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
+    assert module.sde_window == (1, 3)  # the trainer's window follows the sampler's
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=8))
+    for t in trajectories:
+        (image,) = t.images
+        assert image.logprobs[0] is None and image.logprobs[3] is None
+        assert all(v is not None for v in image.logprobs[1:3])
+    _, steps = module._rl_batch(trajectories)
+    assert all(s.logprob is not None and s.t < 1.0 for s in steps)
+    loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert torch.isfinite(loss) and stats["image/logprob_gap"] < 1e-3
+    with pytest.raises(ValueError, match="draws with the ODE"):
+        RLModule(model=None, group_size=2, sampling=sampling, sde_window=(0, 2))
+
+
 class FirstInfinite(Reward):
     def score(self, rollouts):
         scores = torch.full((len(rollouts),), 0.5)
