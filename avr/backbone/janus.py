@@ -462,9 +462,10 @@ class JanusSession(Session):
         generator: torch.Generator | None = None,
         active: torch.Tensor | None = None,
         start: bool = True,
+        noise_window: tuple[int, int] | None = None,
     ) -> ImageSample:
-        """Draw one image as codebook tokens after `<img>`; `steps` and `shift` have no meaning
-        here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
+        """Draw one image as codebook tokens after `<img>`; `steps`, `shift` and `noise_window`
+        have no meaning here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
         otherwise."""
         model = self.model
         if isinstance(generator, list):  # one row: its own generator
