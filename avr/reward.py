@@ -138,10 +138,7 @@ class CompositeReward(Reward):
     def score_parts(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The composite `[B]` and each component's own scores (NaN kept, for logging)."""
         parts = {name: term.reward.score(rollouts) for name, term in self.terms.items()}
-        total = sum(
-            term.weight * _fill_nan(parts[name], term.missing) for name, term in self.terms.items()
-        )
-        return total, parts
+        return self._weighted(parts, list(self.terms)), parts
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return self.score_parts(rollouts)[0]
@@ -150,11 +147,13 @@ class CompositeReward(Reward):
         """`Σ weight · reward` over the terms whose reward judges images (from `score_parts`'
         parts); None when no term does."""
         judged = [name for name, term in self.terms.items() if term.reward.judges_images]
-        if not judged:
-            return None
+        return self._weighted(parts, judged) if judged else None
+
+    def _weighted(self, parts: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+        """`Σ weight · score` over `names`, each NaN filled as its term says."""
         return sum(
             self.terms[name].weight * _fill_nan(parts[name], self.terms[name].missing)
-            for name in judged
+            for name in names
         )
 
 

@@ -418,29 +418,29 @@ class RLModule(BackboneModule):
 def _behaviour_correction(trajectories: list, label_sample: list[int]) -> torch.Tensor:
     """Per sampled text token, in label order: `log μ − log π_sampler` where the token was drawn
     from a behaviour distribution μ other than the policy (`segment.behaviour_logprobs`), else 0."""
-    per_trajectory = {}
-    for b, t in enumerate(trajectories):
-        values = []
-        for s in t.segments:
-            if s.is_image or not s.logprobs:
-                continue
-            behaviour = getattr(s, "behaviour_logprobs", None)
-            values += (
-                [mu - lp for mu, lp in zip(behaviour, s.logprobs, strict=True)]
-                if behaviour
-                else [0.0] * len(s.logprobs)
-            )
-        per_trajectory[b] = values
-    order = list(dict.fromkeys(label_sample))
-    return torch.tensor([v for b in order for v in per_trajectory[b]])
+    return _in_label_order(
+        trajectories,
+        label_sample,
+        lambda s: (
+            [mu - lp for mu, lp in zip(s.behaviour_logprobs, s.logprobs, strict=True)]
+            if getattr(s, "behaviour_logprobs", None)
+            else [0.0] * len(s.logprobs)
+        ),
+    )
 
 
 def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:
-    """The rollouts' own per-token log-probs, in the packed batch's label order (rows reorder
-    trajectories; each trajectory's tokens stay contiguous and in order)."""
+    """The rollouts' own per-token log-probs, in the packed batch's label order."""
+    return _in_label_order(trajectories, label_sample, lambda s: s.logprobs)
+
+
+def _in_label_order(trajectories: list, label_sample: list[int], per_segment) -> torch.Tensor:
+    """`per_segment(segment)` (one value per sampled token) over every sampled text segment, in
+    the packed batch's label order (rows reorder trajectories; each trajectory's tokens stay
+    contiguous and in order)."""
     per_trajectory = {
-        b: [lp for s in t.segments if not s.is_image and s.logprobs for lp in s.logprobs]
+        b: [v for s in t.segments if not s.is_image and s.logprobs for v in per_segment(s)]
         for b, t in enumerate(trajectories)
     }
     order = list(dict.fromkeys(label_sample))
-    return torch.tensor([lp for b in order for lp in per_trajectory[b]])
+    return torch.tensor([v for b in order for v in per_trajectory[b]])
