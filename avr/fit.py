@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
         sys.argv[1:], args = args, None
     # Relative `${a.b}` paths in the YAML name top-level keys (not `fit.a.b` under the subcommand).
-    jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    jsonargparse.set_parsing_settings(
+        omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True
+    )
     return AvrCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -68,7 +70,9 @@ def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict
     (defaults of every class filled in, interpolations resolved, types checked) but with nothing
     instantiated: no model is built, no weight read. A plain nested dict."""
     load_plugins()
-    jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    jsonargparse.set_parsing_settings(
+        omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True
+    )
     cli = _ParseOnly(
         L.LightningModule,
         L.LightningDataModule,

@@ -70,8 +70,11 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
         raise ValueError(f"{path}: not a valid avr.fit config (see the message above)") from err
     trainer, model = data.get("trainer") or {}, (data.get("model") or {})
     args = model.get("init_args") or {}
-    overrides = args.get("model_overrides") or {}
-    folder = args.get("model")
+    settings = args.get("model") or {}  # ModelSettings, as the parser left it
+    if not isinstance(settings, dict):
+        settings = vars(settings)
+    overrides = settings.get("overrides") or {}
+    folder = settings.get("path")
     if folder is None:
         config, source = UnifiedConfig.from_dict(overrides), "the tiny ShapeWorld model"
     elif is_bagel_dir(folder):
@@ -85,13 +88,14 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
             )
         config = getattr(UnifiedConfig, preset)(**overrides)
         source = f"UnifiedConfig.{preset}() ({folder} is not here)"
-    lora = LoraSettings(**args["lora"]) if args.get("lora") else None
+    lora = settings.get("lora")
+    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
     is_rl = str(model.get("class_path", "")).endswith("RLModule")
     return TrainingShape(
         config=config,
         source=source,
         lora=lora,
-        activation_checkpointing=bool(args.get("activation_checkpointing", False)),
+        activation_checkpointing=bool(settings.get("activation_checkpointing", False)),
         seq_len=int(args.get("max_len", 2048 if is_rl else 1024)),
         gpus_per_node=_devices(trainer.get("devices", 1)),
         nodes=int(trainer.get("num_nodes", 1)),

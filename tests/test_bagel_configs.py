@@ -19,7 +19,7 @@ ON_CPU = [
     "--trainer.precision=32-true",
     "--trainer.max_steps=1",
     "--trainer.gradient_clip_val=1.0",
-    "--model.init_args.model_overrides={image_size: 64, attention: sdpa, max_seq_len: 8192}",
+    "--model.init_args.model.overrides={image_size: 64, attention: sdpa, max_seq_len: 8192}",
     "--model.init_args.max_len=8192",
 ]
 
@@ -35,7 +35,7 @@ def test_bagel_sft_config_trains_and_exports(bagel_dir, tmp_path):
             *ON_CPU,
             f"--trainer.default_root_dir={root}",
             f"--trainer.logger.init_args.save_dir={root}",
-            f"--model.init_args.model={bagel_dir}",
+            f"--model.init_args.model.path={bagel_dir}",
             f"--data.init_args.path={data}",
             "--data.init_args.batch_size=2",
             "--data.init_args.num_workers=0",
@@ -56,7 +56,7 @@ def test_bagel_rl_config_trains_with_lora(bagel_dir, tmp_path):
             *ON_CPU,
             f"--trainer.default_root_dir={root}",
             f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{root}"}}}}',
-            f"--model.init_args.model={bagel_dir}",
+            f"--model.init_args.model.path={bagel_dir}",
             "--model.init_args.group_size=2",
             "--model.init_args.sampling.steps=2",
             "--model.init_args.sampling.max_text_tokens=8",

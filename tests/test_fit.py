@@ -50,8 +50,8 @@ def test_an_unknown_class_names_the_known_ones():
             r"^error: RegistryError: unknown mode 'adaptiv'; registered modes: .*adaptive",
         ),
         (
-            ["--model.init_args.model", "no/such/folder"],
-            r"^error: FileNotFoundError: model: no/such/folder is not a folder",
+            ["--model.init_args.model.path", "no/such/folder"],
+            r"^error: FileNotFoundError: model.path: no/such/folder is not a folder",
         ),
     ],
 )
@@ -170,9 +170,9 @@ def test_sft_with_lora_and_activation_checkpointing_exports_merged_weights(tmp_p
             f"--data.init_args.path={data}",
             "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=4",
-            "--model.init_args.lora.r=4",
-            "--model.init_args.lora.alpha=8",
-            "--model.init_args.activation_checkpointing=true",
+            "--model.init_args.model.lora.r=4",
+            "--model.init_args.model.lora.alpha=8",
+            "--model.init_args.model.activation_checkpointing=true",
         ]
     )
     (checkpoint,) = Path(root).rglob("last.ckpt")

@@ -47,8 +47,8 @@ def test_lora_and_sharding_move_the_estimate_the_right_way():
 
 def test_a_bagel_folder_gives_the_shape_of_the_loaded_model(bagel_dir, tmp_path):
     config = yaml.safe_load(Path("experiments/bagel/sft.yaml").read_text())
-    config["model"]["init_args"]["model"] = str(bagel_dir)
-    config["model"]["init_args"]["model_overrides"] = {"image_size": 64}
+    config["model"]["init_args"]["model"]["path"] = str(bagel_dir)
+    config["model"]["init_args"]["model"]["overrides"] = {"image_size": 64}
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(config))
     shape = read_training_config(path)

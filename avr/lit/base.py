@@ -38,17 +38,40 @@ def build_backbone(
         return tiny_model(seed, config)
     if not Path(path).is_dir():
         where = (
-            ""
+            " (a random-init tiny model is `model: null`, on the command line "
+            "`--model.init_args.model null`)"
+            if path in ("None", "null")
+            else ""
             if Path(path).is_absolute()
             else f" (a relative path is read from the working directory, {Path.cwd()}; the "
             "shipped configs name the repository's checkpoints/, so run them from its root or "
             "give an absolute path)"
         )
         raise FileNotFoundError(
-            f"model: {path} is not a folder written by save_pretrained / avr.export, "
+            f"model.path: {path} is not a folder written by save_pretrained / avr.export, "
             f"nor a BAGEL or Janus checkpoint{where}"
         )
     return from_pretrained(path, **(overrides or {}))
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    """The model a run trains, as SFT and RL both take it (YAML key `model`, under `init_args`)."""
+
+    path: str | None = None
+    """An exported model folder (avr.export / save_pretrained), a BAGEL or a Janus checkpoint
+    folder; None: the tiny ShapeWorld model at random init from the module's `seed`."""
+    overrides: dict[str, Any] | None = None
+    """`UnifiedConfig` fields on top of the loaded model's (e.g. `image_size` of a BAGEL
+    checkpoint, `timestep_shift`)."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (peft) instead of every weight; None: full fine-tuning."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (less memory, more compute)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
 
 
 class BackboneModule(L.LightningModule):
@@ -56,22 +79,22 @@ class BackboneModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str | None,
+        model: ModelSettings | None,
         seed: int,
+        *,
         lr: float,
         weight_decay: float,
         warmup_steps: int,
         min_lr_ratio: float,
-        model_overrides: dict[str, Any] | None = None,
-        lora: LoraSettings | None = None,
-        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone = build_backbone(model, seed, model_overrides)
-        self.lora = lora
-        if lora is not None:
-            add_lora(self.backbone, lora)
-        self.backbone.activation_checkpointing = activation_checkpointing
+        settings = model or ModelSettings()
+        self.settings = settings
+        self.backbone = build_backbone(settings.path, seed, settings.overrides)
+        self.lora = settings.lora
+        if self.lora is not None:
+            add_lora(self.backbone, self.lora)
+        self.backbone.activation_checkpointing = settings.activation_checkpointing
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
 

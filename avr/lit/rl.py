@@ -18,14 +18,13 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 
-from avr.backbone.lora import LoraSettings, adapters_disabled
+from avr.backbone.lora import adapters_disabled
 from avr.backbone.packing import pack
-from avr.lit.base import BackboneModule
+from avr.lit.base import BackboneModule, ModelSettings
 from avr.lit.grpo import PolicyLoss, SdeStep, group_advantages, image_terms, k3
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
@@ -41,7 +40,7 @@ class RLModule(BackboneModule):
 
     def __init__(
         self,
-        model: str | None = None,
+        model: ModelSettings | None = None,
         seed: int = 0,
         mode: str | Mode = "adaptive",
         rewards: dict[str, RewardTerm] | None = None,
@@ -62,34 +61,48 @@ class RLModule(BackboneModule):
         ppo_epochs: int = 1,
         max_len: int = 2048,
         max_bad_steps: int = 5,
-        model_overrides: dict[str, Any] | None = None,
-        lora: LoraSettings | None = None,
-        activation_checkpointing: bool = False,
     ) -> None:
-        """`model`: exported SFT model folder (None: the tiny model at random init, for tests);
-        `mode`: a registered name or a `Mode`; `rewards`: `{name: {reward, weight}}` (default: the
-        compositional verifier, weight 1); `sampling`: rollout sampling (its `noise_level` must be
-        > 0: Flow-GRPO needs SDE log-probs); `sde_window`: the SDE steps `[first, last)` a training
-        step may draw from (default all); `rollout_batch`: episodes rolled out together
-        (`avr.rollout`; the trajectories do not depend on it); `image_rewards_only`: the image
-        generator's advantages come from the rewards that judge images (`Reward.judges_images`:
-        compositional, CLIP) and the text's from the whole composite, each group-normalised, so a
-        text-only reward does not move the generator (False: both from the composite);
-        `ppo_epochs`: optimizer steps per rollout batch (the later ones reuse it, with the
-        sampling-time log-probs as π_old, so the clip acts; their prompt batches go unused);
-        `kl_text` / `kl_image`: β of each KL term;
-        `model_overrides`, `lora`, `activation_checkpointing`: as in `SFTModule`. With LoRA and
-        nothing else trainable, the reference is the policy with its adapters off (no copy)."""
+        """With LoRA and nothing else trainable (`model.lora.trainable` empty), the reference is
+        the policy with its adapters off (no copy).
+
+        Args:
+            model: the model to train (folder, config overrides, LoRA, activation checkpointing);
+                None: the tiny model at random init, for tests.
+            seed: seeds the rollouts (with step, prompt and sample) and a random-init model.
+            mode: a registered mode name or a `Mode`.
+            rewards: `{name: {reward, weight}}`; default: the compositional verifier, weight 1.
+            group_size: rollouts per prompt (advantages are relative to the group); ≥ 2.
+            sampling: rollout sampling; its `noise_level` must be > 0 (Flow-GRPO needs SDE
+                log-probs).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay of matrices.
+            warmup_steps: linear warmup steps.
+            min_lr_ratio: the cosine ends at `min_lr_ratio · lr` (1: constant).
+            clip_eps: PPO clip range of the text and image ratios.
+            kl_text: β of the text KL term (k3 estimator, to the reference).
+            kl_image: β of the image KL term.
+            scale_std: divide group advantages by the group's standard deviation.
+            advantage_clip: clip advantages to ± this.
+            sde_window: the SDE steps `[first, last)` a training step trains (default: all, or
+                `sampling.sde_window`).
+            rollout_batch: episodes rolled out together (`avr.rollout`); the trajectories do not
+                depend on it.
+            image_rewards_only: the generator's advantages come from the rewards that judge
+                images (`Reward.judges_images`), the text's from the whole composite, each
+                group-normalised, so a text-only reward does not move the generator (False: both
+                from the composite).
+            ppo_epochs: optimizer steps per rollout batch; later ones reuse it with the
+                sampling-time log-probs as π_old, so the clip acts.
+            max_len: packed row length of the training forward pass.
+            max_bad_steps: non-finite steps in a row before the run stops with an error.
+        """
         super().__init__(
             model,
             seed,
-            lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            model_overrides,
-            lora,
-            activation_checkpointing,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
         )
         self.seed = seed
         self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
@@ -138,7 +151,7 @@ class RLModule(BackboneModule):
         self.sde_window, self.max_len, self.max_bad_steps = sde_window, max_len, max_bad_steps
         self.reference = (
             None
-            if lora is not None and not lora.trainable
+            if self.lora is not None and not self.lora.trainable
             else copy.deepcopy(self.backbone).requires_grad_(False).eval()
         )
         self.bad_in_a_row = 0

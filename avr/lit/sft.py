@@ -10,14 +10,12 @@ cross-entropy of its image tokens (`JanusBackbone.sft_loss`).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from avr.backbone.lora import LoraSettings
 from avr.backbone.packing import PackedBatch
-from avr.lit.base import BackboneModule
+from avr.lit.base import BackboneModule, ModelSettings
 
 
 class SFTModule(BackboneModule):
@@ -25,7 +23,7 @@ class SFTModule(BackboneModule):
 
     def __init__(
         self,
-        model: str | None = None,
+        model: ModelSettings | None = None,
         seed: int = 0,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
@@ -33,26 +31,27 @@ class SFTModule(BackboneModule):
         min_lr_ratio: float = 0.1,
         max_len: int = 1024,
         ema_decay: float | None = None,
-        model_overrides: dict[str, Any] | None = None,
-        lora: LoraSettings | None = None,
-        activation_checkpointing: bool = False,
     ) -> None:
-        """`model`: an exported model folder to start from (None: the tiny ShapeWorld model, random
-        init from `seed`); `max_len`: packed row length; `ema_decay`: keep an exponential moving
-        average of the weights (exported instead of the raw ones) when set, e.g. 0.999;
-        `model_overrides`: `UnifiedConfig` fields on top of the loaded model's (e.g. `image_size`
-        of a BAGEL checkpoint); `lora`: train LoRA adapters (peft) instead of every weight;
-        `activation_checkpointing`: recompute decoder layers in the backward pass."""
+        """
+        Args:
+            model: the model to train (folder, config overrides, LoRA, activation checkpointing);
+                None: the tiny ShapeWorld model at random init from `seed`.
+            seed: seeds a random-init model.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay of matrices.
+            warmup_steps: linear warmup steps.
+            min_lr_ratio: the cosine ends at `min_lr_ratio · lr`.
+            max_len: packed row length (tokens); a longer trajectory is an error.
+            ema_decay: keep an exponential moving average of the weights (exported instead of
+                the raw ones) when set, e.g. 0.999.
+        """
         super().__init__(
             model,
             seed,
-            lr,
-            weight_decay,
-            warmup_steps,
-            min_lr_ratio,
-            model_overrides,
-            lora,
-            activation_checkpointing,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
         )
         self.max_len = max_len
         self.ema = (

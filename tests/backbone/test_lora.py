@@ -9,6 +9,7 @@ from torch import nn
 from avr.backbone import UnifiedConfig, UnifiedLoss, pack
 from avr.backbone.lora import LoraSettings, adapters_disabled, add_lora, lora_layers, merge_lora
 from avr.defaults import tiny_model
+from avr.lit.base import ModelSettings
 from avr.lit.rl import RLModule
 
 CONFIG = dataclasses.replace(UnifiedConfig(), generation_expert=True, cfg_dropout=0.0)
@@ -81,7 +82,7 @@ def test_adapters_disabled_is_the_base_model(make_trajectories):
 
 
 def test_rl_with_adapters_only_needs_no_reference_copy(make_trajectories):
-    module = RLModule(model=None, lora=LoraSettings(r=4, trainable=()))
+    module = RLModule(model=ModelSettings(lora=LoraSettings(r=4, trainable=())))
     assert module.reference is None
     assert not any(
         p.requires_grad for n, p in module.backbone.named_parameters() if "lora_" not in n
@@ -91,7 +92,8 @@ def test_rl_with_adapters_only_needs_no_reference_copy(make_trajectories):
     batch = pack(make_trajectories(2), model.tokenizer, model.geometry, 2048, seeds=[0, 1])
     ref = module._reference(lambda reference: reference(batch))
     torch.testing.assert_close(ref.logits, _outputs(tiny_model(0), batch)[0])
-    full = RLModule(model=None, lora=LoraSettings(r=4))  # heads train in full: a frozen copy
+    # heads train in full: a frozen copy
+    full = RLModule(model=ModelSettings(lora=LoraSettings(r=4)))
     assert full.reference is not None
 
 

@@ -337,7 +337,7 @@ def test_export_refuses_an_empty_or_pickled_checkpoint_with_exit_2(tmp_path, fau
         (["--model.init_args.sampling.steps", "0"], r"^error: ValueError: sampling\.steps: expected ≥ 1, got 0"),
         (["--model.init_args.rewards.compositional.reward.class_path", "my_rewards.Nope"],
          r"^error: model\.init_args\.rewards\.compositional\.reward: cannot import 'my_rewards\.Nope' .*registered rewards: .*compositional \(avr\.rewards\.compositional\.CompositionalReward\)"),
-        (["--model.init_args.model", "checkpoints/no-such-model"],
+        (["--model.init_args.model.path", "checkpoints/no-such-model"],
          r"not a folder .*\(a relative path is read from the working directory"),
     ],
 )  # fmt: skip
