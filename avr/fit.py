@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # From the command line, LightningCLI reads the (rewritten) sys.argv itself: passing
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
         sys.argv[1:], args = args, None
-    # Relative `${a.b}` paths in the YAML name top-level keys (not `fit.a.b` under the subcommand).
-    jsonargparse.set_parsing_settings(
-        omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True
-    )
+    _parsing_settings()
     return AvrCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -70,9 +67,7 @@ def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict
     (defaults of every class filled in, interpolations resolved, types checked) but with nothing
     instantiated: no model is built, no weight read. A plain nested dict."""
     load_plugins()
-    jsonargparse.set_parsing_settings(
-        omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True
-    )
+    _parsing_settings()
     cli = _ParseOnly(
         L.LightningModule,
         L.LightningDataModule,
@@ -83,6 +78,15 @@ def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict
         args=["--config", str(config), *(overrides or [])],
     )
     return cli.config.as_dict()
+
+
+def _parsing_settings() -> None:
+    """The jsonargparse settings of `main` and `parse_config`: relative `${a.b}` paths in the YAML
+    name top-level keys (not `fit.a.b` under the subcommand); dataclass fields' docstrings
+    (`ModelSettings`, `LoraSettings`, `SamplingConfig`) show in `--help`."""
+    jsonargparse.set_parsing_settings(
+        omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True
+    )
 
 
 class AvrCLI(LightningCLI):

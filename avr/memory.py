@@ -56,6 +56,7 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
     filled in, types checked, nothing built). The model's shape comes from its folder (an avr
     export or a BAGEL checkpoint) when that exists here, else from `UnifiedConfig.<preset>()`."""
     from avr.fit import parse_config
+    from avr.lit.base import ModelSettings
 
     path = Path(path)
     try:
@@ -70,11 +71,9 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
         raise ValueError(f"{path}: not a valid avr.fit config (see the message above)") from err
     trainer, model = data.get("trainer") or {}, (data.get("model") or {})
     args = model.get("init_args") or {}
-    settings = args.get("model") or {}  # ModelSettings, as the parser left it
-    if not isinstance(settings, dict):
-        settings = vars(settings)
-    overrides = settings.get("overrides") or {}
-    folder = settings.get("path")
+    settings = ModelSettings(**(args.get("model") or {}))  # the parser's plain dict, typed again
+    overrides = settings.overrides or {}
+    folder = settings.path
     if folder is None:
         config, source = UnifiedConfig.from_dict(overrides), "the tiny ShapeWorld model"
     elif is_bagel_dir(folder):
@@ -88,19 +87,17 @@ def read_training_config(path: str | Path, preset: str = "bagel_7b") -> Training
             )
         config = getattr(UnifiedConfig, preset)(**overrides)
         source = f"UnifiedConfig.{preset}() ({folder} is not here)"
-    lora = settings.get("lora")
-    lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
     is_rl = str(model.get("class_path", "")).endswith("RLModule")
     return TrainingShape(
         config=config,
         source=source,
-        lora=lora,
-        activation_checkpointing=bool(settings.get("activation_checkpointing", False)),
+        lora=settings.lora,
+        activation_checkpointing=settings.activation_checkpointing,
         seq_len=int(args.get("max_len", 2048 if is_rl else 1024)),
         gpus_per_node=_devices(trainer.get("devices", 1)),
         nodes=int(trainer.get("num_nodes", 1)),
         zero_stage=_zero_stage(trainer.get("strategy"), path.parent),
-        reference_copy=is_rl and not (lora is not None and not lora.trainable),
+        reference_copy=is_rl and not (settings.lora is not None and not settings.lora.trainable),
     )
 
 

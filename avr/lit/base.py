@@ -89,7 +89,6 @@ class BackboneModule(L.LightningModule):
     ) -> None:
         super().__init__()
         settings = model or ModelSettings()
-        self.settings = settings
         self.backbone = build_backbone(settings.path, seed, settings.overrides)
         self.lora = settings.lora
         if self.lora is not None:
