@@ -2,7 +2,8 @@
 the trajectory-grid callback, capability-aware labels, `avr.bench`) goes through `rollout`.
 
 **Seeding rule.** A job is `(mode, spec, seed)`; its episode draws every random number (mode token,
-text tokens, image noise, SDE noise) from its own `torch.Generator` seeded with `seed`. So the
+text tokens, image noise, SDE noise) from its own `torch.Generator` seeded with `seed` (the images'
+starting noise from a second one where the job names a `noise_seed`). So the
 trajectory is a function of the job, the sampling settings and the weights alone, not of the
 caller, of the batch size or of which other episodes share the batch.
 
@@ -47,11 +48,16 @@ from avr.world.spec import PromptSpec
 
 @dataclass(frozen=True)
 class Job:
-    """One episode to roll out: `mode` on `spec`, every random draw from `seed`."""
+    """One episode to roll out: `mode` on `spec`, every random draw from `seed` (the images'
+    starting noise from `noise_seed` where given)."""
 
     mode: Mode
     spec: PromptSpec
     seed: int
+    noise_seed: int | None = None
+    """Where given, each image's starting noise comes from its own stream seeded with it, so jobs
+    that share it start their k-th image from the same noise (a group sharing its initial noise,
+    as MixGRPO's rollouts may); the rest still comes from `seed`."""
 
 
 def episode_seed(*keys: int) -> int:
@@ -114,6 +120,10 @@ class _Batch:
         self.lock = threading.Condition()
         self.sessions: list[Session] = [self.model.session(batch_size=1) for _ in self.jobs]
         self.generators = [torch.Generator().manual_seed(int(job.seed)) for job in self.jobs]
+        self.noise_generators = [
+            g if job.noise_seed is None else torch.Generator().manual_seed(int(job.noise_seed))
+            for g, job in zip(self.generators, self.jobs, strict=True)
+        ]
         self.results: list[Trajectory | None] = [None] * len(self.jobs)
         self.errors: list[BaseException | None] = [None] * len(self.jobs)
         self.aborted: BaseException | None = None
@@ -234,7 +244,10 @@ class _Batch:
         if any(opening):
             merged.append_tokens([[merged.image_start] if o else [] for o in opening])
         sample = merged.generate_image(
-            **_no(group[0].kwargs, "start"), generator=self._generators(group), start=False
+            **_no(group[0].kwargs, "start"),
+            generator=self._generators(group),
+            noise_generator=[self.noise_generators[c.row] for c in group],
+            start=False,
         )
         self._split(group, merged)
         if len(group) == 1:  # as the session returned it (a token backbone's sample included)
@@ -276,7 +289,8 @@ class _Row:
         )
 
     def generate_image(self, **kwargs) -> ImageSample:
-        kwargs.pop("generator", None)
+        kwargs.pop("generator", None)  # the row's own generators are used
+        kwargs.pop("noise_generator", None)
         return self.batch.call(self.row, "generate_image", **kwargs)
 
 

@@ -264,6 +264,7 @@ class Session:
         generator: flow.Generators = None,
         active: torch.Tensor | None = None,
         start: bool = True,
+        noise_generator: flow.Generators = None,
     ) -> ImageSample:
         """Draw one image per row after `<img>`.
 
@@ -272,7 +273,8 @@ class Session:
         others follow the ODE (MixGRPO's mixed sampler; their log-probs are NaN). `cfg_scale ≠ 1` mixes in the unconditional velocity (the image's tokens alone, as
         trained with CFG dropout): `v = v_u + w·(v_c − v_u)`. With `read`, the image is then read
         back (clean copy and `</img>`) so later text can refer to it. `start=False` when the model
-        itself already wrote the `<img>`.
+        itself already wrote the `<img>`. The starting noise comes from `noise_generator` where
+        given (rollouts that share it start from the same noise), else from `generator`.
         """
         model = self.model
         active = self._active(active)
@@ -280,7 +282,8 @@ class Session:
             self._append_marker(self.image_start, active)
         geometry = model.geometry
         shape = (self.batch_size, geometry.gen_tokens, geometry.token_dim)
-        x = flow.randn(shape, generator).to(self.device, self.dtype)
+        start_from = generator if noise_generator is None else noise_generator
+        x = flow.randn(shape, start_from).to(self.device, self.dtype)
         times = flow.schedule(steps, shift)
         path, logps = [x], []
         for i in range(steps):
@@ -315,11 +318,11 @@ class Session:
     def _velocity(self, x: torch.Tensor, t: float, conditional: bool) -> torch.Tensor:
         model = self.model
         time = torch.full((self.batch_size,), t, device=self.device, dtype=self.dtype)
+        if not conditional:  # the image's tokens alone, as the trainer recomputes it
+            return model.unconditional_velocity(x, time)
         embeds = model.embed_latents(x, time)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
-        hidden = self._run(
-            embeds, valid, gen=True, full=True, store=False, context=conditional, advance=False
-        )
+        hidden = self._run(embeds, valid, gen=True, full=True, store=False, advance=False)
         return model.velocity(hidden, x, time)
 
     # ---- internals --------------------------------------------------------------------------
@@ -354,12 +357,11 @@ class Session:
         gen: bool,
         full: bool,
         store: bool,
-        context: bool = True,
         advance: bool = True,
     ):
         """Run new tokens `x` `[B, L, D]` after the context; `full`: bidirectional among them
         (an image copy), else causal. Text advances positions token by token; an image copy sits
-        at one position. `context=False` hides everything before (unconditional velocity)."""
+        at one position."""
         batch, length = valid.shape
         if full:
             position = self.position[:, None].expand(batch, length)
@@ -367,9 +369,7 @@ class Session:
             position = self.position[:, None] + valid.long().cumsum(1) - 1
         is_gen = torch.full((batch, length), gen, dtype=torch.bool, device=self.device)
         own = self._intra(valid, full)  # [B, L, L]
-        if not context:
-            hidden = self.model.run_layers(x, position, is_gen, mask=own[:, None])
-        elif self.use_cache:
+        if self.use_cache:
             past = self.cache.valid if self.cache.length else valid.new_zeros(batch, 0)
             mask = torch.cat([past[:, None, :].expand(batch, length, -1), own], dim=2)[:, None]
             hidden = self.model.run_layers(

@@ -463,9 +463,10 @@ class JanusSession(Session):
         active: torch.Tensor | None = None,
         start: bool = True,
         noise_window: tuple[int, int] | None = None,
+        noise_generator: torch.Generator | list | None = None,
     ) -> ImageSample:
-        """Draw one image as codebook tokens after `<img>`; `steps`, `shift` and `noise_window`
-        have no meaning here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
+        """Draw one image as codebook tokens after `<img>`; `steps`, `shift`, `noise_window` and
+        `noise_generator` (no starting noise) have no meaning here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
         otherwise."""
         model = self.model
         if isinstance(generator, list):  # one row: its own generator

@@ -228,6 +228,16 @@ class UnifiedModel(nn.Module):
         t = t.to(out.dtype).clamp(min=self.config.x0_min_t).reshape(-1, 1, 1)
         return (x_t.to(out.dtype) - out) / t
 
+    def unconditional_velocity(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity of noisy latent tokens `[M, N, D_tok]` at times `t` `[M]` seeing only
+        each other (no context: the branch CFG dropout trains), for classifier-free guidance."""
+        embeds = self.embed_latents(x_t, t)
+        batch, length = embeds.shape[:2]
+        position = torch.zeros(batch, length, dtype=torch.long, device=embeds.device)
+        is_gen = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=embeds.device)
+        return self.velocity(self.run_layers(embeds, position, is_gen, mask=mask), x_t, t)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits over the tokenizer's vocabulary (rows a pretrained core pads its
         embedding with are never predicted)."""

@@ -142,7 +142,7 @@ def pack(
     flow: FlowSettings = FlowSettings(),
     packed: bool = True,
     rl: bool = False,
-    states: Sequence[Sequence[tuple[torch.Tensor, float]]] | None = None,
+    states: Sequence[Sequence[Sequence[tuple[torch.Tensor, float]]]] | None = None,
 ) -> PackedBatch:
     """Pack `trajectories` into rows of at most `max_len` tokens (first fit, longest first);
     `packed=False` gives the padded baseline instead, one trajectory per row.
@@ -153,8 +153,11 @@ def pack(
 
     Each trajectory's noise, timesteps and CFG dropout come from its own seed (`seeds[i]`, default
     `i`), so a trajectory is noised the same whether packed alone or with others. `states` (RL)
-    gives instead, per trajectory and generated image in order, the noisy state `(x_t [N, D_tok],
-    t)` to train on (a step of the rollout's own denoising path): the batch's `gen_xt` and `gen_t`.
+    gives instead, per trajectory and generated image in order, the noisy states `(x_t [N, D_tok],
+    t)` to train on (steps of the rollout's own denoising path): the batch's `gen_xt` and `gen_t`.
+    An image with K states gets K noisy blocks at its place, one per state; noisy tokens are seen
+    only by their own block, so each block is a replay of that step after the same context, and
+    the context is run once for all K.
     """
     if states is not None and len(states) != len(trajectories):
         raise ValueError(f"got states for {len(states)} of {len(trajectories)} trajectories")
@@ -184,6 +187,14 @@ def pack(
     return _assemble([[laid[i] for i in row] for row in rows], geometry)
 
 
+def token_count(
+    trajectory: Trajectory, tokenizer, geometry: ImageGeometry, rl: bool = False
+) -> int:
+    """Tokens `trajectory` takes in a packed row (one noisy block per generated image; each
+    further RL state of an image adds `geometry.gen_tokens`)."""
+    return len(_layout(trajectory, 0, tokenizer, geometry, 0, FlowSettings(), rl)["ids"])
+
+
 def _layout(
     traj: Trajectory,
     index: int,
@@ -192,12 +203,20 @@ def _layout(
     seed: int,
     flow: FlowSettings,
     rl: bool = False,
-    states: Sequence[tuple[torch.Tensor, float]] | None = None,
+    states: Sequence[Sequence[tuple[torch.Tensor, float]]] | None = None,
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
     copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
     gen_pixels, read_pixels, clean_pixels = [], [], []
-    p, copy = 1, 0
+    gen_states: list[tuple[torch.Tensor, float]] = []  # RL: one per noisy block
+    if states is not None:
+        images = sum(seg.is_image and seg.role.generated for seg in traj.segments)
+        if len(states) != images or not all(states):
+            raise ValueError(
+                f"trajectory {index}: states for {len(states)} images ({[len(s) for s in states]}"
+                f" each) for {images} generated images (each needs ≥ 1)"
+            )
+    p, copy, generated_images = 1, 0, 0
     start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
     def add(token, k, position, trained, block=-1):
@@ -229,10 +248,14 @@ def _layout(
         else:
             add(start, TEXT, p, generated and not rl)
         if generated:
-            for _ in range(geometry.gen_tokens):
-                add(tokenizer.pad_token_id, GEN, p + 1, False, copy)
-            gen_pixels.append(pixels)
-            copy += 1
+            for state in [None] if states is None else states[generated_images]:
+                for _ in range(geometry.gen_tokens):
+                    add(tokenizer.pad_token_id, GEN, p + 1, False, copy)
+                gen_pixels.append(pixels)
+                if state is not None:
+                    gen_states.append(state)
+                copy += 1
+            generated_images += 1
         if not generated or later:
             if geometry.latent_context:
                 for _ in range(geometry.gen_tokens):
@@ -257,12 +280,8 @@ def _layout(
     uncond = torch.rand(n_gen, generator=g) < flow.cfg_dropout
     xt = None
     if states is not None:
-        if len(states) != n_gen:
-            raise ValueError(
-                f"trajectory {index}: {len(states)} states for {n_gen} generated images"
-            )
-        xt = torch.stack([x for x, _ in states]) if states else noise[:0]
-        t = torch.tensor([float(time) for _, time in states], dtype=t.dtype)
+        xt = torch.stack([x for x, _ in gen_states]) if gen_states else noise[:0]
+        t = torch.tensor([float(time) for _, time in gen_states], dtype=t.dtype)
     return {
         "index": index,
         "ids": ids,

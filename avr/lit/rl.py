@@ -5,7 +5,7 @@ One training step reads as the algorithm (formulas in `avr.lit.grpo`):
     rollouts   = G rollouts per prompt through the configured mode (SDE sampling, log-probs kept)
     rewards    = Σ weight · reward(rollouts)                    (each component logged on its own)
     advantages = group-relative, clipped
-    loss       = PPO-clip(text tokens) + Flow-GRPO(one SDE step per image) + KL to the reference
+    loss       = PPO-clip(text tokens) + Flow-GRPO(the SDE steps of each image) + KL to the reference
 
 Rollouts are seeded by `(seed, step, prompt, sample)`, so a resumed run repeats them exactly. A
 step whose rewards, advantages or loss are not finite is skipped, counted and logged; after
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from avr.backbone.lora import adapters_disabled
-from avr.backbone.packing import pack
+from avr.backbone.packing import pack, token_count
 from avr.lit.base import BackboneModule, ModelSettings
 from avr.lit.grpo import PolicyLoss, SdeStep, group_advantages, image_terms, k3
 from avr.policy import SamplingConfig
@@ -56,6 +56,8 @@ class RLModule(BackboneModule):
         scale_std: bool = True,
         advantage_clip: float = 5.0,
         sde_window: tuple[int, int] | None = None,
+        steps_per_image: int | None = None,
+        shared_noise: bool = False,
         rollout_batch: int = 32,
         image_rewards_only: bool = True,
         ppo_epochs: int = 1,
@@ -73,7 +75,8 @@ class RLModule(BackboneModule):
             rewards: `{name: {reward, weight}}`; default: the compositional verifier, weight 1.
             group_size: rollouts per prompt (advantages are relative to the group); ≥ 2.
             sampling: rollout sampling; its `noise_level` must be > 0 (Flow-GRPO needs SDE
-                log-probs).
+                log-probs). With `cfg_scale ≠ 1` the trainer replays the guided velocity, its
+                unconditional branch detached (as Flow-GRPO and R3 train with CFG).
             lr: peak AdamW learning rate.
             weight_decay: AdamW weight decay of matrices.
             warmup_steps: linear warmup steps.
@@ -85,6 +88,12 @@ class RLModule(BackboneModule):
             advantage_clip: clip advantages to ± this.
             sde_window: the SDE steps `[first, last)` a training step trains (default: all, or
                 `sampling.sde_window`).
+            steps_per_image: how many of the window's steps each image trains per update, each
+                as a Gaussian policy step in a replay of its own (None: every step, as Flow-GRPO;
+                k: k steps drawn at random). Time and activation memory grow with it.
+            shared_noise: the rollouts of a group start each image from the same noise (their
+                text and SDE noise still differ), so rewards within a group differ by what the
+                policy's stochastic choices did, not by where the sampler started.
             rollout_batch: episodes rolled out together (`avr.rollout`); the trajectories do not
                 depend on it.
             image_rewards_only: the generator's advantages come from the rewards that judge
@@ -119,6 +128,7 @@ class RLModule(BackboneModule):
         if rollout_batch < 1:
             raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
         self.group_size, self.rollout_batch = group_size, rollout_batch
+        self.shared_noise = shared_noise
         self.image_rewards_only = image_rewards_only
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be ≥ 1, got {ppo_epochs}")
@@ -129,10 +139,6 @@ class RLModule(BackboneModule):
         if self.sampling.noise_level <= 0:
             raise ValueError(
                 "sampling.noise_level must be > 0 for RL: Flow-GRPO needs the SDE's log-probs"
-            )
-        if self.sampling.cfg_scale != 1.0:
-            raise ValueError(
-                "sampling.cfg_scale must be 1 for RL here: CFG rollouts are not trained yet"
             )
         self.text_loss, self.image_loss = (
             PolicyLoss(clip_eps, kl_text),
@@ -148,7 +154,12 @@ class RLModule(BackboneModule):
                     f"sde_window {list(sde_window)} trains steps that sampling.sde_window "
                     f"{[first, last]} draws with the ODE (no log-prob to train)"
                 )
-        self.sde_window, self.max_len, self.max_bad_steps = sde_window, max_len, max_bad_steps
+        if steps_per_image is not None and steps_per_image < 1:
+            raise ValueError(
+                f"steps_per_image must be ≥ 1 or null (every step), got {steps_per_image}"
+            )
+        self.sde_window, self.steps_per_image = sde_window, steps_per_image
+        self.max_len, self.max_bad_steps = max_len, max_bad_steps
         self.reference = (
             None
             if self.lora is not None and not self.lora.trainable
@@ -232,8 +243,14 @@ class RLModule(BackboneModule):
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
         """`group_size` rollouts of each prompt with the current policy (eval mode, SDE)."""
         self.backbone.eval()
+        step = self.global_step
         jobs = [
-            Job(self.mode, spec, episode_seed(self.seed, self.global_step, p, g))
+            Job(
+                self.mode,
+                spec,
+                episode_seed(self.seed, step, p, g),
+                episode_seed(self.seed, step, p, 2**21) if self.shared_noise else None,
+            )
             for p, spec in enumerate(prompts)
             for g in range(self.group_size)
         ]
@@ -260,14 +277,16 @@ class RLModule(BackboneModule):
         image_advantages: torch.Tensor | None = None,
         on_policy: bool = True,
     ) -> tuple[torch.Tensor, dict]:
-        """PPO-clip on the sampled text tokens + Flow-GRPO on one SDE step per generated image
-        (a discrete-token backbone: PPO-clip on its sampled image tokens instead). `on_policy`:
+        """PPO-clip on the sampled text tokens + Flow-GRPO on the SDE steps of each generated
+        image, one replay per trained step (`steps_per_image`; a discrete-token backbone: PPO-clip
+        on its sampled image tokens instead). `on_policy`:
         the policy is the one that sampled, so π_old is its own detached log-prob (ρ = 1 exactly);
         else (a later PPO epoch) π_old is what the sampler recorded."""
         image_advantages = advantages if image_advantages is None else image_advantages
         if self.backbone.kind != "unified":
             return self._token_policy_loss(trajectories, advantages, image_advantages, on_policy)
-        batch, steps = self._rl_batch(trajectories)
+        passes = self._rl_batches(trajectories)
+        batch, _ = passes[0]
         out = self.backbone(batch)
         ref = self._reference(lambda model: model(batch))
         temperature = self.sampling.temperature or 1.0
@@ -287,8 +306,41 @@ class RLModule(BackboneModule):
         text_loss, text_stats = self.text_loss(
             logp, old, advantages[out.label_sample], k3(logp, logp_ref)
         )
+        stats = {f"text/{k}": v for k, v in text_stats.items()}
+        stats["text/tokens"] = torch.tensor(float(logp.numel()))
+        if logp.numel():  # sampling (cached, incremental) vs training (packed) forward: ~0
+            stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
+        # The image loss is the mean over every trained (image, step), however split in replays.
+        image_loss, per_pass, trained = 0.0, [], sum(len(steps) for _, steps in passes)
+        for i, (batch, steps) in enumerate(passes):
+            if i:
+                out = self.backbone(batch)
+                ref = self._reference(lambda model, b=batch: model(b))
+            loss, pass_stats = self._image_step_loss(
+                batch, steps, out.velocity, ref.velocity, image_advantages, on_policy
+            )
+            image_loss = image_loss + loss * len(steps) / max(trained, 1)
+            per_pass.append(pass_stats)
+        for key in per_pass[0]:
+            values = torch.stack([p[key] for p in per_pass])
+            stats[f"image/{key}"] = values.max() if key == "logprob_gap" else values.mean()
+        stats["image/steps_trained"] = torch.tensor(float(trained))
+        return text_loss + image_loss, stats
+
+    def _image_step_loss(self, batch, steps, velocity, velocity_ref, advantages, on_policy):
+        """Flow-GRPO's loss over one replayed SDE step per image, with its statistics. With CFG
+        the policy's and the reference's velocities are guided by their own unconditional
+        velocity (detached)."""
+        scale = self.sampling.cfg_scale
+        if scale != 1.0 and steps:
+            t = batch.gen_t.to(batch.gen_xt)
+            with torch.no_grad():
+                v_u = self.backbone.unconditional_velocity(batch.gen_xt, t)
+                v_u_ref = self._reference(lambda m: m.unconditional_velocity(batch.gen_xt, t))
+            velocity = v_u + scale * (velocity - v_u)
+            velocity_ref = v_u_ref + scale * (velocity_ref - v_u_ref)
         image_logp, image_kl = image_terms(
-            batch.gen_xt, out.velocity, ref.velocity, steps, self.sampling.noise_level
+            batch.gen_xt, velocity, velocity_ref, steps, self.sampling.noise_level
         )
         recorded = [s.logprob for s in steps]
         image_old = (
@@ -296,21 +348,11 @@ class RLModule(BackboneModule):
             if on_policy or None in recorded
             else torch.tensor(recorded, dtype=image_logp.dtype, device=image_logp.device)
         )
-        image_loss, image_stats = self.image_loss(
-            image_logp, image_old, image_advantages[out.image_sample], image_kl
-        )
-        stats = {f"text/{k}": v for k, v in text_stats.items()} | {
-            f"image/{k}": v for k, v in image_stats.items()
-        }
-        stats["text/tokens"] = torch.tensor(float(logp.numel()))
-        if (
-            logp.numel()
-        ):  # sampling (cached, incremental) vs training (packed) forward: should be ~0
-            stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
+        loss, stats = self.image_loss(image_logp, image_old, advantages[batch.gen_sample], image_kl)
         if recorded and None not in recorded:  # the sampler's step log-probs vs the trainer's
             gap = torch.tensor(recorded) - image_logp.detach().float().cpu()
-            stats["image/logprob_gap"] = gap.abs().max()
-        return text_loss + image_loss, stats
+            stats["logprob_gap"] = gap.abs().max()
+        return loss, stats
 
     def _token_policy_loss(
         self,
@@ -350,38 +392,60 @@ class RLModule(BackboneModule):
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _rl_batch(self, trajectories: list):
-        """The packed replay of `trajectories` and one SDE step per generated image (drawn within
-        `sde_window`): its noisy state goes to the packer, its record (`SdeStep`) to the loss."""
+    def _rl_batches(self, trajectories: list) -> list[tuple]:
+        """The packed replays of `trajectories` with each generated image's trained SDE steps
+        (every step of `sde_window`, or `steps_per_image` of them drawn at random) as noisy
+        blocks after its context (`pack(states=…)`), and their records (`SdeStep`) in the batch's
+        image order. Usually one replay; the steps are split over several where one row of
+        `max_len` tokens cannot hold them all."""
         rng = np.random.default_rng([self.seed, self.global_step, 2**20])
-        states, records = [], []
+        chosen: list[list[tuple]] = []  # per trajectory, per generated image: (sample, [steps])
         for trajectory in trajectories:
-            mine, picked = [], []
+            mine = []
             for segment in trajectory.segments:
                 if not segment.is_image or segment.sample is None:
                     continue
-                sample = segment.sample
-                total = len(sample.timesteps) - 1
+                total = len(segment.sample.timesteps) - 1
                 first, last = self.sde_window or (0, total)
-                j = int(rng.integers(max(0, first), min(total, last)))
-                t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
-                mine.append((sample.latents[j, 0], t))
-                recorded = None if sample.logprobs is None else float(sample.logprobs[0, j])
-                t_max = float(sample.timesteps[1])
-                picked.append(SdeStep(sample.latents[j + 1, 0], t, t_next, t_max, recorded))
-            states.append(mine)
-            records.append(picked)
+                window = np.arange(max(0, first), min(total, last))
+                k = self.steps_per_image
+                picked = window if k is None else rng.choice(window, min(k, len(window)), False)
+                mine.append((segment.sample, sorted(int(j) for j in picked)))
+            chosen.append(mine)
         tok, geometry = self.backbone.tokenizer, self.backbone.geometry
-        batch = pack(
-            trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True,
-            states=states,
-        ).to(self.device)  # fmt: skip
-        taken: Counter = Counter()
-        steps = []
-        for b in batch.gen_sample.tolist():  # the batch's image order
-            steps.append(records[b][taken[b]])
-            taken[b] += 1
-        return batch, steps
+        steps_each = max((len(js) for mine in chosen for _, js in mine), default=1)
+        per_replay = steps_each
+        for trajectory, mine in zip(trajectories, chosen, strict=True):
+            if mine:  # the most steps per image whose blocks fit this trajectory into a row
+                room = self.max_len - token_count(trajectory, tok, geometry, rl=True)
+                per_replay = min(per_replay, max(1, 1 + room // (geometry.gen_tokens * len(mine))))
+        passes = []
+        for lo in range(0, steps_each, per_replay):
+            states, records = [], []
+            for mine in chosen:
+                states.append([])
+                records.append([])
+                for sample, js in mine:
+                    states[-1].append([])
+                    for j in js[lo : lo + per_replay]:
+                        t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
+                        logp = None if sample.logprobs is None else float(sample.logprobs[0, j])
+                        t_max = float(sample.timesteps[1])
+                        states[-1][-1].append((sample.latents[j, 0], t))
+                        records[-1].append(
+                            SdeStep(sample.latents[j + 1, 0], t, t_next, t_max, logp)
+                        )
+            batch = pack(
+                trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True,
+                states=states,
+            ).to(self.device)  # fmt: skip
+            taken: Counter = Counter()
+            steps = []
+            for b in batch.gen_sample.tolist():  # the batch's image order
+                steps.append(records[b][taken[b]])
+                taken[b] += 1
+            passes.append((batch, steps))
+        return passes
 
     def _skip(self, why: str) -> None:
         self.bad_in_a_row += 1

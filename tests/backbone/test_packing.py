@@ -57,6 +57,35 @@ def test_a_noisy_copy_is_invisible_to_later_tokens(model, trajectories):
     assert not torch.allclose(before.velocity[0], after.velocity[0])  # the draft itself changes
 
 
+def test_several_noisy_states_of_one_image_replay_each_step_after_one_context(model, trajectories):
+    reflect = trajectories[1]  # two generated images: the draft and the refined one
+    n, d = model.geometry.gen_tokens, model.geometry.token_dim
+    g = torch.Generator().manual_seed(0)
+    draft = [(torch.randn(n, d, generator=g), t) for t in (0.9, 0.5, 0.2)]
+    refined = [(torch.randn(n, d, generator=g), 0.7)]
+
+    def replay(states):
+        batch = pack(
+            [reflect], model.tokenizer, model.geometry, 2048, [0], rl=True, states=[states]
+        )
+        with torch.no_grad():
+            return batch, model(batch)
+
+    batch, out = replay([draft, refined])
+    assert batch.gen_t.tolist() == pytest.approx([0.9, 0.5, 0.2, 0.7])
+    assert batch.gen_sample.tolist() == [0, 0, 0, 0]
+    assert int((batch.token_type == GEN).sum()) == 4 * n  # one noisy block per state
+    for k, state in enumerate(draft):  # each block as if replayed alone: the blocks do not mix
+        _, alone = replay([[state], refined])
+        torch.testing.assert_close(out.velocity[k], alone.velocity[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, alone.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.velocity[3], alone.velocity[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"trajectory 0: states for 1 images .* for 2 generated"):
+        replay([draft])
+    with pytest.raises(ValueError, match=r"each needs ≥ 1"):
+        replay([draft, []])
+
+
 def test_samples_in_one_row_do_not_see_each_other(model, trajectories):
     a, b = trajectories[0], trajectories[1]
     batch = _pack(model, [a, b], [1, 2])

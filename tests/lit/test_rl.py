@@ -123,12 +123,79 @@ def test_a_mixed_ode_sde_rollout_trains_only_its_stochastic_steps():
         (image,) = t.images
         assert image.logprobs[0] is None and image.logprobs[3] is None
         assert all(v is not None for v in image.logprobs[1:3])
-    _, steps = module._rl_batch(trajectories)
+    ((_, steps),) = module._rl_batches(trajectories)  # one replay: both steps of each image
+    assert len(steps) == 2 * len(trajectories)
     assert all(s.logprob is not None and s.t < 1.0 for s in steps)
     loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     assert torch.isfinite(loss) and stats["image/logprob_gap"] < 1e-3
     with pytest.raises(ValueError, match="draws with the ODE"):
         RLModule(model=None, group_size=2, sampling=sampling, sde_window=(0, 2))
+
+
+def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
+    sampling = SamplingConfig(steps=3, max_text_tokens=4, noise_level=0.7)
+    module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="reflect")
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=9))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    module.ppo_epochs, module.sde_window = 1, None
+    whole, stats = module.policy_loss(trajectories, advantages)
+    images = sum(len(t.images) for t in trajectories)
+    assert stats["image/steps_trained"].item() == 3 * images
+    assert stats["image/logprob_gap"].item() < 1e-3  # every block replays its own step
+    alone = []
+    for j in range(3):
+        module.sde_window = (j, j + 1)
+        alone.append(module.policy_loss(trajectories, advantages)[0])
+    assert whole.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5, abs=1e-7)
+    from avr.backbone.packing import token_count
+
+    backbone = module.backbone  # rows too short for three noisy blocks per image: two replays
+    base = [token_count(t, backbone.tokenizer, backbone.geometry, rl=True) for t in trajectories]
+    most = max(range(4), key=lambda b: (base[b], len(trajectories[b].images)))
+    module.sde_window = None
+    module.max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    passes = module._rl_batches(trajectories)
+    assert len(passes) == 2 and all(b.input_ids.shape[1] <= module.max_len for b, _ in passes)
+    split, _ = module.policy_loss(trajectories, advantages)
+    assert split.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-7)
+    module.steps_per_image, module.max_len = 1, 2048  # one random step per image
+    ((_, steps),) = module._rl_batches(trajectories)
+    assert len(steps) == images
+    with pytest.raises(ValueError, match="steps_per_image must be ≥ 1"):
+        RLModule(model=None, group_size=2, sampling=sampling, steps_per_image=0)
+
+
+def test_cfg_rollouts_are_replayed_with_the_guided_velocity():
+    sampling = SamplingConfig(steps=3, max_text_tokens=4, noise_level=0.7, cfg_scale=3.0)
+    module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=10))
+    loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert stats["image/logprob_gap"].item() < 1e-3  # the sampler's guided step, replayed
+    module.sampling = SamplingConfig(steps=3, max_text_tokens=4, noise_level=0.7)
+    _, unguided = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    # without guidance the replay is another policy: its step log-probs are far off
+    assert unguided["image/logprob_gap"].item() > 100 * stats["image/logprob_gap"].item()
+    loss.backward()
+    assert module.backbone.velocity_out.weight.grad.abs().sum() > 0
+
+
+def test_a_group_can_share_its_starting_noise():
+    sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7)
+    shared = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
+                      shared_noise=True)  # fmt: skip
+    own = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
+    specs = sample_specs(2, seed=11)
+    a, _, _ = shared.rollout(specs)
+    b, _, _ = own.rollout(specs)
+    start = [
+        t.images[0].sample.latents[0] for t in a
+    ]  # [1, N, D] each: the noise the image began at
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3])  # within a group
+    assert not torch.equal(start[0], start[2])  # across groups
+    assert not torch.equal(
+        a[0].images[0].sample.latents[-1], a[1].images[0].sample.latents[-1]
+    )  # SDE differs
+    assert not torch.equal(b[0].images[0].sample.latents[0], b[1].images[0].sample.latents[0])
 
 
 class FirstInfinite(Reward):
