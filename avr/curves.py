@@ -4,8 +4,9 @@
 
 reads each run's `csv/version_*/metrics.csv` (the newest version; a path to a `metrics.csv` works
 too), plots `--metric` per step (thin) with its moving average (thick), and prints, per run, the
-mean over the first and the last third of the steps and whether the last exceeds the first (the
-issue's test of a rising reward). Exits 0 whatever the outcome: it reports, it does not judge.
+mean over the first and the last third of the steps and whether the last exceeds the first (a
+rising reward); `--modes` adds an RL run's mode usage per prompt level, first third vs last.
+Exits 0 whatever the outcome: it reports, it does not judge.
 """
 
 from __future__ import annotations
@@ -65,6 +66,28 @@ def read_curve(run: str | Path, metric: str) -> Curve:
     return Curve(str(run), steps, np.array([per_step[s] for s in steps]))
 
 
+def mode_usage(run: str | Path) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per level, each mode's share of that level's rollouts over the first and the last third of
+    the steps, from RL's `train/mode/<level>/<mode>` counts (`{level: {mode: (first, last)}}`)."""
+    path = metrics_file(run)
+    with path.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("train/reward")]
+    columns = [c for c in (rows[0] if rows else {}) if c.startswith("train/mode/")]
+    if not columns:
+        raise KeyError(f"{path}: no train/mode/<level>/<mode> columns (an RL run's log)")
+    third = max(1, len(rows) // 3)
+    usage: dict[str, dict[str, tuple[float, float]]] = {}
+    for part, chunk in enumerate((rows[:third], rows[-third:])):
+        counts = {c: sum(float(r[c] or 0) for r in chunk) for c in columns}
+        for column, count in counts.items():
+            level, mode = column.removeprefix("train/mode/").split("/", 1)
+            total = sum(v for c, v in counts.items() if c.startswith(f"train/mode/{level}/"))
+            share = count / total if total else float("nan")
+            first, last = usage.setdefault(level, {}).get(mode, (float("nan"), float("nan")))
+            usage[level][mode] = (share, last) if part == 0 else (first, share)
+    return usage
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to `window` steps (shorter at the start)."""
     cumulative = np.concatenate([[0.0], np.cumsum(values)])
@@ -93,10 +116,11 @@ def plot(curves: list[Curve], metric: str, out: Path, window: int, title: str | 
             label=label,
         )
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{metric} (thin: per step; thick: mean of the last {window})")
-    ax.set_title(title or metric)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=8, title=f"thin: per step; thick: mean of the last {window} steps")
+    legend.get_title().set_fontsize(8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -112,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=5, help="moving-average window (steps)")
     parser.add_argument("--title", default=None)
     parser.add_argument("-o", "--out", type=Path, default=None, help="PNG to write")
+    parser.add_argument(
+        "--modes",
+        action="store_true",
+        help="also print RL's mode usage per level, first vs last third",
+    )
     args = parser.parse_args(argv)
     curves = [read_curve(run, args.metric) for run in args.runs]
     for curve in curves:
@@ -121,6 +150,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{curve.run}: {len(curve.values)} steps; {args.metric} first third {first:.4f}, "
             f"last third {last:.4f} ({last - first:+.4f}): {verdict}"
         )
+        if args.modes:
+            for level, modes in mode_usage(curve.run).items():
+                shares = ", ".join(
+                    f"{mode} {first:.0%} → {last:.0%}" for mode, (first, last) in modes.items()
+                )
+                print(f"  {level}: {shares}")
     if args.out is not None:
         plot(curves, args.metric, args.out, args.window, args.title)
         print(f"wrote {args.out}")

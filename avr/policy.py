@@ -145,6 +145,7 @@ class PolicyActor:
             episode.add_text("<ins>")  # scaffolding: forced, not sampled (no log-probs)
         episode.state["opened"] = None
         sample = self._text(episode, stop=["</des>"])
+        self._note_opening(episode, sample)
         text = sample.text[0]
         episode.add_text(text, sample, sample.logprobs[0])
         found = _STEP.search(text)
@@ -156,16 +157,21 @@ class PolicyActor:
 
     def reflect(self, episode: Episode) -> Critique:
         sample = self._text(episode, stop=self.stop_critique)
+        self._note_opening(episode, sample)
         text = sample.text[0]
-        last = (
-            self.model.tokenizer.convert_ids_to_tokens(sample.ids[0][-1:]) if sample.ids[0] else []
-        )
-        episode.state["opened"] = last[0] if last and last[0] in ("<ins>", IMAGE_START) else None
         episode.add_text(text, sample, sample.logprobs[0])
         return Critique(text, is_verdict_ok(text))
 
     def refine(self, episode: Episode, role: ImageRole) -> None:
         self._image(episode, role)
+
+    def _note_opening(self, episode: Episode, sample: TextSample) -> None:
+        """Where the sampled text ended with `<ins>` or `<img>` (a stop, or the last token
+        before `max_text_tokens`), the model opened the next part itself: it is not appended
+        again (the packer lays such a rollout out the same way)."""
+        ids = sample.ids[0]
+        last = self.model.tokenizer.convert_ids_to_tokens(ids[-1:]) if ids else []
+        episode.state["opened"] = last[0] if last and last[0] in ("<ins>", IMAGE_START) else None
 
     def _text(self, episode: Episode, stop: list[str]) -> TextSample:
         s = self.sampling

@@ -13,12 +13,13 @@ from avr.defaults import tiny_model
 def test_two_prompts_are_learned_apart_and_not_when_conditioning_is_cut():
     """Rung 1 (two prompts, two fixed images): after 250 steps the image loss with the other
     prompt is several times the loss with the right one; with every image trained
-    unconditionally (`cfg_dropout` 1: the prompt is cut from the image's view) the two stay equal.
-    (On a 2-core CPU: about 40 s per training; 300 steps gave ratios of 10–14.)"""
+    unconditionally (`cfg_dropout` 1: the prompt is cut from the image's view) the two stay equal
+    (the control needs fewer steps: 80 already fit the shared image mean).
+    (On a 2-core CPU: about 40 s per 250-step training; 300 steps gave ratios of 10–14.)"""
     ratios = {}
-    for dropout in (0.0, 1.0):
+    for dropout, steps in ((0.0, 250), (1.0, 80)):
         config = dataclasses.replace(tiny_model(0).config, cfg_dropout=dropout, timestep_shift=3.0)
-        result = climb(1, steps=250, batch_size=8, config=config, eval_prompts=8, sample_steps=2)
+        result = climb(1, steps=steps, batch_size=8, config=config, eval_prompts=8, sample_steps=2)
         ratios[dropout] = result.loss_shuffled / result.loss_right
     assert ratios[0.0] > 3.0, ratios
     assert ratios[1.0] == pytest.approx(1.0, abs=0.1), ratios

@@ -37,3 +37,17 @@ def test_curves_name_the_file_and_what_is_missing(tmp_path):
         read_curve(tmp_path / "run", "train/reward")
     with pytest.raises(FileNotFoundError, match=r"empty: no csv/version_\*/metrics\.csv"):
         read_curve(tmp_path / "empty", "train/loss")
+
+
+def test_mode_usage_per_level_first_and_last_third(tmp_path, capsys):
+    from avr.curves import mode_usage
+
+    path = tmp_path / "rl" / "csv" / "version_0" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    header = "step,train/reward,train/reward/compositional,train/mode/medium/direct,train/mode/medium/reflect"
+    rows = [f"{s},0.5,0.3,{0 if s < 3 else 3},{4 if s < 3 else 1}" for s in range(9)]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    usage = mode_usage(tmp_path / "rl")
+    assert usage == {"medium": {"direct": (0.0, 0.75), "reflect": (1.0, 0.25)}}
+    main([str(tmp_path / "rl"), "--modes"])
+    assert "medium: direct 0% → 75%, reflect 100% → 25%" in capsys.readouterr().out

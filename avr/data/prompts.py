@@ -1,7 +1,7 @@
 """`PromptDataModule`: an endless, seeded stream of ShapeWorld prompt batches for RL.
 
 Batch `b` holds the specs drawn from the generator `(seed, b)`, its complexity levels mixed as
-configured; `state_dict()` is the number of batches the trainer received, so a resumed run draws
+configured (each level drawn per prompt, or, `stratified`, in the same counts every batch); `state_dict()` is the number of batches the trainer received, so a resumed run draws
 exactly the prompts it would have.
 """
 
@@ -32,15 +32,20 @@ class PromptStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         split: str = "train",
+        stratified: bool = False,
     ) -> None:
         self.batch_size, self.mix, self.seed, self.start = batch_size, mix, seed, start
         self.rank, self.world_size, self.split = rank, world_size, split
+        self.stratified = stratified
 
     def batch(self, number: int) -> list[PromptSpec]:
         """The specs of batch `number`."""
         rng = np.random.default_rng([self.seed, number])
         levels = list(self.mix)
-        chosen = rng.choice(levels, size=self.batch_size, p=[self.mix[lv] for lv in levels])
+        if self.stratified:
+            chosen = rng.permutation(stratified_levels(self.mix, self.batch_size))
+        else:
+            chosen = rng.choice(levels, size=self.batch_size, p=[self.mix[lv] for lv in levels])
         tags = [str(rng.choice(LEVEL_TAGS[level])) for level in chosen]
         return [draw_in_split(partial(sample_spec, tag), self.split, rng) for tag in tags]
 
@@ -49,6 +54,17 @@ class PromptStream(IterableDataset):
         while True:
             yield self.batch(local * self.world_size + self.rank)
             local += 1
+
+
+def stratified_levels(mix: dict[str, float], size: int) -> list[str]:
+    """`size` levels in the proportions of `mix`, rounded by largest remainder (ties: mix order)."""
+    total = sum(mix.values())
+    exact = {level: size * share / total for level, share in mix.items()}
+    counts = {level: int(np.floor(x)) for level, x in exact.items()}
+    order = sorted(mix, key=lambda level: -(exact[level] - counts[level]))
+    for level in order[: size - sum(counts.values())]:
+        counts[level] += 1
+    return [level for level in mix for _ in range(counts[level])]
 
 
 def _as_is(batch):
@@ -65,10 +81,14 @@ class PromptDataModule(StreamPosition):
         mix: str = "simple=0.3,medium=0.4,complex=0.3",
         seed: int = 0,
         split: str = "train",
+        stratified: bool = False,
     ) -> None:
         """`mix`: share of each complexity level, as for `python -m avr.data build`; `split`:
-        which prompts (`train`: none with a combination reserved for evaluation)."""
+        which prompts (`train`: none with a combination reserved for evaluation); `stratified`:
+        every batch holds the levels in the counts `mix` gives its size (largest remainder), so
+        the batch's mean reward does not swing with how many hard prompts it drew."""
         super().__init__()
+        self.stratified = stratified
         self.batch_size, self.mix, self.seed = batch_size, parse_mix(mix), seed
         check_split(split)  # an unknown split fails at config time
         self.split = split
@@ -77,7 +97,14 @@ class PromptDataModule(StreamPosition):
     def train_dataloader(self) -> DataLoader:
         rank, world = self.shard()
         stream = PromptStream(
-            self.batch_size, self.mix, self.seed, self.batches_seen, rank, world, self.split
+            self.batch_size,
+            self.mix,
+            self.seed,
+            self.batches_seen,
+            rank,
+            world,
+            self.split,
+            self.stratified,
         )
         return DataLoader(stream, batch_size=None, collate_fn=_as_is)
 

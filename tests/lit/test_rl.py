@@ -108,6 +108,7 @@ def test_ppo_epochs_reuse_a_rollout_batch_with_the_sampling_log_probs_as_pi_old(
     trajectories, _, _, _, advantages, image_advantages, _ = first
     _, stats = module.policy_loss(trajectories, advantages, image_advantages, on_policy=False)
     assert stats["text/ratio"].item() != 1.0 and stats["image/ratio"].item() != 1.0
+    assert stats["text/clipped"].item() > 0 and stats["image/clipped"].item() > 0  # the clip acts
     module.training_step(sample_specs(2, seed=7), 2)  # two epochs done: new rollouts
     assert module._batch is not first
     with pytest.raises(ValueError, match="ppo_epochs must be ≥ 1"):
@@ -196,6 +197,46 @@ def test_a_group_can_share_its_starting_noise():
         a[0].images[0].sample.latents[-1], a[1].images[0].sample.latents[-1]
     )  # SDE differs
     assert not torch.equal(b[0].images[0].sample.latents[0], b[1].images[0].sample.latents[0])
+
+
+def test_a_plan_whose_text_ends_by_opening_the_image_replays_as_sampled(monkeypatch):
+    """The plan text may end with `<img>` at `max_text_tokens` (not a stop of the plan): the
+    actor then draws without appending a second `<img>`, as the packer lays the rollout out, so
+    the trainer's log-probs of the text after the image are the sampler's."""
+    from avr.backbone.generation import TextSample
+    from avr.backbone.tokenizer import IMAGE_START
+    from avr.policy import PolicyActor
+
+    module = _module(mode="plan")
+    tok = module.backbone.tokenizer
+    real = PolicyActor._text
+
+    def plan_ends_with_img(self, episode, stop):
+        if stop != ["</des>"]:
+            return real(self, episode, stop)
+        ids = tok.encode("step 1 of 1 a", add_special_tokens=False)
+        ids = ids + tok.convert_tokens_to_ids([IMAGE_START])
+        session = episode.state["session"]
+        logps = []
+        for token in ids:  # as sampling would: each token's log-prob, then append it
+            logps.append(float(torch.log_softmax(session.last_logits[0].float(), -1)[token]))
+            session.append_tokens([[token]])
+        episode.state["text_tokens"] += len(ids)
+        return TextSample([ids], [logps], [tok.decode(ids)])
+
+    monkeypatch.setattr(PolicyActor, "_text", plan_ends_with_img)
+    trajectories, _, _ = module.rollout(sample_specs(1, seed=12))
+    segments = trajectories[0].segments
+    opening = tok.convert_tokens_to_ids(IMAGE_START)
+    opened = [
+        i
+        for i, seg in enumerate(segments[:-1])
+        if not seg.is_image and seg.logprobs and seg.sample.ids[0][-1] == opening
+    ]
+    assert opened and all(segments[i + 1].is_image for i in opened)
+    assert any(not seg.is_image for seg in segments[opened[0] + 2 :])  # text read after it
+    _, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0]))
+    assert stats["text/logprob_gap"].item() < 1e-3  # 0.2–1.7 nats when `<img>` was doubled
 
 
 class FirstInfinite(Reward):
