@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("avr.world.__main__", "ShapeWorld prompts, renders and scores"),
     "bench": ("avr.bench", "benchmarks (speed, memory, the conditioning ladder)"),
     "registry": ("avr.registry", "list the registered modes and rewards"),
+    "curves": ("avr.curves", "plot runs' logged curves; does the reward rise?"),
 }
 
 
