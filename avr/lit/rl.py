@@ -89,8 +89,9 @@ class RLModule(BackboneModule):
             sde_window: the SDE steps `[first, last)` a training step trains (default: all, or
                 `sampling.sde_window`).
             steps_per_image: how many of the window's steps each image trains per update, each
-                as a Gaussian policy step in a replay of its own (None: every step, as Flow-GRPO;
-                k: k steps drawn at random). Time and activation memory grow with it.
+                as a Gaussian policy step (a noisy block after the image's context, which all its
+                steps share; None: every step, as Flow-GRPO; k: k steps drawn at random). Time and
+                activation memory grow with it.
             shared_noise: the rollouts of a group start each image from the same noise (their
                 text and SDE noise still differ), so rewards within a group differ by what the
                 policy's stochastic choices did, not by where the sampler started.
@@ -278,8 +279,8 @@ class RLModule(BackboneModule):
         on_policy: bool = True,
     ) -> tuple[torch.Tensor, dict]:
         """PPO-clip on the sampled text tokens + Flow-GRPO on the SDE steps of each generated
-        image, one replay per trained step (`steps_per_image`; a discrete-token backbone: PPO-clip
-        on its sampled image tokens instead). `on_policy`:
+        image (`steps_per_image`), all of an image's steps in one replay of its context where a
+        row holds them (a discrete-token backbone: PPO-clip on its sampled image tokens instead). `on_policy`:
         the policy is the one that sampled, so π_old is its own detached log-prob (ρ = 1 exactly);
         else (a later PPO epoch) π_old is what the sampler recorded."""
         image_advantages = advantages if image_advantages is None else image_advantages
