@@ -40,8 +40,9 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
 
 from avr.backbone.generation import ImageSample, Session
-from avr.backbone.protocol import register_backbone
+from avr.backbone.protocol import PolicyTerms, register_backbone
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
+from avr.grpo import k3
 from avr.sequence import image_to_array
 
 SETTINGS = "avr_janus.json"
@@ -305,6 +306,31 @@ class JanusBackbone(torch.nn.Module):
             "text_rollout": torch.tensor(layout.text_old, dtype=torch.float32),
             "image_rollout": torch.tensor(layout.image_old, dtype=torch.float32),
         }
+
+    def policy_terms(self, trajectories, reference, plan) -> dict:
+        """RL's replay of rollouts: every sampled token, text and image alike, each trajectory in
+        one teacher-forced pass (`replay`); KL to the reference by the k3 estimator."""
+        parts = {
+            kind: {"logp": [], "ref": [], "old": [], "sample": []} for kind in ("text", "image")
+        }
+        for b, trajectory in enumerate(trajectories):
+            mine = self.replay(trajectory, plan.temperature)
+            ref = reference(lambda model, t=trajectory: model.replay(t, plan.temperature))
+            for kind, part in parts.items():
+                part["logp"].append(mine[kind])
+                part["ref"].append(ref[kind])
+                part["old"].append(mine[f"{kind}_rollout"])
+                part["sample"].append(torch.full((mine[kind].shape[0],), b, dtype=torch.long))
+        terms = {}
+        for kind, part in parts.items():
+            logp = torch.cat(part["logp"])
+            terms[kind] = PolicyTerms(
+                logp=logp,
+                kl=k3(logp, torch.cat(part["ref"])),
+                sample=torch.cat(part["sample"]),
+                recorded=torch.cat(part["old"]),
+            )
+        return terms
 
     def packer(self, max_len: int) -> None:
         """None: `sft_loss` takes the list of trajectories itself (one pass each)."""

@@ -37,7 +37,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from avr.backbone import flow
+from avr.backbone import flow, replay
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.packing import GEN, LATENT, READ, FlowSettings, ImageGeometry, PackedBatch
@@ -174,6 +174,15 @@ class UnifiedModel(nn.Module):
 
         loss, stats = UnifiedLoss.for_model(self.config)(self(batch))
         return loss, {**stats, "tokens": torch.tensor(float(batch.tokens))}
+
+    def policy_terms(self, trajectories, reference, plan) -> dict:
+        """RL's replay of rollouts: packed text tokens and Flow-GRPO SDE steps
+        (`avr.backbone.replay`)."""
+        return replay.policy_terms(self, trajectories, reference, plan)
+
+    def rl_passes(self, trajectories, plan) -> list:
+        """The packed replays `policy_terms` runs, with each one's SDE-step records."""
+        return replay.rl_passes(self, trajectories, plan)
 
     def checkpoint_config(self) -> dict:
         """The config with the LM's (and VAE's) full configs inlined (`portable_config`)."""

@@ -9,11 +9,47 @@ tells backbones apart by name: it calls these methods.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """How RL replays a batch of rollouts: the sampler's settings (the replay must compute the
+    distributions it sampled from) and which denoising steps of each generated image to train."""
+
+    temperature: float = 1.0
+    """Text sampling temperature (log-probs are taken at it)."""
+    noise_level: float = 0.7
+    """The SDE's noise level (a continuous backbone's step log-probs)."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance of the sampled velocity (its unconditional branch is detached)."""
+    max_len: int = 2048
+    """Longest packed row of a replay."""
+    sde_steps: Callable[[int], Sequence[int]] | None = None
+    """Given an image's number of denoising steps, the steps to train (None: every one)."""
+
+
+@dataclass
+class PolicyTerms:
+    """One kind of sampled action of a batch of rollouts (text tokens, image tokens, SDE steps),
+    replayed by the policy: what the PPO-clip loss needs, one entry per action."""
+
+    logp: torch.Tensor
+    """`[A]` the policy's log-probs of the sampled actions (differentiable)."""
+    kl: torch.Tensor
+    """`[A]` per-action estimate of the KL to the reference."""
+    sample: torch.Tensor
+    """`[A]` long: the index of the rollout each action belongs to."""
+    recorded: torch.Tensor | None
+    """`[A]` the log-probs the sampler recorded (None: not recorded for every action)."""
+    unit: str = "tokens"
+    """What an action is, for logging (`train/<kind>/<unit>` counts them)."""
 
 
 @runtime_checkable
@@ -36,6 +72,16 @@ class Backbone(Protocol):
     def sft_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher-forced loss of one batch (as `packer` built it) and its parts: `loss/text`,
         `loss/image` and `tokens` (tokens processed, for throughput)."""
+
+    def policy_terms(
+        self,
+        trajectories: Sequence[Any],
+        reference: Callable[[Callable[[Backbone], Any]], Any],
+        plan: ReplayPlan,
+    ) -> dict[str, PolicyTerms]:
+        """Replay rollouts of this backbone for RL: `{"text": …, "image": …}`, each action's
+        log-prob under this model and its KL to the reference. `reference(fn)` returns `fn`
+        applied to the reference model (no gradient)."""
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Everything but the weights and tokenizer needed to rebuild this model (JSON-able)."""

@@ -1,8 +1,11 @@
 """`PromptDataModule`: an endless, seeded stream of ShapeWorld prompt batches for RL.
 
 Batch `b` holds the specs drawn from the generator `(seed, b)`, its complexity levels mixed as
-configured (each level drawn per prompt, or, `stratified`, in the same counts every batch); `state_dict()` is the number of batches the trainer received, so a resumed run draws
-exactly the prompts it would have.
+configured (each level drawn per prompt, or, `stratified`, in the same counts every batch). With
+`cycle: n` the stream is a fixed training set of n batches visited in the same order on every pass
+(batch b is batch b mod n), as Flow-GRPO trains on a fixed prompt set: a step's reward can then be
+compared with the same prompts' reward one pass earlier. `state_dict()` is the number of batches the
+trainer received, so a resumed run draws exactly the prompts it would have.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ class PromptStream(IterableDataset):
         world_size: int = 1,
         split: str = "train",
         stratified: bool = False,
+        cycle: int = 0,
     ) -> None:
         self.batch_size, self.mix, self.seed, self.start = batch_size, mix, seed, start
         self.rank, self.world_size, self.split = rank, world_size, split
-        self.stratified = stratified
+        self.stratified, self.cycle = stratified, cycle
 
     def batch(self, number: int) -> list[PromptSpec]:
-        """The specs of batch `number`."""
+        """The specs of batch `number` (of `number mod cycle` when the stream cycles)."""
+        if self.cycle:
+            number %= self.cycle
         rng = np.random.default_rng([self.seed, number])
         levels = list(self.mix)
         if self.stratified:
@@ -82,13 +88,18 @@ class PromptDataModule(StreamPosition):
         seed: int = 0,
         split: str = "train",
         stratified: bool = False,
+        cycle: int = 0,
     ) -> None:
         """`mix`: share of each complexity level, as for `python -m avr.data build`; `split`:
         which prompts (`train`: none with a combination reserved for evaluation); `stratified`:
         every batch holds the levels in the counts `mix` gives its size (largest remainder), so
-        the batch's mean reward does not swing with how many hard prompts it drew."""
+        the batch's mean reward does not swing with how many hard prompts it drew; `cycle`: the
+        stream repeats every `cycle` batches (a training set of `cycle × batch_size` prompts,
+        visited in the same order each pass; 0: every batch is new)."""
         super().__init__()
-        self.stratified = stratified
+        if cycle < 0:
+            raise ValueError(f"data.cycle: expected a number of batches >= 0, got {cycle}")
+        self.stratified, self.cycle = stratified, cycle
         self.batch_size, self.mix, self.seed = batch_size, parse_mix(mix), seed
         check_split(split)  # an unknown split fails at config time
         self.split = split
@@ -105,6 +116,7 @@ class PromptDataModule(StreamPosition):
             world,
             self.split,
             self.stratified,
+            self.cycle,
         )
         return DataLoader(stream, batch_size=None, collate_fn=_as_is)
 

@@ -1,6 +1,6 @@
 """`RLModule`: GRPO on text tokens and Flow-GRPO on denoising steps, from an exported SFT model.
 
-One training step reads as the algorithm (formulas in `avr.lit.grpo`):
+One training step reads as the algorithm (formulas in `avr.grpo`):
 
     rollouts   = G rollouts per prompt through the configured mode (SDE sampling, log-probs kept)
     rewards    = Σ weight · reward(rollouts)                    (each component logged on its own)
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from avr.backbone.lora import adapters_disabled
-from avr.backbone.packing import pack, token_count
+from avr.backbone.protocol import ReplayPlan
+from avr.grpo import PolicyLoss, behaviour_correction, group_advantages
 from avr.lit.base import BackboneModule, ModelSettings
-from avr.lit.grpo import PolicyLoss, SdeStep, group_advantages, image_terms, k3
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
@@ -278,175 +278,56 @@ class RLModule(BackboneModule):
         image_advantages: torch.Tensor | None = None,
         on_policy: bool = True,
     ) -> tuple[torch.Tensor, dict]:
-        """PPO-clip on the sampled text tokens + Flow-GRPO on the SDE steps of each generated
-        image (`steps_per_image`), all of an image's steps in one replay of its context where a
-        row holds them (a discrete-token backbone: PPO-clip on its sampled image tokens instead). `on_policy`:
-        the policy is the one that sampled, so π_old is its own detached log-prob (ρ = 1 exactly);
-        else (a later PPO epoch) π_old is what the sampler recorded."""
+        """PPO-clip on every kind of sampled action the backbone replays (`policy_terms`: text
+        tokens; SDE steps of each generated image, or a discrete backbone's image tokens), each
+        with its own clip/KL settings and advantages. `on_policy`: the policy is the one that
+        sampled, so π_old is its own detached log-prob (ρ = 1 exactly); else (a later PPO epoch)
+        π_old is what the sampler recorded. Where a text token was drawn from another behaviour
+        distribution μ (an explored mode token), μ replaces π_old."""
         image_advantages = advantages if image_advantages is None else image_advantages
-        if self.backbone.kind != "unified":
-            return self._token_policy_loss(trajectories, advantages, image_advantages, on_policy)
-        passes = self._rl_batches(trajectories)
-        batch, _ = passes[0]
-        out = self.backbone(batch)
-        ref = self._reference(lambda model: model(batch))
-        temperature = self.sampling.temperature or 1.0
-        logp = torch.log_softmax(out.logits.float() / temperature, -1).gather(
-            -1, out.labels[:, None]
-        )[:, 0]  # [T]
-        logp_ref = torch.log_softmax(ref.logits.float() / temperature, -1).gather(
-            -1, ref.labels[:, None]
-        )[:, 0]
-        rollout_logp = _sampled_logprobs(trajectories, out.label_sample.tolist())
-        # The first update of a rollout batch: π_old is the policy that just sampled, so ρ = 1
-        # exactly; a later PPO epoch: π_old is what the sampler recorded. Where a token was drawn
-        # from another behaviour distribution μ (an explored mode token), μ replaces π_old.
-        sampled = logp.detach() if on_policy else rollout_logp.to(logp)
-        correction = _behaviour_correction(trajectories, out.label_sample.tolist()).to(logp)
-        old = sampled + correction
-        text_loss, text_stats = self.text_loss(
-            logp, old, advantages[out.label_sample], k3(logp, logp_ref)
-        )
-        stats = {f"text/{k}": v for k, v in text_stats.items()}
-        stats["text/tokens"] = torch.tensor(float(logp.numel()))
-        if logp.numel():  # sampling (cached, incremental) vs training (packed) forward: ~0
-            stats["text/logprob_gap"] = (rollout_logp - logp.detach().cpu()).abs().max()
-        # The image loss is the mean over every trained (image, step), however split in replays.
-        image_loss, per_pass, trained = 0.0, [], sum(len(steps) for _, steps in passes)
-        for i, (batch, steps) in enumerate(passes):
-            if i:
-                out = self.backbone(batch)
-                ref = self._reference(lambda model, b=batch: model(b))
-            loss, pass_stats = self._image_step_loss(
-                batch, steps, out.velocity, ref.velocity, image_advantages, on_policy
-            )
-            image_loss = image_loss + loss * len(steps) / max(trained, 1)
-            per_pass.append(pass_stats)
-        for key in per_pass[0]:
-            values = torch.stack([p[key] for p in per_pass])
-            stats[f"image/{key}"] = values.max() if key == "logprob_gap" else values.mean()
-        stats["image/steps_trained"] = torch.tensor(float(trained))
-        return text_loss + image_loss, stats
-
-    def _image_step_loss(self, batch, steps, velocity, velocity_ref, advantages, on_policy):
-        """Flow-GRPO's loss over one replayed SDE step per image, with its statistics. With CFG
-        the policy's and the reference's velocities are guided by their own unconditional
-        velocity (detached)."""
-        scale = self.sampling.cfg_scale
-        if scale != 1.0 and steps:
-            t = batch.gen_t.to(batch.gen_xt)
-            with torch.no_grad():
-                v_u = self.backbone.unconditional_velocity(batch.gen_xt, t)
-                v_u_ref = self._reference(lambda m: m.unconditional_velocity(batch.gen_xt, t))
-            velocity = v_u + scale * (velocity - v_u)
-            velocity_ref = v_u_ref + scale * (velocity_ref - v_u_ref)
-        image_logp, image_kl = image_terms(
-            batch.gen_xt, velocity, velocity_ref, steps, self.sampling.noise_level
-        )
-        recorded = [s.logprob for s in steps]
-        image_old = (
-            image_logp.detach()
-            if on_policy or None in recorded
-            else torch.tensor(recorded, dtype=image_logp.dtype, device=image_logp.device)
-        )
-        loss, stats = self.image_loss(image_logp, image_old, advantages[batch.gen_sample], image_kl)
-        if recorded and None not in recorded:  # the sampler's step log-probs vs the trainer's
-            gap = torch.tensor(recorded) - image_logp.detach().float().cpu()
-            stats["logprob_gap"] = gap.abs().max()
-        return loss, stats
-
-    def _token_policy_loss(
-        self,
-        trajectories: list,
-        advantages: torch.Tensor,
-        image_advantages: torch.Tensor,
-        on_policy: bool = True,
-    ) -> tuple[torch.Tensor, dict]:
-        """GRPO over every sampled token, text and image alike, each trajectory replayed in one
-        teacher-forced pass (`JanusBackbone.replay`)."""
-        temperature = self.sampling.temperature or 1.0
-        parts: dict[str, dict[str, list]] = {
-            kind: {"logp": [], "ref": [], "adv": [], "old": []} for kind in ("text", "image")
-        }
-        for b, trajectory in enumerate(trajectories):
-            mine = self.backbone.replay(trajectory, temperature)
-            ref = self._reference(lambda model, t=trajectory: model.replay(t, temperature))
-            for kind, part in parts.items():
-                part["logp"].append(mine[kind])
-                part["ref"].append(ref[kind])
-                adv = image_advantages if kind == "image" else advantages
-                part["adv"].append(adv[b].expand(mine[kind].shape[0]))
-                part["old"].append(mine[f"{kind}_rollout"])
+        terms = self.backbone.policy_terms(trajectories, self._reference, self._replay_plan())
         total, stats = 0.0, {}
-        for kind, loss_fn in (("text", self.text_loss), ("image", self.image_loss)):
-            part = {k: torch.cat(v) for k, v in parts[kind].items()}
-            logp = part["logp"]
-            old = logp.detach() if on_policy else part["old"].to(logp)
-            loss, kind_stats = loss_fn(logp, old, part["adv"].to(logp), k3(logp, part["ref"]))
+        for kind, term in terms.items():
+            loss_fn, adv = (
+                (self.text_loss, advantages)
+                if kind == "text"
+                else (self.image_loss, image_advantages)
+            )
+            logp = term.logp
+            old = logp.detach() if on_policy or term.recorded is None else term.recorded.to(logp)
+            if kind == "text":
+                old = old + behaviour_correction(trajectories, term.sample.tolist()).to(logp)
+            loss, kind_stats = loss_fn(
+                logp, old, adv.to(logp)[term.sample.to(logp.device)], term.kl
+            )
             total = total + loss
             stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
-            stats[f"{kind}/tokens"] = torch.tensor(float(logp.numel()))
-            if logp.numel():  # sampling (cached, incremental) vs replay (one pass): ~0
-                gap = (part["old"] - logp.detach().cpu()).abs().max()
+            stats[f"{kind}/{term.unit}"] = torch.tensor(float(logp.numel()))
+            if logp.numel() and term.recorded is not None:  # sampling (cached) vs replay: ~0
+                gap = (term.recorded - logp.detach().float().cpu()).abs().max()
                 stats[f"{kind}/logprob_gap"] = gap
         return total, stats
 
-    # ---- helpers ----------------------------------------------------------------------------
-
-    def _rl_batches(self, trajectories: list) -> list[tuple]:
-        """The packed replays of `trajectories` with each generated image's trained SDE steps
-        (every step of `sde_window`, or `steps_per_image` of them drawn at random) as noisy
-        blocks after its context (`pack(states=…)`), and their records (`SdeStep`) in the batch's
-        image order. Usually one replay; the steps are split over several where one row of
-        `max_len` tokens cannot hold them all."""
+    def _replay_plan(self) -> ReplayPlan:
+        """The sampler's settings and this update's choice of SDE steps: the window's (every
+        one, or `steps_per_image` drawn at random, seeded by the step)."""
         rng = np.random.default_rng([self.seed, self.global_step, 2**20])
-        chosen: list[list[tuple]] = []  # per trajectory, per generated image: (sample, [steps])
-        for trajectory in trajectories:
-            mine = []
-            for segment in trajectory.segments:
-                if not segment.is_image or segment.sample is None:
-                    continue
-                total = len(segment.sample.timesteps) - 1
-                first, last = self.sde_window or (0, total)
-                window = np.arange(max(0, first), min(total, last))
-                k = self.steps_per_image
-                picked = window if k is None else rng.choice(window, min(k, len(window)), False)
-                mine.append((segment.sample, sorted(int(j) for j in picked)))
-            chosen.append(mine)
-        tok, geometry = self.backbone.tokenizer, self.backbone.geometry
-        steps_each = max((len(js) for mine in chosen for _, js in mine), default=1)
-        per_replay = steps_each
-        for trajectory, mine in zip(trajectories, chosen, strict=True):
-            if mine:  # the most steps per image whose blocks fit this trajectory into a row
-                room = self.max_len - token_count(trajectory, tok, geometry, rl=True)
-                per_replay = min(per_replay, max(1, 1 + room // (geometry.gen_tokens * len(mine))))
-        passes = []
-        for lo in range(0, steps_each, per_replay):
-            states, records = [], []
-            for mine in chosen:
-                states.append([])
-                records.append([])
-                for sample, js in mine:
-                    states[-1].append([])
-                    for j in js[lo : lo + per_replay]:
-                        t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
-                        logp = None if sample.logprobs is None else float(sample.logprobs[0, j])
-                        t_max = float(sample.timesteps[1])
-                        states[-1][-1].append((sample.latents[j, 0], t))
-                        records[-1].append(
-                            SdeStep(sample.latents[j + 1, 0], t, t_next, t_max, logp)
-                        )
-            batch = pack(
-                trajectories, tok, geometry, self.max_len, [0] * len(trajectories), rl=True,
-                states=states,
-            ).to(self.device)  # fmt: skip
-            taken: Counter = Counter()
-            steps = []
-            for b in batch.gen_sample.tolist():  # the batch's image order
-                steps.append(records[b][taken[b]])
-                taken[b] += 1
-            passes.append((batch, steps))
-        return passes
+
+        def sde_steps(total: int) -> list[int]:
+            first, last = self.sde_window or (0, total)
+            window = np.arange(max(0, first), min(total, last))
+            k = self.steps_per_image
+            return list(window if k is None else rng.choice(window, min(k, len(window)), False))
+
+        return ReplayPlan(
+            temperature=self.sampling.temperature or 1.0,
+            noise_level=self.sampling.noise_level,
+            cfg_scale=self.sampling.cfg_scale,
+            max_len=self.max_len,
+            sde_steps=sde_steps,
+        )
+
+    # ---- helpers ----------------------------------------------------------------------------
 
     def _skip(self, why: str) -> None:
         self.bad_in_a_row += 1
@@ -491,34 +372,3 @@ class RLModule(BackboneModule):
             modes_per_group.setdefault(group, set()).add(trajectory.meta["mode"])
         mixed = sum(len(m) >= 2 for m in modes_per_group.values())
         self.log("train/mixed_mode_groups", mixed / max(len(modes_per_group), 1))
-
-
-def _behaviour_correction(trajectories: list, label_sample: list[int]) -> torch.Tensor:
-    """Per sampled text token, in label order: `log μ − log π_sampler` where the token was drawn
-    from a behaviour distribution μ other than the policy (`segment.behaviour_logprobs`), else 0."""
-    return _in_label_order(
-        trajectories,
-        label_sample,
-        lambda s: (
-            [mu - lp for mu, lp in zip(s.behaviour_logprobs, s.logprobs, strict=True)]
-            if getattr(s, "behaviour_logprobs", None)
-            else [0.0] * len(s.logprobs)
-        ),
-    )
-
-
-def _sampled_logprobs(trajectories: list, label_sample: list[int]) -> torch.Tensor:
-    """The rollouts' own per-token log-probs, in the packed batch's label order."""
-    return _in_label_order(trajectories, label_sample, lambda s: s.logprobs)
-
-
-def _in_label_order(trajectories: list, label_sample: list[int], per_segment) -> torch.Tensor:
-    """`per_segment(segment)` (one value per sampled token) over every sampled text segment, in
-    the packed batch's label order (rows reorder trajectories; each trajectory's tokens stay
-    contiguous and in order)."""
-    per_trajectory = {
-        b: [v for s in t.segments if not s.is_image and s.logprobs for v in per_segment(s)]
-        for b, t in enumerate(trajectories)
-    }
-    order = list(dict.fromkeys(label_sample))
-    return torch.tensor([v for b in order for v in per_trajectory[b]])

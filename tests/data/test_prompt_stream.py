@@ -28,3 +28,20 @@ def test_the_data_module_passes_stratified_on():
     assert Counter(complexity(s).level for s in batch) == {"simple": 3, "medium": 3, "complex": 2}
     with pytest.raises(ValueError):
         PromptDataModule(split="nowhere")
+
+
+def test_a_cycling_stream_is_a_fixed_training_set_visited_in_order():
+    module = PromptDataModule(batch_size=4, cycle=3, seed=5)
+    stream = iter(module.train_dataloader())
+    batches = [next(stream) for _ in range(7)]
+    assert batches[3:6] == batches[:3] and batches[6] == batches[0]
+    assert batches[0] != batches[1] != batches[2]
+    fresh = PromptStream(4, MIX, seed=5)
+    assert [fresh.batch(b) for b in range(3)] == batches[
+        :3
+    ]  # the pass is the stream's first batches
+    assert fresh.batch(3) != batches[3]  # without a cycle, batch 3 is new
+    module.batches_seen = 4  # a resumed run goes on where the pass was
+    assert next(iter(module.train_dataloader())) == batches[1]
+    with pytest.raises(ValueError, match="cycle"):
+        PromptDataModule(cycle=-1)

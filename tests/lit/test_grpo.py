@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from avr.lit.grpo import PolicyLoss, group_advantages, k3
+from avr.grpo import PolicyLoss, group_advantages, k3
 
 
 def test_group_advantages_are_centred_per_group_and_zero_for_ties():

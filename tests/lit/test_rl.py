@@ -76,7 +76,7 @@ def test_a_text_only_reward_does_not_move_the_image_generator(image_rewards_only
 def test_mode_exploration_mixes_groups_and_weighs_by_the_behaviour_probability():
     import math
 
-    from avr.lit.rl import _behaviour_correction
+    from avr.grpo import behaviour_correction
 
     sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7, mode_temperature=50.0)
     module = RLModule(model=None, seed=0, group_size=4, sampling=sampling, mode="adaptive")
@@ -89,7 +89,7 @@ def test_mode_exploration_mixes_groups_and_weighs_by_the_behaviour_probability()
     for g, t in zip(groups, trajectories, strict=True):
         per_group.setdefault(g, set()).add(t.meta["mode"])
     assert any(len(m) >= 2 for m in per_group.values())
-    correction = _behaviour_correction(trajectories, list(range(len(trajectories))))
+    correction = behaviour_correction(trajectories, list(range(len(trajectories))))
     expected = chosen[0].behaviour_logprobs[0] - chosen[0].logprobs[0]
     assert correction[0].item() == pytest.approx(expected)  # μ replaces π_old on that token
     with pytest.raises(ValueError, match=r"sampling\.mode_temperature"):
@@ -124,7 +124,9 @@ def test_a_mixed_ode_sde_rollout_trains_only_its_stochastic_steps():
         (image,) = t.images
         assert image.logprobs[0] is None and image.logprobs[3] is None
         assert all(v is not None for v in image.logprobs[1:3])
-    ((_, steps),) = module._rl_batches(trajectories)  # one replay: both steps of each image
+    ((_, steps),) = module.backbone.rl_passes(
+        trajectories, module._replay_plan()
+    )  # one replay: both steps of each image
     assert len(steps) == 2 * len(trajectories)
     assert all(s.logprob is not None and s.t < 1.0 for s in steps)
     loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
@@ -155,12 +157,12 @@ def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
     most = max(range(4), key=lambda b: (base[b], len(trajectories[b].images)))
     module.sde_window = None
     module.max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
-    passes = module._rl_batches(trajectories)
+    passes = module.backbone.rl_passes(trajectories, module._replay_plan())
     assert len(passes) == 2 and all(b.input_ids.shape[1] <= module.max_len for b, _ in passes)
     split, _ = module.policy_loss(trajectories, advantages)
     assert split.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-7)
     module.steps_per_image, module.max_len = 1, 2048  # one random step per image
-    ((_, steps),) = module._rl_batches(trajectories)
+    ((_, steps),) = module.backbone.rl_passes(trajectories, module._replay_plan())
     assert len(steps) == images
     with pytest.raises(ValueError, match="steps_per_image must be ≥ 1"):
         RLModule(model=None, group_size=2, sampling=sampling, steps_per_image=0)

@@ -119,3 +119,38 @@ def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(π ‖ π_ref) per sample: non-negative, unbiased."""
     delta = logp_ref - logp
     return torch.exp(delta) - delta - 1
+
+
+def sampled_text_logprobs(trajectories: Sequence, order: Sequence[int]) -> torch.Tensor:
+    """The rollouts' own log-probs of their sampled text tokens, laid out as a replay lays them
+    out: trajectory by trajectory in the order their indices first occur in `order` (one entry
+    per token, e.g. a packed batch's `label_sample`), each trajectory's tokens in sequence order."""
+    return per_text_token(trajectories, order, lambda segment: segment.logprobs)
+
+
+def behaviour_correction(trajectories: Sequence, order: Sequence[int]) -> torch.Tensor:
+    """Per sampled text token (laid out as `sampled_text_logprobs`): `log μ − log π_sampler`
+    where the token was drawn from a behaviour distribution μ other than the policy (an explored
+    mode token, `segment.behaviour_logprobs`), else 0; added to π_old, it makes μ the ratio's
+    denominator."""
+    return per_text_token(
+        trajectories,
+        order,
+        lambda s: (
+            [mu - lp for mu, lp in zip(s.behaviour_logprobs, s.logprobs, strict=True)]
+            if getattr(s, "behaviour_logprobs", None)
+            else [0.0] * len(s.logprobs)
+        ),
+    )
+
+
+def per_text_token(trajectories: Sequence, order: Sequence[int], values) -> torch.Tensor:
+    """`values(segment)` (one per sampled token) over every sampled text segment, laid out as
+    `sampled_text_logprobs` describes."""
+    per_trajectory = {
+        b: [v for s in t.segments if not s.is_image and s.logprobs for v in values(s)]
+        for b, t in enumerate(trajectories)
+    }
+    return torch.tensor(
+        [v for b in dict.fromkeys(order) for v in per_trajectory[b]], dtype=torch.float32
+    )

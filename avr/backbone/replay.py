@@ -1,0 +1,132 @@
+"""How `UnifiedModel` replays its rollouts for RL (`Backbone.policy_terms`).
+
+Text: one packed, teacher-forced pass over every trajectory gives the log-prob of each sampled
+token. Images (Flow-GRPO): each trained SDE step `x_t → x_{t+Δt}` of a generated image is a noisy
+block after that image's context (`pack(states=…)`), so all of an image's steps share one replay of
+its context; a block is seen only by itself, so it computes exactly that step's velocity. Rows that
+cannot hold every block of their trajectory are split over several replays.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from avr.backbone.packing import PackedBatch, pack, token_count
+from avr.backbone.protocol import PolicyTerms, ReplayPlan
+from avr.grpo import SdeStep, image_terms, k3, sampled_text_logprobs
+
+
+def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[PackedBatch, list]]:
+    """The packed replays of `trajectories` with each generated image's trained SDE steps
+    (`plan.sde_steps`) as noisy blocks after its context, and their records (`SdeStep`) in the
+    batch's image order. Usually one replay; the steps are split over several where one row of
+    `plan.max_len` tokens cannot hold them all."""
+    chosen: list[list[tuple]] = []  # per trajectory, per generated image: (sample, [steps])
+    for trajectory in trajectories:
+        mine = []
+        for segment in trajectory.segments:
+            if not segment.is_image or segment.sample is None:
+                continue
+            total = len(segment.sample.timesteps) - 1
+            picked = range(total) if plan.sde_steps is None else plan.sde_steps(total)
+            mine.append((segment.sample, sorted(int(j) for j in picked)))
+        chosen.append(mine)
+    tok, geometry = model.tokenizer, model.geometry
+    steps_each = max((len(js) for mine in chosen for _, js in mine), default=1)
+    per_replay = max(steps_each, 1)
+    for trajectory, mine in zip(trajectories, chosen, strict=True):
+        if mine:  # the most steps per image whose blocks fit this trajectory into a row
+            room = plan.max_len - token_count(trajectory, tok, geometry, rl=True)
+            per_replay = min(per_replay, max(1, 1 + room // (geometry.gen_tokens * len(mine))))
+    device = next(model.parameters()).device
+    passes = []
+    for lo in range(0, max(steps_each, 1), per_replay):
+        states, records = [], []
+        for mine in chosen:
+            states.append([])
+            records.append([])
+            for sample, js in mine:
+                states[-1].append([])
+                for j in js[lo : lo + per_replay]:
+                    t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
+                    logp = None if sample.logprobs is None else sample.logprobs[0, j]
+                    states[-1][-1].append((sample.latents[j, 0], t))
+                    records[-1].append(
+                        SdeStep(
+                            sample.latents[j + 1, 0],
+                            t,
+                            t_next,
+                            float(sample.timesteps[1]),
+                            None if logp is None else float(logp),
+                        )
+                    )
+        batch = pack(
+            list(trajectories), tok, geometry, plan.max_len, [0] * len(trajectories), rl=True,
+            states=states,
+        ).to(device)  # fmt: skip
+        taken: Counter = Counter()
+        steps = []
+        for b in batch.gen_sample.tolist():  # the batch's image order
+            steps.append(records[b][taken[b]])
+            taken[b] += 1
+        passes.append((batch, steps))
+    return passes
+
+
+def policy_terms(
+    model, trajectories: Sequence, reference: Callable[[Callable], Any], plan: ReplayPlan
+) -> dict[str, PolicyTerms]:
+    """Text tokens from the first replay; SDE steps from every replay (see the module
+    docstring). With CFG the policy's and the reference's velocities are guided by their own
+    unconditional velocity (detached), as the sampler guided them."""
+    passes = rl_passes(model, trajectories, plan)
+    out = None
+    image: dict[str, list] = {"logp": [], "kl": [], "sample": [], "recorded": []}
+    for i, (batch, steps) in enumerate(passes):
+        out = model(batch)
+        ref = reference(lambda m, b=batch: m(b))
+        if i == 0:
+            text = _text_terms(out, ref, trajectories, plan.temperature)
+        velocity, velocity_ref = out.velocity, ref.velocity
+        if plan.cfg_scale != 1.0 and steps:
+            t = batch.gen_t.to(batch.gen_xt)
+            with torch.no_grad():
+                v_u = model.unconditional_velocity(batch.gen_xt, t)
+            v_u_ref = reference(lambda m, b=batch, t=t: m.unconditional_velocity(b.gen_xt, t))
+            velocity = v_u + plan.cfg_scale * (velocity - v_u)
+            velocity_ref = v_u_ref + plan.cfg_scale * (velocity_ref - v_u_ref)
+        logp, kl = image_terms(batch.gen_xt, velocity, velocity_ref, steps, plan.noise_level)
+        image["logp"].append(logp)
+        image["kl"].append(kl)
+        image["sample"].append(batch.gen_sample.cpu())  # one per noisy block, as `steps`
+        image["recorded"].extend(s.logprob for s in steps)
+    recorded = image["recorded"]
+    return {
+        "text": text,
+        "image": PolicyTerms(
+            logp=torch.cat(image["logp"]),
+            kl=torch.cat(image["kl"]),
+            sample=torch.cat(image["sample"]).long(),
+            recorded=None if None in recorded else torch.tensor(recorded, dtype=torch.float32),
+            unit="steps_trained",
+        ),
+    }
+
+
+def _text_terms(out, ref, trajectories: Sequence, temperature: float) -> PolicyTerms:
+    def logp(output) -> torch.Tensor:
+        logits = output.logits.float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, output.labels[:, None])[:, 0]  # [T]
+
+    mine, theirs = logp(out), logp(ref)
+    sample = out.label_sample.cpu().long()
+    return PolicyTerms(
+        logp=mine,
+        kl=k3(mine, theirs),
+        sample=sample,
+        recorded=sampled_text_logprobs(trajectories, sample.tolist()),
+    )
