@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("avr.bench", "benchmarks (speed, memory, the conditioning ladder)"),
     "registry": ("avr.registry", "list the registered modes and rewards"),
     "curves": ("avr.curves", "plot runs' logged curves; does the reward rise?"),
+    "claims": ("avr.claims", "the papers' claims as paired comparisons over evaluations"),
 }
 
 

@@ -89,6 +89,11 @@ def evaluate(
         "sampling": vars(sampling),
         "workers": workers,
         "batch": batch,
+        "prompt_list": {  # per prompt, so runs of several evaluations can be paired (`avr.claims`)
+            "prompt": [spec.prompt for spec in specs],
+            "tag": [spec.tag for spec in specs],
+            "level": [complexity(spec).level for spec in specs],
+        },
     }
     for label, (model_name, mode_name) in jobs.items():
         metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}

@@ -136,3 +136,42 @@ def test_a_failing_episode_raises_in_the_caller_and_does_not_hang(model):
 def test_bad_batch_size_is_an_error(model):
     with pytest.raises(ValueError, match="max_batch must be ≥ 1"):
         rollout(model, [], max_batch=0)
+
+
+def test_decoding_goes_on_with_the_rows_still_writing_and_gives_what_each_row_gives_alone(
+    model, monkeypatch
+):
+    """Once at most half the rows write, the session decodes those rows alone (`_take`/`_put`):
+    every row's tokens, log-probs, cache and next logits are still what it gets decoding alone."""
+    tok = model.tokenizer
+    prompts = ["a red circle", "two green squares", "a blue triangle", "three purple circles"]
+    everything = list(tok.get_vocab())  # rows 0-2 stop after their first token, row 3 writes on
+    stops = [everything] * 3 + [[tok.eos_token]]
+
+    def fresh(prompt_list):
+        session = model.session(batch_size=len(prompt_list))
+        session.append_text(prompt_list)
+        return session
+
+    batched = fresh(prompts)
+    taken = []
+    take = type(batched)._take
+    monkeypatch.setattr(
+        type(batched), "_take", lambda self, rows: taken.append(rows) or take(self, rows)
+    )
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+    sample = batched.sample_text(8, stop=stops, generator=gens)
+    assert taken == [[3]]  # after the first token, row 3 decodes alone
+    assert [len(ids) for ids in sample.ids[:3]] == [1, 1, 1] and len(sample.ids[3]) > 2
+    for i, (prompt, row) in enumerate(zip(prompts, batched.split(), strict=True)):
+        alone = fresh([prompt])
+        reference = alone.sample_text(
+            8, stop=stops[i], generator=[torch.Generator().manual_seed(10 + i)]
+        )
+        assert sample.ids[i] == reference.ids[0]
+        torch.testing.assert_close(
+            torch.tensor(sample.logprobs[i]), torch.tensor(reference.logprobs[0]), atol=1e-5, rtol=0
+        )
+        assert row.cache.length == alone.cache.length and torch.equal(row.position, alone.position)
+        torch.testing.assert_close(row.cache.keys[-1], alone.cache.keys[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(row.last_logits, alone.last_logits, atol=1e-4, rtol=0)

@@ -229,8 +229,28 @@ class Session:
                 warpers.append(TopPLogitsWarper(top_p))
         ids: list[list[int]] = [[] for _ in range(self.batch_size)]
         logps: list[list[float]] = [[] for _ in range(self.batch_size)]
-        for _ in range(max_new_tokens):
+        # Rows that stopped would keep costing a row of compute per token: once at most half the
+        # rows still write, the rest of the decoding runs on those rows alone (their caches taken
+        # out and put back; per-row generators draw the same tokens either way).
+        can_shrink = self.use_cache and (temperature == 0 or isinstance(generator, list))
+        for written in range(max_new_tokens):
             if not active.any():
+                break
+            if can_shrink and self.batch_size > 1 and int(active.sum()) <= self.batch_size // 2:
+                rows = torch.nonzero(active).flatten().tolist()
+                sub = self._take(rows)
+                rest = sub.sample_text(
+                    max_new_tokens - written,
+                    [list(per_row[b]) for b in rows],
+                    temperature,
+                    top_k,
+                    top_p,
+                    [generator[b] for b in rows] if isinstance(generator, list) else generator,
+                )
+                self._put(rows, sub)
+                for i, b in enumerate(rows):
+                    ids[b] += rest.ids[i]
+                    logps[b] += rest.logprobs[i]
                 break
             logits = self.last_logits
             policy = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
@@ -326,6 +346,39 @@ class Session:
         return model.velocity(hidden, x, time)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _take(self, rows: list[int]) -> Session:
+        """A cached session of `rows` alone (their caches copied out; `_put` writes them back)."""
+        index = torch.tensor(rows, device=self.device)
+        sub = type(self)(self.model, len(rows))
+        sub.position = self.position[index]
+        sub.cache.keys = [k[index] for k in self.cache.keys]
+        sub.cache.values = [v[index] for v in self.cache.values]
+        sub.cache.valid = self.cache.valid[index]
+        sub.last_logits = None if self.last_logits is None else self.last_logits[index]
+        return sub
+
+    def _put(self, rows: list[int], sub: Session) -> None:
+        """Write `sub` (taken with `_take(rows)`, then extended) back into `rows`: every other
+        row's cache is padded with positions nothing attends to, as `merge` pads."""
+        index = torch.tensor(rows, device=self.device)
+        grown = sub.cache.length - self.cache.length
+
+        def pad(tensor: torch.Tensor, dim: int, value=0) -> torch.Tensor:
+            widths = [0, 0] * (tensor.ndim - 1 - dim) + [0, grown]
+            return torch.nn.functional.pad(tensor, widths, value=value)
+
+        for kind in ("keys", "values"):
+            layers = [pad(t, 2) for t in getattr(self.cache, kind)]
+            for mine, theirs in zip(layers, getattr(sub.cache, kind), strict=True):
+                mine[index] = theirs
+            setattr(self.cache, kind, layers)
+        self.cache.valid = pad(self.cache.valid, 1, False)
+        self.cache.valid[index] = sub.cache.valid
+        self.position = self.position.clone()
+        self.position[index] = sub.position
+        self.last_logits = self.last_logits.clone()
+        self.last_logits[index] = sub.last_logits
 
     def _active(self, active: torch.Tensor | None) -> torch.Tensor:
         if active is None:
