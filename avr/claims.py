@@ -67,7 +67,7 @@ def load(paths: list[str | Path]) -> dict:
         listed = metrics.get("prompt_list")
         if listed is None:
             raise ValueError(
-                f"{path}: no 'prompt_list' (written by avr.evaluate since 2026-11-25); rerun it"
+                f"{path}: no 'prompt_list' (written by avr.evaluate since 2026-11-24); rerun it"
             )
         if prompts is None:
             prompts, first = listed, path

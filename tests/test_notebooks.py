@@ -7,6 +7,8 @@ from nbclient import NotebookClient
 
 TINY = """\
 N_PROMPTS = 4
+CLAIM_PROMPTS = 3
+WORKERS = 1
 STEPS = 2
 MAX_TEXT_TOKENS = 12
 REFLECT_ROUNDS = [1, 2]
@@ -36,7 +38,13 @@ def test_ablations_notebook_runs_on_tiny_settings(pytestconfig, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     plots = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(plots) == 3  # accuracy vs NFE for the modes, rounds k, penalty weight
+    assert len(plots) == 4  # claims per level, accuracy vs NFE for the modes, rounds k, penalty
+    claims = [o for o in outputs if "text/markdown" in o.get("data", {})]
+    assert (
+        len(claims) == 1
+        and "| claim | measured as | verdict | numbers |" in (claims[0]["data"]["text/markdown"])
+    )
+    assert "| RL improves on SFT | RL − SFT, adaptive |" in claims[0]["data"]["text/markdown"]
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     for label in ("adaptive-no-reflect", "k2", "w1.0"):
         assert label in printed
