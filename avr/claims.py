@@ -201,7 +201,7 @@ def _penalty(runs: dict, tags: np.ndarray, without: str, with_: str) -> Claim:
     else:
         verdict = "confirmed"
     numbers = (
-        f"NFE {nfe_with:.1f} vs {nfe_without:.1f} ({-100 * saving:+.0f}%); accuracy "
+        f"NFE {nfe_with:.1f} vs {nfe_without:.1f} ({-100 * saving + 0.0:+.0f}%); accuracy "
         f"{100 * result['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], "
         f"McNemar p = {result['mcnemar_p']:.2g}"
     )
