@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avr.intervals import paired
+from avr.intervals import paired, tag_mean
 
 SAVING = 0.10  # the least relative NFE saving that counts as "saves compute"
 
@@ -95,10 +95,10 @@ def measure(evaluations: dict, roles: Roles = Roles()) -> list[Claim]:
         if missing:
             return Claim(claim, measured_as, "not measured", f"no run {', '.join(missing)}")
         keep = np.ones(len(tags), bool) if level is None else levels == level
-        ca = np.asarray(runs[a]["correct"])[keep]
-        cb = np.asarray(runs[b]["correct"])[keep]
         if not keep.any():
             return Claim(claim, measured_as, "not measured", f"no {level} prompt")
+        ca = np.asarray(runs[a]["correct"])[keep]
+        cb = np.asarray(runs[b]["correct"])[keep]
         result = paired(ca, cb, tags[keep])
         low, high = result["interval"]
         if not ca.any() and not cb.any():
@@ -111,7 +111,7 @@ def measure(evaluations: dict, roles: Roles = Roles()) -> list[Claim]:
             verdict = "not resolvable at this size"
         where = f"{level} prompts, " if level else ""
         numbers = (
-            f"{_pct(_accuracy(cb, tags[keep]))} vs {_pct(_accuracy(ca, tags[keep]))}: "
+            f"{_pct(tag_mean(cb, tags[keep]))} vs {_pct(tag_mean(ca, tags[keep]))}: "
             f"{100 * result['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], "
             f"McNemar p = {result['mcnemar_p']:.2g} ({where}n = {int(keep.sum())})"
         )
@@ -206,11 +206,6 @@ def _penalty(runs: dict, tags: np.ndarray, without: str, with_: str) -> Claim:
         f"McNemar p = {result['mcnemar_p']:.2g}"
     )
     return Claim(claim, measured, verdict, numbers)
-
-
-def _accuracy(correct: np.ndarray, tags: np.ndarray) -> float:
-    """GenEval's overall accuracy: the mean over tags of each tag's accuracy."""
-    return float(np.mean([correct[tags == t].mean() for t in np.unique(tags)]))
 
 
 def _pct(value: float) -> str:

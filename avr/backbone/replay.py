@@ -84,7 +84,6 @@ def policy_terms(
     docstring). With CFG the policy's and the reference's velocities are guided by their own
     unconditional velocity (detached), as the sampler guided them."""
     passes = rl_passes(model, trajectories, plan)
-    out = None
     image: dict[str, list] = {"logp": [], "kl": [], "sample": [], "recorded": []}
     for i, (batch, steps) in enumerate(passes):
         out = model(batch)
