@@ -10,7 +10,9 @@ tags, as GenEval computes it), per complexity level and per mode, against the co
 spent per prompt (velocity evaluations, text tokens written, seconds). Beside GenEval's accuracy,
 each run reports how closely its final images follow the prompt (`avr.world.fidelity`: colour and
 shape precision, objects and extra objects per image, exact scenes), over all prompts and over the
-seen and held-out ones separately (`avr.world.split`). `--model` repeated as `NAME=DIR` compares
+seen and held-out ones separately (`avr.world.split`), and whether a mode's later images build on
+its earlier ones (`BuildsOn`: the share of refines and next sketches that keep every object the
+image before had right). `--model` repeated as `NAME=DIR` compares
 models in one report (runs `OUT/<name>/<mode>`).
 """
 
@@ -42,7 +44,7 @@ from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
 from avr.sequence import trajectory_to_record
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
-from avr.world.fidelity import Fidelity
+from avr.world.fidelity import BuildsOn, Fidelity
 from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.split import is_held_out
 from avr.world.verify import check_spec_vocabulary
@@ -133,6 +135,7 @@ def _run(
     records = []
     verifier = Verifier()
     fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
+    builds_on = BuildsOn()
     side = model.config.image_size
     inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
     jobs = [
@@ -164,6 +167,9 @@ def _run(
         verdict = verifier.verify(final, spec)
         for key in ("all", "heldout" if is_held_out(spec) else "seen"):
             fidelity[key].update(verdict, spec)
+        drawn = [s.image for s in trajectory.images if s.role.generated]
+        if len(drawn) >= 2:
+            builds_on.update([verifier.verify(image, spec) for image in drawn])
         trajectory.meta.setdefault("prompt", spec.prompt)
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
@@ -186,6 +192,7 @@ def _run(
         "per_prompt": {k: v / len(specs) for k, v in cost.items()},
         "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
         "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
+        "builds_on": builds_on.summary(),
     }
 
 
@@ -364,6 +371,17 @@ def report(metrics: dict) -> str:
         for key in ("objects_per_image", "asked_per_image"):
             values = [r.get("fidelity", {}).get(group, {}).get(key) for r in runs.values()]
             lines.append(f"| {group}: {key} | " + " | ".join(_num(v) for v in values) + " |")
+    values = []
+    for r in runs.values():
+        b = r.get("builds_on") or {}
+        values.append(
+            f"{_pct(b.get('rate'))} of {b.get('steps', 0):.0f}" if b.get("steps") else "–"
+        )
+    lines.append(
+        "| images that keep what the one before had right (refine on draft, sketch on sketch) | "
+        + " | ".join(values)
+        + " |"
+    )
     lines += ["", "Modes chosen per complexity level:", ""]
     for label, run in runs.items():
         choices = "; ".join(

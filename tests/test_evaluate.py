@@ -57,6 +57,7 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
     assert fidelity["all"]["asked_per_image"] == np.mean(
         [sum(c.count for c in s.include) for s in sample_specs(8, seed=0)]
     )
+    assert "keep what the one before" in report
     assert "report:" in capsys.readouterr().out
     for plot in ("accuracy_vs_compute.png", "accuracy_by_level.png", "direct/trajectories.png"):
         with Image.open(out / plot) as image:
@@ -67,6 +68,9 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
         for line in lines  # a random model's text need not balance its tags
     ]
     assert len(trajectories) == 8 and all(t.meta["prompt"] for t in trajectories)
+    builds = metrics["runs"]["adaptive"]["builds_on"]  # one step per image after the first
+    later = sum(max(0, len([s for s in t.images if s.role.generated]) - 1) for t in trajectories)
+    assert builds["steps"] + builds["empty"] == later
     assert trajectories[0].segments[0].text == trajectories[0].meta["prompt"]
 
 

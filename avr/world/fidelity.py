@@ -9,12 +9,16 @@ what a prompt-blind generator cannot fake:
 - shape precision: the share of detected objects whose shape the prompt names (chance about 1/3);
 - objects per image against the objects the prompt asks for (extra objects per image);
 - exact scenes: the verdict is correct *and* nothing else is drawn (as many objects as asked).
+
+`BuildsOn` asks whether a mode's later images build on its earlier ones (a refine keeps what its
+draft had right, a plan's next sketch what the last had right) or are fresh samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from avr.world.spec import PromptSpec
 from avr.world.verify import Verdict
@@ -78,4 +82,36 @@ class Fidelity:
             "extra_per_image": ratio(self.extra, self.images),
             "exact": ratio(self.exact, self.images),
             "accuracy": ratio(self.correct, self.images),
+        }
+
+
+@dataclass
+class BuildsOn:
+    """Whether each generated image of a trajectory builds on the one before it (a refine on its
+    draft, a plan's next sketch on the last): a step *keeps* when every include clause the
+    earlier image satisfied is still satisfied by the later one (judged against the prompt's
+    spec). Steps whose earlier image satisfied no clause have nothing to keep and are counted
+    apart (`empty`)."""
+
+    steps: int = 0
+    kept: int = 0
+    empty: int = 0
+
+    def update(self, verdicts: list[Verdict]) -> None:
+        """Count the steps of one trajectory: its generated images' verdicts, in order."""
+        for before, after in pairwise(verdicts):
+            right = {c.index for c in before.clauses if c.kind == "include" and c.satisfied}
+            if not right:
+                self.empty += 1
+                continue
+            still = {c.index for c in after.clauses if c.kind == "include" and c.satisfied}
+            self.steps += 1
+            self.kept += right <= still
+
+    def summary(self) -> dict[str, float]:
+        """`rate` (kept / steps, NaN without steps), `steps`, `empty`."""
+        return {
+            "rate": self.kept / self.steps if self.steps else float("nan"),
+            "steps": float(self.steps),
+            "empty": float(self.empty),
         }

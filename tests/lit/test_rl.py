@@ -291,3 +291,23 @@ def test_trajectory_grid_shows_every_image_of_each_rollout():
     one = TrajectoryGrid(prompts=2, mode="reflect", steps=2, scale=1).grid(model)[0]
     first = one[:64, :64]  # the first image, upscaled 2× by repetition in the big grid
     assert (grid[:side:2, :side:2] == first).all()
+
+
+def test_the_loss_weighs_text_and_image_terms_and_zero_text_trains_the_generator_alone():
+    trajectories, _, _ = _module(mode="adaptive").rollout(sample_specs(2, seed=4))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+
+    def grads(text_weight, image_weight):
+        module = _module(mode="adaptive", text_weight=text_weight, image_weight=image_weight)
+        module.policy_loss(trajectories, advantages)[0].backward()
+        return module.backbone.velocity_out.weight.grad, module.backbone.lm.lm_head.weight.grad
+
+    image_1, text_1 = grads(1.0, 1.0)
+    image_30, text_30 = grads(1.0, 30.0)
+    image_alone, text_alone = grads(0.0, 1.0)
+    assert image_alone.abs().sum() > 0 and text_1.abs().sum() > 0
+    assert text_alone is None or text_alone.abs().sum() == 0  # the text is not trained
+    torch.testing.assert_close(text_30, text_1)  # the image term does not reach the LM head
+    torch.testing.assert_close(image_30, image_1 + 29 * image_alone)
+    with pytest.raises(ValueError, match="not both 0"):
+        _module(text_weight=0.0, image_weight=0.0)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 
 from avr.world import Clause, PromptSpec, Scene, SceneObject, render, sample_scene, sample_specs
-from avr.world.fidelity import Fidelity, asked_objects
+from avr.world.fidelity import BuildsOn, Fidelity, asked_objects
 
 
 def test_ground_truth_renders_are_exact_and_precise(verifier):
@@ -40,3 +40,24 @@ def test_colour_precision_skips_prompts_that_name_no_colour(verifier):
     assert math.isnan(summary["colour_precision"]) and summary["shape_precision"] == 1.0
     assert summary["exact"] == 1.0
     assert math.isnan(Fidelity().summary()["exact"])
+
+
+def test_builds_on_counts_steps_that_keep_what_was_right(verifier):
+    spec = PromptSpec(
+        "two_object",
+        "a red circle and a blue square",
+        (Clause("circle", 1, "red"), Clause("square", 1, "blue")),
+    )
+    circle = SceneObject("circle", "red", 0.3, 0.3, 0.2)
+    square = SceneObject("square", "blue", 0.7, 0.7, 0.2)
+    wrong = SceneObject("triangle", "green", 0.7, 0.3, 0.2)
+
+    def judged(*objects):
+        return verifier.verify(render(Scene(objects)), spec)
+
+    builds = BuildsOn()
+    builds.update([judged(circle), judged(circle, square), judged(square)])  # keeps, then drops
+    builds.update([judged(wrong), judged(circle)])  # nothing to keep: counted apart
+    summary = builds.summary()
+    assert (summary["steps"], summary["rate"], summary["empty"]) == (2, 0.5, 1)
+    assert math.isnan(BuildsOn().summary()["rate"])
