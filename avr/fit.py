@@ -20,6 +20,7 @@ import importlib
 import inspect
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import jsonargparse
@@ -51,15 +52,19 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
         sys.argv[1:], args = args, None
     _parsing_settings()
-    return AvrCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    with warnings.catch_warnings():
+        # Called from Python (a notebook, a test) with `argv`: sys.argv is the host's own (a
+        # kernel's flags), which LightningCLI warns about though it reads `args` alone.
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        return AvrCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
 
 
 def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict:
