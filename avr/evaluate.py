@@ -169,7 +169,9 @@ def _run(
             fidelity[key].update(verdict, spec)
         drawn = [s.image for s in trajectory.images if s.role.generated]
         if len(drawn) >= 2:
-            builds_on.update([verifier.verify(image, spec) for image in drawn])
+            verdicts = [verifier.verify(image, spec) for image in drawn[:-1]]
+            last = drawn[-1]  # the final image as a rule, judged above
+            builds_on.update([*verdicts, verdict if last is final else verifier.verify(last, spec)])
         trajectory.meta.setdefault("prompt", spec.prompt)
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:

@@ -305,10 +305,10 @@ class RLModule(BackboneModule):
         terms = self.backbone.policy_terms(trajectories, self._reference, self._replay_plan())
         total, stats = 0.0, {}
         for kind, term in terms.items():
-            loss_fn, adv = (
-                (self.text_loss, advantages)
+            loss_fn, adv, weight = (
+                (self.text_loss, advantages, self.weights["text"])
                 if kind == "text"
-                else (self.image_loss, image_advantages)
+                else (self.image_loss, image_advantages, self.weights["image"])
             )
             logp = term.logp
             old = logp.detach() if on_policy or term.recorded is None else term.recorded.to(logp)
@@ -317,7 +317,7 @@ class RLModule(BackboneModule):
             loss, kind_stats = loss_fn(
                 logp, old, adv.to(logp)[term.sample.to(logp.device)], term.kl
             )
-            total = total + self.weights["text" if kind == "text" else "image"] * loss
+            total = total + weight * loss
             stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
             stats[f"{kind}/loss"] = loss.detach()
             stats[f"{kind}/{term.unit}"] = torch.tensor(float(logp.numel()))
