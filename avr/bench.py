@@ -295,13 +295,16 @@ def ladder(args: argparse.Namespace, console: Console) -> str:
     """Conditioning ladder (`avr.conditioning.RUNGS`): train a fresh tiny model `--steps` steps of
     `--batch` direct trajectories on rung `--rung`, then judge `--n` new prompts of that rung
     (colour/shape precision, objects per image, exact scenes, loss with shuffled prompts).
-    `--set KEY=JSON` overrides a `UnifiedConfig` field; `--out` saves the samples as a PNG grid."""
+    `--set KEY=JSON` overrides a `UnifiedConfig` field; `--from DIR` starts from an exported model
+    (its config with the overrides) instead of a fresh one; `--out` saves the samples as a PNG
+    grid, `--save DIR` the trained model (`avr.export`'s format)."""
     import json
 
     import torch
     from PIL import Image
 
     from avr.backbone.config import UnifiedConfig
+    from avr.backbone.io import from_pretrained, save_pretrained
     from avr.conditioning import RUNGS, climb
 
     torch.set_num_threads(args.threads)
@@ -311,9 +314,13 @@ def ladder(args: argparse.Namespace, console: Console) -> str:
         if not sep:
             raise SystemExit(f"ladder: --set {item!r}: expected KEY=JSON, e.g. timestep_shift=3")
         overrides[key] = json.loads(value)
-    config = UnifiedConfig.from_dict(overrides) if overrides else None
+    config = UnifiedConfig.from_dict(overrides) if overrides and not args.start else None
+    start = from_pretrained(args.start, **overrides) if args.start else None
     rung = args.rung
-    console.print(f"rung {rung}: {RUNGS[rung].name}; config overrides {overrides or 'none'}")
+    console.print(
+        f"rung {rung}: {RUNGS[rung].name}; from {args.start or 'random init'}; "
+        f"config overrides {overrides or 'none'}"
+    )
     result = climb(
         rung,
         args.steps,
@@ -322,6 +329,7 @@ def ladder(args: argparse.Namespace, console: Console) -> str:
         config=config,
         seed=args.seed,
         eval_prompts=min(args.n, 256),
+        model=start,
         log=console.print,
     )
     f = result.fidelity
@@ -330,12 +338,19 @@ def ladder(args: argparse.Namespace, console: Console) -> str:
         rows = [np.concatenate(list(images[i : i + 8]), 1) for i in range(0, len(images), 8)]
         Image.fromarray(np.concatenate(rows, 0)).save(args.out)
         console.print(f"samples: {args.out}")
+    if args.save:
+        console.print(f"model: {save_pretrained(result.model, args.save)}")
     return (
         f"ladder rung {rung}, {args.steps} steps x {args.batch} in {result.seconds:.0f} s: "
         f"colour precision {f['colour_precision']:.0%}, shape precision {f['shape_precision']:.0%}, "
         f"{f['objects_per_image']:.2f} objects/image (asked {f['asked_per_image']:.2f}), "
         f"exact {f['exact']:.0%}, accuracy {f['accuracy']:.0%}, "
         f"loss shuffled/right {result.loss_shuffled / result.loss_right:.2f}"
+        + (
+            f", copy error {result.copy_own:.3f} (to another input {result.copy_other:.3f})"
+            if RUNGS[rung].reads
+            else ""
+        )
     )
 
 
@@ -380,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (ladder)")
     parser.add_argument("--set", action="append", help="UnifiedConfig KEY=JSON (ladder)")
     parser.add_argument("--out", help="PNG grid of the samples (ladder)")
+    parser.add_argument("--save", help="folder to save the trained model to (ladder)")
+    parser.add_argument(
+        "--from", dest="start", help="exported model to start from instead of random init (ladder)"
+    )
     args = parser.parse_args(argv)
     console = Console()
     console.print(f"machine: {machine()}")

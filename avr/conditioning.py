@@ -8,9 +8,14 @@
   prompts shuffled, over the loss with the right prompts, at the same noise and timesteps. A
   generator that ignores its prompt scores 1; positions are random in ShapeWorld, so even a perfect
   model's ratio stays modest on real prompts (it is a trend diagnostic);
+- `context_loss_ratio`: the same for the images a trajectory drew before its last one: the
+  refined image's flow loss after another trajectory's draft, over the loss after its own. The
+  teacher's refinement keeps the draft's layout, so a model that edits (copies what was right from
+  the clean latent context) scores well above 1; one that draws each image anew scores 1;
 - the ladder (`RUNGS`, `climb`): text→image toy tasks of rising difficulty, each trained from scratch
   in minutes on a CPU, so that a recipe change can be judged on the rung where conditioning fails
-  before hours go into a real run (`python -m avr.bench ladder --rung N`).
+  before hours go into a real run (`python -m avr.bench ladder --rung N`). Its last rung asks for
+  what an edit needs first: redraw an image the model has just read (`copy_error` judges it).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from avr.backbone import UnifiedLoss, pack
 from avr.backbone.config import UnifiedConfig
@@ -54,6 +60,20 @@ def direct_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajec
     )
 
 
+def copy_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajectory:
+    """The copy rung's trajectory: prompt, the rendered scene read as an input image,
+    `<mode:direct>`, the same render to draw (so every pixel of the target is in the context)."""
+    image = render(scene, resolution)
+    return Trajectory(
+        [
+            Segment.prompt(spec.prompt),
+            Segment(image=image, role=ImageRole.INPUT),
+            Segment(text=mode_token("direct"), loss=True),
+            Segment(image=image, role=ImageRole.FINAL),
+        ]
+    )
+
+
 @torch.no_grad()
 def sample_direct(
     model: UnifiedModel, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0
@@ -71,6 +91,55 @@ def sample_direct(
     model.train(was_training)
     pixels = image.pixels.permute(0, 2, 3, 1).float().cpu().numpy()
     return (pixels * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def sample_copy(
+    model: UnifiedModel,
+    specs: Sequence[PromptSpec],
+    inputs: np.ndarray,
+    steps: int = 10,
+    seed: int = 0,
+) -> np.ndarray:
+    """One image per prompt `[B, H, W, 3]` (uint8) drawn after `<bos> prompt <img>input</img>
+    <mode:direct>` (`copy_trajectory`'s context) with the ODE sampler; `inputs` `[B, H, W, 3]`
+    uint8."""
+    was_training = model.training
+    model.eval()
+    session = model.session(len(specs))
+    session.append_tokens([[model.tokenizer.bos_token_id]] * len(specs))
+    session.append_text([s.prompt for s in specs])
+    pixels = torch.from_numpy(np.ascontiguousarray(inputs)).float().div(255)
+    session.append_image(rearrange(pixels, "b h w c -> b c h w").to(session.device))
+    session.append_text([mode_token("direct")] * len(specs))
+    image = session.generate_image(
+        steps=steps, read=False, generator=torch.Generator().manual_seed(seed)
+    )
+    model.train(was_training)
+    drawn = rearrange(image.pixels.float().cpu(), "b c h w -> b h w c").numpy()
+    return (drawn * 255).round().astype(np.uint8)
+
+
+def copy_error(
+    model: UnifiedModel,
+    specs: Sequence[PromptSpec],
+    scenes: Sequence[Scene],
+    steps: int = 10,
+    seed: int = 0,
+) -> tuple[float, float, np.ndarray]:
+    """How closely the model redraws an image it has read: the mean absolute pixel difference
+    (0–1) between each `sample_copy` image and its own input, and between it and the next
+    scene's input (cyclically: what an image that ignores its input scores); returns
+    (own, other, images). A model that copies has own ≪ other; one that ignores its input,
+    own ≈ other."""
+    if len(scenes) < 2:
+        raise ValueError("copy_error needs at least two scenes")
+    side = model.config.image_size
+    inputs = np.stack([np.asarray(render(s, side)) for s in scenes])
+    drawn = sample_copy(model, specs, inputs, steps, seed)
+    diff = np.abs(drawn.astype(np.float32) - inputs.astype(np.float32)) / 255
+    other = np.abs(drawn.astype(np.float32) - np.roll(inputs, -1, 0).astype(np.float32)) / 255
+    return float(diff.mean()), float(other.mean()), drawn
 
 
 def prompt_fidelity(
@@ -97,27 +166,96 @@ def shuffled_loss_ratio(
     """Image flow loss of direct trajectories with the right prompts and with the prompts
     shuffled (a derangement), at the same noise and timesteps; returns (right, shuffled)."""
     shifted = _other_prompts(specs)
+    side = model.config.image_size
+    losses = [
+        _image_loss(
+            model,
+            [direct_trajectory(p, s, side) for p, s in zip(prompts, scenes, strict=True)],
+            seed,
+        )
+        for prompts in (specs, shifted)
+    ]
+    return losses[0], losses[1]
+
+
+@torch.no_grad()
+def context_loss_ratio(
+    model: UnifiedModel,
+    specs: Sequence[PromptSpec],
+    scenes: Sequence[Scene],
+    seed: int = 0,
+    mode: str = "reflect",
+) -> tuple[float, float]:
+    """Flow loss of each `mode` teacher trajectory's last image after its own earlier images and
+    after another trajectory's (the next one with as many, cyclically), at the same noise and
+    timesteps; returns (own, other). Earlier images are read, not trained, so the loss is the last
+    image's alone."""
+    from avr.data.teacher import ShapeWorldTeacher
+    from avr.registry import MODES
+
+    side = model.config.image_size
+    built = []
+    for i, (spec, scene) in enumerate(zip(specs, scenes, strict=True)):
+        teacher = ShapeWorldTeacher(scene, np.random.default_rng([seed, i]), side)
+        trajectory = MODES.get(mode)().build(teacher, spec)
+        images = [s for s in trajectory.segments if s.is_image]
+        if len(images) < 2:
+            continue
+        for segment in images[:-1]:
+            segment.role = ImageRole.INPUT
+        built.append(trajectory)
+    earlier = [[k for k, s in enumerate(t.segments) if s.is_image][:-1] for t in built]
+    swapped = []
+    for i, trajectory in enumerate(built):
+        donor = next(
+            (
+                (i + k) % len(built)
+                for k in range(1, len(built))
+                if len(earlier[(i + k) % len(built)]) == len(earlier[i])
+            ),
+            None,
+        )
+        if donor is None:
+            raise ValueError(
+                f"context_loss_ratio needs two {mode} trajectories with as many images"
+            )
+        segments = list(trajectory.segments)
+        for own, other in zip(earlier[i], earlier[donor], strict=True):
+            segments[own] = Segment(image=built[donor].segments[other].image, role=ImageRole.INPUT)
+        swapped.append(Trajectory(segments, trajectory.meta))
+    return _image_loss(model, built, seed), _image_loss(model, swapped, seed)
+
+
+@torch.no_grad()
+def swapped_input_loss(
+    model: UnifiedModel, specs: Sequence[PromptSpec], scenes: Sequence[Scene], seed: int = 0
+) -> tuple[float, float]:
+    """Image flow loss of `copy_trajectory`s with their own input image and with the next
+    scene's (cyclically; prompt and target kept), at the same noise and timesteps; returns
+    (own, swapped). A model that copies what it reads has swapped ≫ own."""
+    side = model.config.image_size
+    own = [copy_trajectory(p, s, side) for p, s in zip(specs, scenes, strict=True)]
+    swapped = []
+    for i, trajectory in enumerate(own):
+        segments = list(trajectory.segments)
+        segments[1] = own[(i + 1) % len(own)].segments[1]
+        swapped.append(Trajectory(segments, trajectory.meta))
+    return _image_loss(model, own, seed), _image_loss(model, swapped, seed)
+
+
+def _image_loss(model: UnifiedModel, trajectories: Sequence[Trajectory], seed: int) -> float:
+    """Teacher-forced image flow loss of `trajectories` (no CFG dropout; noise from `seed`)."""
     was_training = model.training
     model.eval()
-    side = model.config.image_size
-    flow = FlowSettings(
-        model.flow_settings.timestep_mean,
-        model.flow_settings.timestep_std,
-        model.flow_settings.timestep_shift,
-        0.0,
+    settings = model.flow_settings
+    flow = FlowSettings(settings.timestep_mean, settings.timestep_std, settings.timestep_shift, 0.0)
+    seeds = [seed + i for i in range(len(trajectories))]
+    batch = pack(
+        trajectories, model.tokenizer, model.geometry, model.config.max_seq_len, seeds, flow
     )
-    losses = []
-    for prompts in (specs, shifted):
-        trajectories = [direct_trajectory(p, s, side) for p, s in zip(prompts, scenes, strict=True)]
-        seeds = [seed + i for i in range(len(trajectories))]
-        batch = pack(
-            trajectories, model.tokenizer, model.geometry, model.config.max_seq_len, seeds, flow
-        )
-        batch = batch.to(next(model.parameters()).device)
-        _, stats = UnifiedLoss()(model(batch))
-        losses.append(float(stats["loss/image"]))
+    _, stats = UnifiedLoss()(model(batch.to(next(model.parameters()).device)))
     model.train(was_training)
-    return losses[0], losses[1]
+    return float(stats["loss/image"])
 
 
 def _other_prompts(specs: Sequence[PromptSpec]) -> list[PromptSpec]:
@@ -178,6 +316,14 @@ class Rung:
 
     name: str
     draw: Callable[[np.random.Generator], tuple[PromptSpec, Scene]]
+    reads: bool = False
+    """The model reads the target scene before drawing it (`copy_trajectory`), instead of
+    drawing from the prompt alone (`direct_trajectory`)."""
+
+    def trajectory(self, spec: PromptSpec, scene: Scene, resolution: int) -> Trajectory:
+        """This rung's training trajectory for one (spec, scene)."""
+        build = copy_trajectory if self.reads else direct_trajectory
+        return build(spec, scene, resolution)
 
 
 RUNGS: dict[int, Rung] = {
@@ -187,6 +333,11 @@ RUNGS: dict[int, Rung] = {
     4: Rung("one object at a random place, colour and shape named", _colour_shape),
     5: Rung("ShapeWorld single and two objects", _from_tags("single_object", "two_object")),
     6: Rung("ShapeWorld counts and relations", _from_tags("counting", "position", "color_attr")),
+    7: Rung(
+        "copy: redraw a ShapeWorld scene (single and two objects) just read",
+        _from_tags("single_object", "two_object"),
+        reads=True,
+    ),
 }
 
 
@@ -201,6 +352,11 @@ class ClimbResult:
     fidelity: dict[str, float] = field(default_factory=dict)
     loss_right: float = float("nan")
     loss_shuffled: float = float("nan")
+    """Image loss with the right and with shuffled conditions: the prompts, or on a rung that
+    reads (`Rung.reads`) the input images."""
+    copy_own: float = float("nan")
+    copy_other: float = float("nan")
+    """On a rung that reads: `copy_error`'s pixel differences to the own and another input."""
     images: np.ndarray | None = None
     model: UnifiedModel | None = None
 
@@ -238,7 +394,7 @@ def climb(
     start = time.perf_counter()
     for step in range(steps):
         pairs = [task.draw(rng) for _ in range(batch_size)]
-        trajectories = [direct_trajectory(spec, scene, side) for spec, scene in pairs]
+        trajectories = [task.trajectory(spec, scene, side) for spec, scene in pairs]
         seeds = [step * batch_size + i for i in range(batch_size)]
         batch = pack(
             trajectories,
@@ -262,6 +418,17 @@ def climb(
     held_out = np.random.default_rng([seed, rung, 1])
     pairs = [task.draw(held_out) for _ in range(eval_prompts)]
     specs, scenes = [p for p, _ in pairs], [s for _, s in pairs]
-    result.fidelity, result.images = prompt_fidelity(model, specs, sample_steps, seed)
-    result.loss_right, result.loss_shuffled = shuffled_loss_ratio(model, specs, scenes, seed)
+    if task.reads:
+        result.copy_own, result.copy_other, result.images = copy_error(
+            model, specs, scenes, sample_steps, seed
+        )
+        verifier = Verifier()
+        judged = zip(result.images, specs, strict=True)
+        result.fidelity = (
+            Fidelity().extend((verifier.verify(im, s), s) for im, s in judged).summary()
+        )
+        result.loss_right, result.loss_shuffled = swapped_input_loss(model, specs, scenes, seed)
+    else:
+        result.fidelity, result.images = prompt_fidelity(model, specs, sample_steps, seed)
+        result.loss_right, result.loss_shuffled = shuffled_loss_ratio(model, specs, scenes, seed)
     return result

@@ -4,8 +4,17 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
-from avr.conditioning import RUNGS, climb, prompt_fidelity, shuffled_loss_ratio
+from avr.conditioning import (
+    RUNGS,
+    climb,
+    context_loss_ratio,
+    copy_error,
+    prompt_fidelity,
+    shuffled_loss_ratio,
+    swapped_input_loss,
+)
 from avr.defaults import tiny_model
 
 
@@ -48,3 +57,73 @@ def test_diagnostics_on_an_untrained_model():
     assert model.training  # restored
     with pytest.raises(ValueError, match="at least two different prompts"):
         shuffled_loss_ratio(model, [specs[0]] * 2, scenes[:2])
+
+
+def test_context_loss_ratio_judges_the_last_image_after_its_own_or_another_draft():
+    """The refined image's loss depends on which draft is in its context (the clean latent and
+    reader copies reach it), and on nothing else: with every draft swapped for an identical
+    render the two losses are equal."""
+    model = tiny_model(0)
+    rng = np.random.default_rng(1)
+    pairs = [RUNGS[5].draw(rng) for _ in range(6)]
+    specs, scenes = [p for p, _ in pairs], [s for _, s in pairs]
+    own, other = context_loss_ratio(model, specs, scenes)
+    assert own > 0 and other > 0 and abs(own - other) > 1e-6 * own  # untrained: a small change
+    same, also_same = context_loss_ratio(model, [specs[0]] * 3, [scenes[0]] * 3)
+    assert same == pytest.approx(also_same, rel=1e-7)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="two reflect trajectories"):
+        context_loss_ratio(model, specs[:1], scenes[:1])
+
+
+def test_the_copy_rung_reads_its_target_and_is_judged_against_it():
+    """Rung 7's trajectories read the scene before drawing it; `swapped_input_loss` and
+    `copy_error` tell the own input from another's, and cannot when every input is the same."""
+    from avr.backbone import pack
+    from avr.backbone.packing import GEN, LATENT
+
+    model = tiny_model(0).eval()
+    rung = RUNGS[7]
+    assert rung.reads
+    rng = np.random.default_rng(3)
+    pairs = [rung.draw(rng) for _ in range(4)]
+    specs, scenes = [p for p, _ in pairs], [s for _, s in pairs]
+    side = model.config.image_size
+    batch = pack(
+        [rung.trajectory(specs[0], scenes[0], side)], model.tokenizer, model.geometry, 2048, [0]
+    )
+    kinds = batch.token_type[0].tolist()
+    assert kinds.index(LATENT) < kinds.index(GEN)  # the clean input comes before the drawn copy
+    torch.testing.assert_close(batch.clean_pixels[0], batch.gen_pixels[0])
+    own, swapped = swapped_input_loss(model, specs, scenes)
+    assert abs(own - swapped) > 1e-6 * own
+    same, also_same = swapped_input_loss(model, [specs[0]] * 3, [scenes[0]] * 3)
+    assert same == pytest.approx(also_same, rel=1e-7)
+    err_own, err_other, images = copy_error(model, specs, scenes, steps=2)
+    assert images.shape == (4, side, side, 3) and 0 < err_own < 1 and err_own != err_other
+    err_own, err_other, _ = copy_error(model, [specs[0]] * 2, [scenes[0]] * 2, steps=2)
+    assert err_own == pytest.approx(err_other)
+    with pytest.raises(ValueError, match="at least two scenes"):
+        copy_error(model, specs[:1], scenes[:1])
+
+
+def test_the_ladder_bench_starts_a_rung_from_an_exported_model(tmp_path, capsys):
+    """`python -m avr.bench ladder --from DIR --set KEY=JSON --save OUT`: the folder's weights
+    with the override (a shape-preserving one such as `image_rope`), trained on the rung, judged,
+    and saved with the override in their config."""
+    from avr.backbone.io import from_pretrained, save_pretrained
+    from avr.bench import main as bench
+
+    start = tiny_model(0)
+    save_pretrained(start, tmp_path / "start")
+    argv = ["ladder", "--rung", "7", "--steps", "1", "--batch", "2", "--n", "2"]
+    argv += ["--from", str(tmp_path / "start"), "--set", 'image_rope="grid"', "--threads", "1"]
+    assert bench([*argv, "--save", str(tmp_path / "trained")]) == 0
+    trained = from_pretrained(tmp_path / "trained")
+    assert trained.config.image_rope == "grid"
+    weight = "lm.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained.state_dict()[weight], start.state_dict()[weight])
+    out = capsys.readouterr().out
+    flat = "".join(out.split())  # rich wraps long lines anywhere
+    assert f"from{tmp_path / 'start'};" in flat and "{'image_rope':'grid'}" in flat
+    assert "ladder rung 7, 1 steps x 2" in out and "copy error" in out

@@ -416,10 +416,13 @@ class Session:
         (an image copy), else causal. Text advances positions token by token; an image copy sits
         at one position."""
         batch, length = valid.shape
+        grid = None
         if full:
             position = self.position[:, None].expand(batch, length)
+            grid = self.model.image_grid(length, self.device)[None].expand(batch, length, 2)
         else:
             position = self.position[:, None] + valid.long().cumsum(1) - 1
+        position = self.model.rope_positions(position, grid)
         is_gen = torch.full((batch, length), gen, dtype=torch.bool, device=self.device)
         own = self._intra(valid, full)  # [B, L, L]
         if self.use_cache:
@@ -459,7 +462,7 @@ class Session:
         """Run the whole history plus `x` without a cache; return `x`'s hidden states."""
         chunks = self._history
         xs = torch.cat([c[0] for c in chunks] + [x], 1)
-        positions = torch.cat([c[1] for c in chunks] + [position], 1)
+        positions = torch.cat([c[1] for c in chunks] + [position], -1)
         gens = torch.cat([c[2] for c in chunks] + [is_gen], 1)
         blocks = [self._intra(c[3], c[4]) for c in chunks] + [own]
         total = xs.shape[1]

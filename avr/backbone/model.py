@@ -37,7 +37,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from avr.backbone import flow, replay
+from avr.backbone import flow, replay, rope
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.packing import GEN, LATENT, READ, FlowSettings, ImageGeometry, PackedBatch
@@ -243,6 +243,8 @@ class UnifiedModel(nn.Module):
         embeds = self.embed_latents(x_t, t)
         batch, length = embeds.shape[:2]
         position = torch.zeros(batch, length, dtype=torch.long, device=embeds.device)
+        grid = self.image_grid(length, embeds.device)[None].expand(batch, length, 2)
+        position = self.rope_positions(position, grid)
         is_gen = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=embeds.device)
         return self.velocity(self.run_layers(embeds, position, is_gen, mask=mask), x_t, t)
@@ -267,6 +269,18 @@ class UnifiedModel(nn.Module):
         hidden = reader.post_layernorm(reader.encoder(inputs_embeds=x).last_hidden_state)
         return self.connector(hidden) + self.vision_pos_embed(ids).to(hidden.dtype)
 
+    # ---- positions --------------------------------------------------------------------------
+
+    def image_grid(self, length: int, device: torch.device | None = None) -> torch.Tensor:
+        """(row, col) `[length, 2]` of the tokens of one image copy of `length` tokens (a latent
+        or a vision copy), in latent-grid units (`avr.backbone.rope.image_grid`)."""
+        return rope.image_grid(length, self.geometry.gen_tokens).to(device)
+
+    def rope_positions(self, position: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        """The RoPE positions `run_layers` takes for sequence positions `[B, L]` and grid cells
+        `[B, L, 2]` (`avr.backbone.rope.rope_positions` for this model's `image_rope`)."""
+        return rope.rope_positions(self.config.image_rope, position, grid)
+
     # ---- the layer loop ---------------------------------------------------------------------
 
     def run_layers(
@@ -279,7 +293,8 @@ class UnifiedModel(nn.Module):
         cache: KVCache | None = None,
         store: bool = False,
     ) -> torch.Tensor:
-        """Run the decoder over `x` `[B, L, D]`; returns final-norm hidden states.
+        """Run the decoder over `x` `[B, L, D]` at RoPE positions `position` (`[B, L]`, or
+        `[3, B, L]` from `rope_positions`); returns final-norm hidden states.
 
         Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
         cached keys followed by this step's. With `store`, this step's keys/values are appended to
@@ -287,7 +302,7 @@ class UnifiedModel(nn.Module):
         `activation_checkpointing` (training, no cache), each layer is recomputed in the backward
         pass.
         """
-        cos, sin = self.decoder.rotary_emb(x, position)
+        cos, sin = rope.rotary(self.decoder.rotary_emb, x, position)
         use_expert = self.gen_layers is not None and bool(is_gen.any())
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(len(self.decoder.layers)):
@@ -391,14 +406,15 @@ class UnifiedModel(nn.Module):
                 clean_mask[..., None], self.embed_clean(batch.clean_pixels).to(x.dtype)
             )
         latent = gen_mask | clean_mask  # codec tokens, noisy or clean: the generation expert's
+        position = self.rope_positions(batch.position, batch.grid)
         if self.use_flex(x.device):
             rows, _ = batch.token_type.shape
             block_mask = create_block_mask(
                 batch.mask_mod(), rows, None, length, length, device=x.device
             )
-            hidden = self.run_layers(x, batch.position, latent, block_mask=block_mask)
+            hidden = self.run_layers(x, position, latent, block_mask=block_mask)
         else:
-            hidden = self.run_layers(x, batch.position, latent, mask=batch.attention_mask())
+            hidden = self.run_layers(x, position, latent, mask=batch.attention_mask())
         labelled = batch.labels != -100  # text positions, and the last clean token before </img>
         logits = self.logits(hidden[labelled])
         velocity = (

@@ -27,6 +27,7 @@ from einops import rearrange
 from transformers import PreTrainedTokenizerBase
 
 from avr.backbone.flow import sample_timesteps
+from avr.backbone.rope import image_grid
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
 from avr.sequence import Trajectory, image_to_array
 
@@ -60,7 +61,8 @@ class FlowSettings:
 class PackedBatch:
     """Rows of packed tokens. Per token `[R, L]`: ids, `token_type` (PAD/TEXT/GEN/READ/LATENT), the
     trajectory it belongs to (`sample`, −1 for padding), its image copy (`block`, −1 for text),
-    RoPE position, next-token label (−100: none) and `uncond`. Per generated image (row-major
+    RoPE position, next-token label (−100: none) and `uncond`; per token `[R, L, 2]`, the
+    `grid` cell of an image-copy token (−1 for text; `UnifiedConfig.image_rope`). Per generated image (row-major
     order): pixels, noise and timestep; per vision copy: pixels; per clean latent copy: pixels."""
 
     input_ids: torch.Tensor
@@ -76,6 +78,7 @@ class PackedBatch:
     gen_sample: torch.Tensor  # [M] trajectory of each generated image
     read_pixels: torch.Tensor  # [K, 3, H, W]
     clean_pixels: torch.Tensor | None = None  # [C, 3, H, W]: images of the clean latent copies
+    grid: torch.Tensor | None = None  # [R, L, 2]: (row, col) of image-copy tokens, −1 for text
     gen_xt: torch.Tensor | None = (
         None  # [M, N, D_tok]: given noisy states (RL) instead of noising pixels
     )
@@ -206,6 +209,9 @@ def _layout(
     states: Sequence[Sequence[tuple[torch.Tensor, float]]] | None = None,
 ):
     ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
+    cells: list[tuple[int, int]] = [(-1, -1)]  # per token: (row, col) in an image copy, else −1
+    gen_cells = image_grid(geometry.gen_tokens, geometry.gen_tokens).tolist()
+    read_cells = image_grid(geometry.read_tokens, geometry.gen_tokens).tolist()
     copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
     gen_pixels, read_pixels, clean_pixels = [], [], []
     gen_states: list[tuple[torch.Tensor, float]] = []  # RL: one per noisy block
@@ -219,12 +225,13 @@ def _layout(
     p, copy, generated_images = 1, 0, 0
     start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
-    def add(token, k, position, trained, block=-1):
+    def add(token, k, position, trained, block=-1, cell=(-1, -1)):
         ids.append(token)
         kind.append(k)
         pos.append(position)
         train.append(trained)
         copies.append(block)
+        cells.append(cell)
 
     segments = traj.segments
     for s, seg in enumerate(segments):
@@ -249,8 +256,8 @@ def _layout(
             add(start, TEXT, p, generated and not rl)
         if generated:
             for state in [None] if states is None else states[generated_images]:
-                for _ in range(geometry.gen_tokens):
-                    add(tokenizer.pad_token_id, GEN, p + 1, False, copy)
+                for cell in gen_cells:
+                    add(tokenizer.pad_token_id, GEN, p + 1, False, copy, cell)
                 gen_pixels.append(pixels)
                 if state is not None:
                     gen_states.append(state)
@@ -258,13 +265,13 @@ def _layout(
             generated_images += 1
         if not generated or later:
             if geometry.latent_context:
-                for _ in range(geometry.gen_tokens):
-                    add(tokenizer.pad_token_id, LATENT, p + 1, False, copy)
+                for cell in gen_cells:
+                    add(tokenizer.pad_token_id, LATENT, p + 1, False, copy, cell)
                 clean_pixels.append(pixels)
                 copy += 1
             if geometry.vit_context:
-                for _ in range(geometry.read_tokens):
-                    add(tokenizer.pad_token_id, READ, p + 1, False, copy)
+                for cell in read_cells:
+                    add(tokenizer.pad_token_id, READ, p + 1, False, copy, cell)
                 read_pixels.append(pixels)
                 copy += 1
             add(end, TEXT, p + 2, generated and not rl)
@@ -289,6 +296,7 @@ def _layout(
         "pos": pos,
         "train": train,
         "copy": copies,
+        "grid": cells,
         "gen_pixels": gen_pixels,
         "read_pixels": read_pixels,
         "clean_pixels": clean_pixels,
@@ -310,6 +318,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
         "position": np.zeros(shape, np.int64),
         "labels": np.full(shape, -100, np.int64),
         "uncond": np.zeros(shape, bool),
+        "grid": np.full((*shape, 2), -1, np.int64),
     }
     gen_pixels, noise, t, gen_sample, read_pixels, clean_pixels = [], [], [], [], [], []
     xts = []
@@ -323,6 +332,7 @@ def _assemble(rows: list[list[dict]], geometry: ImageGeometry) -> PackedBatch:
             arrays["token_type"][r, span] = item["kind"]
             arrays["sample"][r, span] = item["index"]
             arrays["position"][r, span] = item["pos"]
+            arrays["grid"][r, span] = item["grid"]
             local = np.array(item["copy"])
             arrays["block"][r, span] = np.where(local >= 0, local + blocks, -1)
             blocks += int(local.max()) + 1

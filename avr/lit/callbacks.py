@@ -138,8 +138,10 @@ class PromptUse(L.Callback):
     """Every `every_n_steps`, how much the image generator follows its prompt, logged as
     `val/prompt_use/<ratio>`: colour and shape precision, objects and extra objects per image,
     exact scenes and accuracy of direct samples (ODE, `steps`) for `prompts` fixed held-out
-    prompts, and `val/prompt_use/shuffled_loss_ratio` (image loss with shuffled over right
-    prompts; 1 means the prompt is ignored)."""
+    prompts, `val/prompt_use/shuffled_loss_ratio` (image loss with shuffled over right
+    prompts; 1 means the prompt is ignored) and `val/prompt_use/context_loss_ratio` (a refined
+    image's loss after another trajectory's draft over the loss after its own; 1 means the model
+    does not edit its draft, see `avr.conditioning.context_loss_ratio`)."""
 
     def __init__(
         self, every_n_steps: int = 250, prompts: int = 48, steps: int = 10, seed: int = 0
@@ -168,7 +170,7 @@ class PromptUse(L.Callback):
         """The ratios for `backbone`; empty for a backbone that is not a `UnifiedModel` (the
         shuffled-prompt loss is a flow loss), with a warning the first time."""
         from avr.backbone import UnifiedModel
-        from avr.conditioning import prompt_fidelity, shuffled_loss_ratio
+        from avr.conditioning import context_loss_ratio, prompt_fidelity, shuffled_loss_ratio
 
         if not isinstance(backbone, UnifiedModel):
             rank_zero_warn(f"PromptUse measures unified models only, not {type(backbone).__name__}")
@@ -176,4 +178,6 @@ class PromptUse(L.Callback):
         summary, _ = prompt_fidelity(backbone, self.specs, self.steps, self.seed)
         right, shuffled = shuffled_loss_ratio(backbone, self.specs, self.scenes, self.seed)
         summary["shuffled_loss_ratio"] = shuffled / right
+        own, other = context_loss_ratio(backbone, self.specs, self.scenes, self.seed)
+        summary["context_loss_ratio"] = other / own
         return {k: v for k, v in summary.items() if v == v}  # NaN: nothing to count

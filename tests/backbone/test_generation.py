@@ -34,13 +34,20 @@ def _session_run(
 
 
 @pytest.mark.parametrize(
-    ("noise_level", "cfg_scale", "context"),
-    [(0.0, 1.0, "both"), (0.7, 3.0, "both"), (0.0, 1.0, "latent"), (0.0, 1.0, "vit")],
-    ids=["ode", "sde-cfg", "ode-latent-context", "ode-vit-context"],
+    ("noise_level", "cfg_scale", "context", "rope"),
+    [
+        (0.0, 1.0, "both", "sequence"),
+        (0.7, 3.0, "both", "sequence"),
+        (0.0, 1.0, "latent", "sequence"),
+        (0.0, 1.0, "vit", "sequence"),
+        (0.7, 3.0, "both", "grid"),
+    ],
+    ids=["ode", "sde-cfg", "ode-latent-context", "ode-vit-context", "sde-cfg-grid-rope"],
 )
-def test_cached_generation_equals_full_recomputation(model, noise_level, cfg_scale, context):
-    if context != model.config.image_context:
-        model = tiny_model(0, dataclasses.replace(model.config, image_context=context)).eval()
+def test_cached_generation_equals_full_recomputation(model, noise_level, cfg_scale, context, rope):
+    if (context, rope) != (model.config.image_context, model.config.image_rope):
+        config = dataclasses.replace(model.config, image_context=context, image_rope=rope)
+        model = tiny_model(0, config).eval()
     cached = _session_run(model, True, noise_level, cfg_scale)
     full = _session_run(model, False, noise_level, cfg_scale)
     assert cached[0].ids == full[0].ids and cached[2].ids == full[2].ids
@@ -139,12 +146,16 @@ def test_stop_tokens_end_rows_and_the_image_is_read_back(model):
         session.append_tokens([[1]])
 
 
-@pytest.mark.parametrize("context", ["both", "latent", "vit"])
-def test_a_read_image_gives_the_context_teacher_forcing_gives(model, trajectories, context):
+@pytest.mark.parametrize(
+    ("context", "rope"),
+    [("both", "sequence"), ("latent", "sequence"), ("vit", "sequence"), ("both", "grid")],
+)
+def test_a_read_image_gives_the_context_teacher_forcing_gives(model, trajectories, context, rope):
     """The next-token logits after an image the session read equal teacher forcing's on the same
     sequence: the session appends the clean copies the packer lays out (the path an image the
     session has just drawn takes too)."""
-    model = tiny_model(0, dataclasses.replace(model.config, image_context=context)).eval()
+    config = dataclasses.replace(model.config, image_context=context, image_rope=rope)
+    model = tiny_model(0, config).eval()
     image = trajectories[0].final_image
     session = Session(model, 1)
     session.append_tokens([[model.tokenizer.bos_token_id]])

@@ -17,13 +17,19 @@ def _pack(model, trajs, seeds, max_len=2048):
 
 
 @pytest.mark.parametrize(
-    ("expert", "context"),
-    [(False, "both"), (True, "both"), (False, "vit"), (True, "latent")],
-    ids=["dense", "generation-expert", "vit-context", "latent-context-expert"],
+    ("expert", "context", "rope"),
+    [
+        (False, "both", "sequence"),
+        (True, "both", "sequence"),
+        (False, "vit", "sequence"),
+        (True, "latent", "sequence"),
+        (False, "both", "grid"),
+    ],
+    ids=["dense", "generation-expert", "vit-context", "latent-context-expert", "grid-rope"],
 )
-def test_packed_loss_equals_per_sample_losses(trajectories, expert, context):
+def test_packed_loss_equals_per_sample_losses(trajectories, expert, context, rope):
     config = dataclasses.replace(
-        tiny_model(0).config, generation_expert=expert, image_context=context
+        tiny_model(0).config, generation_expert=expert, image_context=context, image_rope=rope
     )
     model = tiny_model(0, config).eval()
     seeds = [11, 12, 13, 14]
@@ -198,3 +204,35 @@ def test_later_tokens_read_the_clean_copy_the_context_names(model, trajectories,
 def test_image_context_is_validated():
     with pytest.raises(ValueError, match="config key 'image_context': expected 'vit', 'latent'"):
         dataclasses.replace(tiny_model(0).config, image_context="pixels")
+
+
+def test_grid_rope_is_1d_rope_for_text_and_puts_the_same_cell_of_two_images_on_one_place(
+    trajectories,
+):
+    """`image_rope: grid`: text-only input runs exactly as with 1-D RoPE; image-copy tokens get
+    (sequence, row, column) positions, a reader copy's cells scaled onto the latent grid; the
+    draft's clean copy and the refined image's noisy copy share row and column cell by cell."""
+    sequence = tiny_model(0).eval()
+    grid = tiny_model(0, dataclasses.replace(sequence.config, image_rope="grid")).eval()
+    text = Trajectory([Segment.prompt("a red circle"), Segment(text="the image matches")])
+    with torch.no_grad():
+        a = sequence(_pack(sequence, [text], [0]))
+        b = grid(_pack(grid, [text], [0]))
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    batch = _pack(grid, [trajectories[1]], [0])  # draft → critique → refined
+    position = grid.rope_positions(batch.position, batch.grid)[:, 0]  # [3, L]
+    kind = batch.token_type[0]
+    side = int(grid.geometry.gen_tokens**0.5)
+    cells = torch.stack(
+        [torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)]
+    )
+    clean = position[:, kind == LATENT][:, : grid.geometry.gen_tokens]  # the draft's
+    noisy = position[:, kind == GEN][:, grid.geometry.gen_tokens :]  # the refined image's
+    assert torch.equal(clean[1:], cells) and torch.equal(noisy[1:], cells)
+    assert (noisy[0] > clean[0]).all()  # the sequence axis still orders the images
+    read = position[1:, kind == READ]
+    assert read.max() < side and read.unique().numel() == int(grid.geometry.read_tokens**0.5)
+    on_text = position[:, kind == TEXT]
+    assert torch.equal(on_text[0], on_text[1]) and torch.equal(on_text[0], on_text[2])
+    with torch.no_grad():
+        assert not torch.allclose(sequence(batch).velocity, grid(batch).velocity)

@@ -17,8 +17,9 @@ def test_prompt_use_measures_held_out_prompts():
     module = SFTModule(model=None, seed=0)
     measured = callback.measure(module.backbone)
     # an untrained model detects no object, so the precisions are NaN and left out
-    assert {"objects_per_image", "exact", "accuracy", "shuffled_loss_ratio"} <= set(measured)
-    assert measured["shuffled_loss_ratio"] > 0
+    expected = {"objects_per_image", "exact", "accuracy", "shuffled_loss_ratio"}
+    assert expected | {"context_loss_ratio"} <= set(measured)
+    assert measured["shuffled_loss_ratio"] > 0 and measured["context_loss_ratio"] > 0
 
 
 @pytest.mark.slow
