@@ -74,26 +74,14 @@ def copy_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajecto
     )
 
 
-@torch.no_grad()
 def sample_direct(
     model: UnifiedModel, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0
 ) -> np.ndarray:
     """One image per prompt `[B, H, W, 3]` (uint8), drawn in a batch after `<mode:direct>` with
     the ODE sampler; the noise comes from `seed`."""
-    was_training = model.training
-    model.eval()
-    session = model.session(len(specs))
-    session.append_tokens([[model.tokenizer.bos_token_id]] * len(specs))
-    session.append_text([f"{s.prompt}{mode_token('direct')}" for s in specs])
-    image = session.generate_image(
-        steps=steps, read=False, generator=torch.Generator().manual_seed(seed)
-    )
-    model.train(was_training)
-    pixels = image.pixels.permute(0, 2, 3, 1).float().cpu().numpy()
-    return (pixels * 255).round().astype(np.uint8)
+    return _sample(model, specs, None, steps, seed)
 
 
-@torch.no_grad()
 def sample_copy(
     model: UnifiedModel,
     specs: Sequence[PromptSpec],
@@ -104,14 +92,29 @@ def sample_copy(
     """One image per prompt `[B, H, W, 3]` (uint8) drawn after `<bos> prompt <img>input</img>
     <mode:direct>` (`copy_trajectory`'s context) with the ODE sampler; `inputs` `[B, H, W, 3]`
     uint8."""
+    return _sample(model, specs, inputs, steps, seed)
+
+
+@torch.no_grad()
+def _sample(
+    model: UnifiedModel,
+    specs: Sequence[PromptSpec],
+    inputs: np.ndarray | None,
+    steps: int,
+    seed: int,
+) -> np.ndarray:
+    """`<bos> prompt [<img>input</img>] <mode:direct>`, then one ODE image per row (uint8)."""
     was_training = model.training
     model.eval()
     session = model.session(len(specs))
     session.append_tokens([[model.tokenizer.bos_token_id]] * len(specs))
-    session.append_text([s.prompt for s in specs])
-    pixels = torch.from_numpy(np.ascontiguousarray(inputs)).float().div(255)
-    session.append_image(rearrange(pixels, "b h w c -> b c h w").to(session.device))
-    session.append_text([mode_token("direct")] * len(specs))
+    if inputs is None:
+        session.append_text([f"{s.prompt}{mode_token('direct')}" for s in specs])
+    else:
+        session.append_text([s.prompt for s in specs])
+        pixels = torch.from_numpy(np.ascontiguousarray(inputs)).float().div(255)
+        session.append_image(rearrange(pixels, "b h w c -> b c h w").to(session.device))
+        session.append_text([mode_token("direct")] * len(specs))
     image = session.generate_image(
         steps=steps, read=False, generator=torch.Generator().manual_seed(seed)
     )
@@ -150,13 +153,19 @@ def prompt_fidelity(
     batch_size: int = 32,
 ) -> tuple[dict[str, float], np.ndarray]:
     """`Fidelity` ratios of direct samples for `specs`, and the images themselves."""
-    verifier, fidelity, images = Verifier(), Fidelity(), []
-    for start in range(0, len(specs), batch_size):
-        chunk = specs[start : start + batch_size]
-        drawn = sample_direct(model, chunk, steps, seed + start)
-        fidelity.extend((verifier.verify(im, s), s) for im, s in zip(drawn, chunk, strict=True))
-        images.append(drawn)
-    return fidelity.summary(), np.concatenate(images)
+    images = [
+        sample_direct(model, specs[start : start + batch_size], steps, seed + start)
+        for start in range(0, len(specs), batch_size)
+    ]
+    images = np.concatenate(images)
+    return judge(images, specs), images
+
+
+def judge(images: np.ndarray, specs: Sequence[PromptSpec]) -> dict[str, float]:
+    """`Fidelity` ratios of `images` `[B, H, W, 3]` (uint8) against their `specs`."""
+    verifier = Verifier()
+    pairs = zip(images, specs, strict=True)
+    return Fidelity().extend((verifier.verify(im, s), s) for im, s in pairs).summary()
 
 
 @torch.no_grad()
@@ -204,25 +213,7 @@ def context_loss_ratio(
         for segment in images[:-1]:
             segment.role = ImageRole.INPUT
         built.append(trajectory)
-    earlier = [[k for k, s in enumerate(t.segments) if s.is_image][:-1] for t in built]
-    swapped = []
-    for i, trajectory in enumerate(built):
-        donor = next(
-            (
-                (i + k) % len(built)
-                for k in range(1, len(built))
-                if len(earlier[(i + k) % len(built)]) == len(earlier[i])
-            ),
-            None,
-        )
-        if donor is None:
-            raise ValueError(
-                f"context_loss_ratio needs two {mode} trajectories with as many images"
-            )
-        segments = list(trajectory.segments)
-        for own, other in zip(earlier[i], earlier[donor], strict=True):
-            segments[own] = Segment(image=built[donor].segments[other].image, role=ImageRole.INPUT)
-        swapped.append(Trajectory(segments, trajectory.meta))
+    swapped = _with_others_earlier_images(built, f"context_loss_ratio needs two {mode}")
     return _image_loss(model, built, seed), _image_loss(model, swapped, seed)
 
 
@@ -235,12 +226,30 @@ def swapped_input_loss(
     (own, swapped). A model that copies what it reads has swapped ≫ own."""
     side = model.config.image_size
     own = [copy_trajectory(p, s, side) for p, s in zip(specs, scenes, strict=True)]
-    swapped = []
-    for i, trajectory in enumerate(own):
-        segments = list(trajectory.segments)
-        segments[1] = own[(i + 1) % len(own)].segments[1]
-        swapped.append(Trajectory(segments, trajectory.meta))
+    swapped = _with_others_earlier_images(own, "swapped_input_loss needs two copy")
     return _image_loss(model, own, seed), _image_loss(model, swapped, seed)
+
+
+def _with_others_earlier_images(trajectories: Sequence[Trajectory], needs: str) -> list[Trajectory]:
+    """Each trajectory with every image before its last replaced by the same-placed image of the
+    next trajectory (cyclically) that has as many; the last image, text and meta kept. `needs`
+    starts the error raised when a trajectory has no such donor."""
+    earlier = [[k for k, s in enumerate(t.segments) if s.is_image][:-1] for t in trajectories]
+    n = len(trajectories)
+    swapped = []
+    for i, trajectory in enumerate(trajectories):
+        donor = next(
+            ((i + k) % n for k in range(1, n) if len(earlier[(i + k) % n]) == len(earlier[i])),
+            None,
+        )
+        if donor is None:
+            raise ValueError(f"{needs} trajectories with as many images")
+        segments = list(trajectory.segments)
+        for own, other in zip(earlier[i], earlier[donor], strict=True):
+            image = trajectories[donor].segments[other].image
+            segments[own] = Segment(image=image, role=ImageRole.INPUT)
+        swapped.append(Trajectory(segments, trajectory.meta))
+    return swapped
 
 
 def _image_loss(model: UnifiedModel, trajectories: Sequence[Trajectory], seed: int) -> float:
@@ -422,11 +431,7 @@ def climb(
         result.copy_own, result.copy_other, result.images = copy_error(
             model, specs, scenes, sample_steps, seed
         )
-        verifier = Verifier()
-        judged = zip(result.images, specs, strict=True)
-        result.fidelity = (
-            Fidelity().extend((verifier.verify(im, s), s) for im, s in judged).summary()
-        )
+        result.fidelity = judge(result.images, specs)
         result.loss_right, result.loss_shuffled = swapped_input_loss(model, specs, scenes, seed)
     else:
         result.fidelity, result.images = prompt_fidelity(model, specs, sample_steps, seed)

@@ -416,13 +416,11 @@ class Session:
         (an image copy), else causal. Text advances positions token by token; an image copy sits
         at one position."""
         batch, length = valid.shape
-        grid = None
         if full:
-            position = self.position[:, None].expand(batch, length)
-            grid = self.model.image_grid(length, self.device)[None].expand(batch, length, 2)
+            position = self.model.copy_positions(self.position[:, None].expand(batch, length))
         else:
             position = self.position[:, None] + valid.long().cumsum(1) - 1
-        position = self.model.rope_positions(position, grid)
+            position = self.model.rope_positions(position, None)
         is_gen = torch.full((batch, length), gen, dtype=torch.bool, device=self.device)
         own = self._intra(valid, full)  # [B, L, L]
         if self.use_cache:

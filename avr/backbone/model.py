@@ -243,8 +243,7 @@ class UnifiedModel(nn.Module):
         embeds = self.embed_latents(x_t, t)
         batch, length = embeds.shape[:2]
         position = torch.zeros(batch, length, dtype=torch.long, device=embeds.device)
-        grid = self.image_grid(length, embeds.device)[None].expand(batch, length, 2)
-        position = self.rope_positions(position, grid)
+        position = self.copy_positions(position)
         is_gen = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=embeds.device)
         return self.velocity(self.run_layers(embeds, position, is_gen, mask=mask), x_t, t)
@@ -271,10 +270,15 @@ class UnifiedModel(nn.Module):
 
     # ---- positions --------------------------------------------------------------------------
 
-    def image_grid(self, length: int, device: torch.device | None = None) -> torch.Tensor:
-        """(row, col) `[length, 2]` of the tokens of one image copy of `length` tokens (a latent
-        or a vision copy), in latent-grid units (`avr.backbone.rope.image_grid`)."""
-        return rope.image_grid(length, self.geometry.gen_tokens).to(device)
+    def copy_positions(self, position: torch.Tensor) -> torch.Tensor:
+        """The RoPE positions of the tokens of one image copy per row (a latent or a vision
+        copy) at sequence positions `[B, L]`: their grid cells in latent-grid units
+        (`avr.backbone.rope.image_grid`) where `image_rope` is `grid`, else `position` itself."""
+        if self.config.image_rope == "sequence":
+            return position
+        batch, length = position.shape
+        cells = rope.image_grid(length, self.geometry.gen_tokens).to(position.device)
+        return self.rope_positions(position, cells[None].expand(batch, length, 2))
 
     def rope_positions(self, position: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
         """The RoPE positions `run_layers` takes for sequence positions `[B, L]` and grid cells
