@@ -57,6 +57,12 @@ for seed in 0 1 2; do
 done
 python -m avr.curves "$OUT"/rl-seed{0,1,2} --modes -o docs/rl-reward.png
 
+# 3b. Flow-GRPO on the generator alone (checkpoints/shapeworld-tiny-rl-direct): direct mode,
+#     8 prompts × 8 images a step, extra objects cost 0.5 each, 200 steps (the shipped run stopped
+#     at 198, its 45-minute limit on one thread).
+python -m avr.fit experiments/rl.yaml --config experiments/overlays/rl-direct.yaml --trainer.default_root_dir "$OUT/rl-direct"
+python -m avr.export "$(last "$OUT/rl-direct")" -o checkpoints/shapeworld-tiny-rl-direct
+
 # 4. Evaluation on 200 held-out prompts (combinations no training prompt uses), 10 ODE steps.
 python -m avr.world prompts --n 200 --seed 11 --split heldout -o "$OUT/heldout-prompts.jsonl"
 for model in sft rl; do

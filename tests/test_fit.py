@@ -83,6 +83,22 @@ def test_a_failure_to_build_the_model_is_one_line_naming_the_cause(override, cau
     assert "\n" not in str(raised.value)
 
 
+def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalty(capsys):
+    with pytest.raises(SystemExit):
+        fit(
+            [
+                "experiments/rl.yaml",
+                "--config",
+                "experiments/overlays/rl-direct.yaml",
+                "--print_config",
+            ]
+        )
+    printed = capsys.readouterr().out
+    assert "mode: direct" in printed and "group_size: 8" in printed
+    assert "extra_penalty: 0.5" in printed and "CompositionalReward" in printed
+    assert "FormatReward" not in printed and "ComplexityPenalty" not in printed
+
+
 @pytest.mark.parametrize("config", ["experiments/rl.yaml", "experiments/sft.yaml"])
 def test_every_output_follows_default_root_dir(config, capsys):
     with pytest.raises(SystemExit):

@@ -7,7 +7,8 @@ One training step reads as the algorithm (formulas in `avr.grpo`):
     advantages = group-relative, clipped
     loss       = PPO-clip(text tokens) + Flow-GRPO(the SDE steps of each image) + KL to the reference
 
-Rollouts are seeded by `(seed, step, prompt, sample)`, so a resumed run repeats them exactly. A
+Rollouts are seeded by `(seed, step, prompt, sample)` (or, with `rollout_seeds: prompt`, by the
+prompt's text instead of the step), so a resumed run repeats them exactly. A
 step whose rewards, advantages or loss are not finite is skipped, counted and logged; after
 `max_bad_steps` in a row the run stops with an error (the last good checkpoint stays).
 """
@@ -15,6 +16,7 @@ step whose rewards, advantages or loss are not finite is skipped, counted and lo
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -58,6 +60,7 @@ class RLModule(BackboneModule):
         sde_window: tuple[int, int] | None = None,
         steps_per_image: int | None = None,
         shared_noise: bool = False,
+        rollout_seeds: str = "step",
         rollout_batch: int = 32,
         image_rewards_only: bool = True,
         ppo_epochs: int = 1,
@@ -97,6 +100,12 @@ class RLModule(BackboneModule):
             shared_noise: the rollouts of a group start each image from the same noise (their
                 text and SDE noise still differ), so rewards within a group differ by what the
                 policy's stochastic choices did, not by where the sampler started.
+            rollout_seeds: what seeds a rollout besides `seed` and its sample index: `step`
+                (the training step and the prompt's place in the batch: new draws every step) or
+                `prompt` (the prompt's text and place, not the step: every pass over a fixed
+                training set, `data.cycle`, rolls a prompt out from the same text draws and
+                noise, so the reward's change between passes is the policy's, not the sampler's:
+                common random numbers).
             rollout_batch: episodes rolled out together (`avr.rollout`); the trajectories do not
                 depend on it.
             image_rewards_only: the generator's advantages come from the rewards that judge
@@ -141,6 +150,9 @@ class RLModule(BackboneModule):
             raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
         self.group_size, self.rollout_batch = group_size, rollout_batch
         self.shared_noise = shared_noise
+        if rollout_seeds not in ("step", "prompt"):
+            raise ValueError(f"rollout_seeds: expected 'step' or 'prompt', got {rollout_seeds!r}")
+        self.rollout_seeds = rollout_seeds
         self.image_rewards_only = image_rewards_only
         if ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be ≥ 1, got {ppo_epochs}")
@@ -261,15 +273,15 @@ class RLModule(BackboneModule):
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
         """`group_size` rollouts of each prompt with the current policy (eval mode, SDE)."""
         self.backbone.eval()
-        step = self.global_step
+        keys = [self._rollout_key(spec) for spec in prompts]
         jobs = [
             Job(
                 self.mode,
                 spec,
-                episode_seed(self.seed, step, p, g),
-                episode_seed(self.seed, step, p, 2**21) if self.shared_noise else None,
+                episode_seed(self.seed, key, p, g),
+                episode_seed(self.seed, key, p, 2**21) if self.shared_noise else None,
             )
-            for p, spec in enumerate(prompts)
+            for p, (spec, key) in enumerate(zip(prompts, keys, strict=True))
             for g in range(self.group_size)
         ]
         trajectories = rollout(self.backbone, jobs, self.sampling, self.rollout_batch)
@@ -279,6 +291,12 @@ class RLModule(BackboneModule):
         groups = [p for p in range(len(prompts)) for _ in range(self.group_size)]
         self.backbone.train()
         return trajectories, specs, groups
+
+    def _rollout_key(self, spec: PromptSpec) -> int:
+        """The step, or (`rollout_seeds: prompt`) a 32-bit digest of the prompt's text."""
+        if self.rollout_seeds == "step":
+            return self.global_step
+        return int.from_bytes(hashlib.blake2b(spec.prompt.encode(), digest_size=4).digest(), "big")
 
     @torch.no_grad()
     def _reference(self, run: Callable):

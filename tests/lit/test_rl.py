@@ -201,6 +201,27 @@ def test_a_group_can_share_its_starting_noise():
     assert not torch.equal(b[0].images[0].sample.latents[0], b[1].images[0].sample.latents[0])
 
 
+def test_prompt_seeded_rollouts_repeat_a_prompt_across_steps_and_step_seeded_do_not(monkeypatch):
+    sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7)
+    specs = sample_specs(2, seed=11)
+
+    def final_images(rollout_seeds: str, step: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(RLModule, "global_step", property(lambda self: step))
+        module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
+                          rollout_seeds=rollout_seeds)  # fmt: skip
+        trajectories, _, _ = module.rollout(specs)
+        return [t.images[0].sample.latents[-1] for t in trajectories]
+
+    first, later = final_images("prompt", 0), final_images("prompt", 10)
+    assert all(torch.equal(a, b) for a, b in zip(first, later, strict=True))
+    assert not torch.equal(first[0], first[1])  # a group's samples still differ
+    assert not torch.equal(first[0], first[2])  # and so do two prompts'
+    stepped = final_images("step", 0), final_images("step", 10)
+    assert not torch.equal(stepped[0][0], stepped[1][0])
+    with pytest.raises(ValueError, match="rollout_seeds"):
+        RLModule(model=None, rollout_seeds="epoch")
+
+
 def test_a_plan_whose_text_ends_by_opening_the_image_replays_as_sampled(monkeypatch):
     """The plan text may end with `<img>` at `max_text_tokens` (not a stop of the plan): the
     actor then draws without appending a second `<img>`, as the packer lays the rollout out, so
