@@ -11,7 +11,8 @@ from avr.conditioning import context_loss_ratio, prompt_fidelity
 from avr.lit.callbacks import PromptUse
 from avr.world import sample_specs
 
-SHIPPED = sorted((Path(__file__).parents[1] / "checkpoints").iterdir())
+CHECKPOINTS = Path(__file__).parents[1] / "checkpoints"
+SHIPPED = sorted(CHECKPOINTS.iterdir())
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
@@ -26,10 +27,9 @@ def test_the_edit_model_draws_its_refine_on_its_draft_and_the_default_does_not()
     default ignores its draft (ratio ≈ 1), `shapeworld-tiny-edit` (grid RoPE, the copy rung)
     leans on it (1.59 on 96 prompts)."""
     use = PromptUse(prompts=24)
-    root = Path(__file__).parents[1] / "checkpoints"
     ratios = {}
     for name in ("shapeworld-tiny-sft", "shapeworld-tiny-edit"):
-        own, other = context_loss_ratio(from_pretrained(root / name), use.specs, use.scenes)
+        own, other = context_loss_ratio(from_pretrained(CHECKPOINTS / name), use.specs, use.scenes)
         ratios[name] = other / own
     assert ratios["shapeworld-tiny-sft"] == pytest.approx(1.0, abs=0.05), ratios
     assert ratios["shapeworld-tiny-edit"] > 1.3, ratios
@@ -39,12 +39,11 @@ def test_generator_rl_draws_more_simple_prompts_right_without_piling_up_objects(
     """96 held-out simple prompts, direct, 10 ODE steps: `shapeworld-tiny-rl-direct` 42.7%
     right and 30.2% exact against its start's 29.2% and 24.0%, with 1.38 objects per image for
     1.33 asked (the start 1.14)."""
-    root = Path(__file__).parents[1] / "checkpoints"
     specs = sample_specs(
         96, tags=("single_object", "two_object", "colors"), seed=3, split="heldout"
     )
     start, rl = (
-        prompt_fidelity(from_pretrained(root / name), specs, steps=10, seed=0)[0]
+        prompt_fidelity(from_pretrained(CHECKPOINTS / name), specs, steps=10, seed=0)[0]
         for name in ("shapeworld-tiny-sft", "shapeworld-tiny-rl-direct")
     )
     assert rl["accuracy"] > start["accuracy"] + 0.08, (start, rl)
