@@ -97,6 +97,9 @@ def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalt
     assert "mode: direct" in printed and "group_size: 8" in printed
     assert "extra_penalty: 0.5" in printed and "CompositionalReward" in printed
     assert "FormatReward" not in printed and "ComplexityPenalty" not in printed
+    # the shipped model's optimizer settings stay pinned whatever rl.yaml's become
+    assert "lr: 0.0001" in printed and "rollout_seeds: step" in printed
+    assert "image_weight: 1.0" in printed
 
 
 @pytest.mark.parametrize("config", ["experiments/rl.yaml", "experiments/sft.yaml"])

@@ -20,6 +20,7 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class RLModule(BackboneModule):
         sde_window: tuple[int, int] | None = None,
         steps_per_image: int | None = None,
         shared_noise: bool = False,
-        rollout_seeds: str = "step",
+        rollout_seeds: Literal["step", "prompt"] = "step",
         rollout_batch: int = 32,
         image_rewards_only: bool = True,
         ppo_epochs: int = 1,
