@@ -49,14 +49,14 @@ python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoi
 #     2,000 prompts labelled by the edit model, a second SFT round on them and, as the control, the
 #     same round on the same prompts with the complexity labels; both judged on the claims prompts.
 python -m avr.data build --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data
-python -m avr.data build --n 2000 --seed 21 -o runs/relabel-control
+python -m avr.data build --n 2000 --seed 21 -o runs/control-data
 for arm in relabel control; do
-  data=runs/relabel-data; [ "$arm" = control ] && data=runs/relabel-control
   python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/$arm" --trainer.max_steps 150 \
-    --seed_everything 5 --data.init_args.path "$data" --data.init_args.seed 5 \
+    --seed_everything 5 --data.init_args.path "runs/$arm-data" --data.init_args.seed 5 \
     --model.init_args.model.path checkpoints/shapeworld-tiny-edit --model.init_args.lr 1.0e-4 --model.init_args.warmup_steps 20
   python -m avr.export "$(last "$OUT/$arm")" --weights raw -o "$OUT/$arm-model"
 done
+#     The 600 held-out prompts of the claims table (stage 5 uses them too).
 python -m avr.world prompts --n 600 --seed 11 --split heldout -o "$OUT/claims-prompts.jsonl"
 python -m avr.evaluate --model edit=checkpoints/shapeworld-tiny-edit --model relabelled="$OUT/relabel-model" \
   --model control="$OUT/control-model" --prompts "$OUT/claims-prompts.jsonl" --modes direct,adaptive --steps 10 \
@@ -91,9 +91,8 @@ for model in sft rl; do
   echo "report: $OUT/eval-$model/report.md"
 done
 
-# 5. The claims table: 600 held-out prompts, both models in every mode and the compute-matched
+# 5. The claims table: the 600 held-out prompts of stage 2d, both models in every mode and the compute-matched
 #    direct*2, and the RL ablations (no complexity penalty, no step-wise reward; 200 steps each).
-python -m avr.world prompts --n 600 --seed 11 --split heldout -o "$OUT/claims-prompts.jsonl"
 python -m avr.evaluate --model sft=checkpoints/shapeworld-tiny-sft --model rl=checkpoints/shapeworld-tiny-rl \
   --prompts "$OUT/claims-prompts.jsonl" --modes 'direct,direct*2,reflect,plan,adaptive' --steps 10 \
   --workers 2 -o "$OUT/claims-sft-rl"
