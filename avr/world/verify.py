@@ -148,7 +148,7 @@ class Verifier:
         min_pixels = max(3.0, self.min_area * height * width)
         raw = _blend_weights(pixels)  # [H, W, C]
         label = _best_color(pixels, raw)  # [H, W]
-        foreground = np.take_along_axis(raw, label[..., None], -1)[..., 0] > 0.5
+        foreground = _foreground(raw, label)
         components, _ = ndimage.label(foreground)
         masks: list[tuple[np.ndarray, int]] = []
         for index, region in enumerate(ndimage.find_objects(components), start=1):
@@ -169,6 +169,13 @@ class Verifier:
                 shape, box, area = found
                 detections.append(Detection(shape, COLORS[color], box, area))
         return sorted(detections, key=lambda d: -d.area)
+
+    def background(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """The pixels (`[H, W]` bool) that belong to no object: those whose blend weight toward
+        their closest palette color is at most 0.5, the complement of what `detect` segments."""
+        pixels = _as_pixels(image)
+        raw = _blend_weights(pixels)
+        return ~_foreground(raw, _best_color(pixels, raw))
 
     def verify(self, image: Image.Image | np.ndarray, spec: PromptSpec) -> Verdict:
         """Score `image` against `spec` (GenEval semantics); see the module docstring."""
@@ -306,6 +313,11 @@ def _best_color(pixels: np.ndarray, raw: np.ndarray) -> np.ndarray:
     alpha = np.clip(raw, 0.0, 1.0)[..., None]  # [H, W, C, 1]
     residual = ((pixels - _BG)[..., None, :] - alpha * _DIRS) ** 2  # [H, W, C, 3]
     return residual.sum(-1).argmin(-1)
+
+
+def _foreground(raw: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Pixels more than half their closest palette color."""
+    return np.take_along_axis(raw, label[..., None], -1)[..., 0] > 0.5
 
 
 #: Area of each shape as a fraction of its bounding box's.

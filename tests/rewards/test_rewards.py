@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from avr.data.teacher import ShapeWorldTeacher
 from avr.registry import MODES, REWARDS, list_rewards
@@ -125,6 +126,31 @@ def test_compositional_extra_penalty_charges_objects_the_prompt_did_not_ask_for(
     ]
     with pytest.raises(ValueError, match="extra_penalty must be ≥ 0"):
         CompositionalReward(extra_penalty=-1)
+
+
+def test_clean_background_prices_speckles_the_verifier_cannot_see(verifier):
+    from avr.rewards.background import CleanBackgroundReward
+
+    clean = render(SCENE)
+    pixels = np.asarray(clean).copy()
+    background = verifier.background(clean)
+    assert background.mean() > 0.5 and not background.all()  # the objects are not background
+    # less their anti-aliased rims, as the reward counts them
+    background &= ~ndimage.binary_dilation(~background, iterations=2)
+    speckled = pixels.copy()
+    speckled[::4, ::4][background[::4, ::4]] = 238  # a faint grid of pale grey specks
+    speckled = Image.fromarray(speckled)
+    # the specks change nothing the compositional reward sees ...
+    assert verifier.verify(speckled, SPEC).correct and verifier.verify(clean, SPEC).correct
+    rollouts = Rollouts.of([_direct(clean, 1), _direct(speckled, 1), _direct(BLANK, 1)])
+    scores = CleanBackgroundReward().score(rollouts).tolist()
+    # ... but one background pixel in 16 is no longer white
+    assert scores[0] == scores[2] == 1.0
+    assert scores[1] == pytest.approx(1 - background[::4, ::4].sum() / background.sum())
+    assert CleanBackgroundReward(tolerance=20).score(rollouts).tolist() == [1.0, 1.0, 1.0]
+    assert CleanBackgroundReward.judges_images  # it moves the image generator in RL
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        CleanBackgroundReward(tolerance=300)
 
 
 def test_complexity_penalty_charges_extra_compute_relative_to_the_cheapest_success():
