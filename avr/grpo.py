@@ -41,6 +41,14 @@ class SdeStep:
     logprob: float | None = None
 
 
+@dataclass(frozen=True)
+class AnchorStep:
+    """An untrained denoising step of a rollout image replayed for the anchor (its time; the
+    state is the block's): only its velocity, against the reference's, is used."""
+
+    t: float
+
+
 def image_terms(
     x_t: torch.Tensor,
     velocity: torch.Tensor,

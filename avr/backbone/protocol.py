@@ -33,6 +33,9 @@ class ReplayPlan:
     """Longest packed row of a replay."""
     sde_steps: Callable[[int], Sequence[int]] | None = None
     """Given an image's number of denoising steps, the steps to train (None: every one)."""
+    anchor_steps: Callable[[int, Sequence[int]], Sequence[int]] | None = None
+    """Given an image's number of denoising steps and the steps trained, the untrained steps to
+    replay for the anchor (`PolicyTerms.anchor`; None: none)."""
 
 
 @dataclass
@@ -50,6 +53,9 @@ class PolicyTerms:
     """`[A]` the log-probs the sampler recorded (None: not recorded for every action)."""
     unit: str = "tokens"
     """What an action is, for logging (`train/<kind>/<unit>` counts them)."""
+    anchor: torch.Tensor | None = None
+    """`[K]` per replayed untrained denoising step (`ReplayPlan.anchor_steps`): the mean squared
+    difference between the policy's and the reference's velocity (None: none replayed)."""
 
 
 @runtime_checkable

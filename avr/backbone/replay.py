@@ -4,7 +4,9 @@ Text: one packed, teacher-forced pass over every trajectory gives the log-prob o
 token. Images (Flow-GRPO): each trained SDE step `x_t → x_{t+Δt}` of a generated image is a noisy
 block after that image's context (`pack(states=…)`), so all of an image's steps share one replay of
 its context; a block is seen only by itself, so it computes exactly that step's velocity. Rows that
-cannot hold every block of their trajectory are split over several replays.
+cannot hold every block of their trajectory are split over several replays. The untrained steps of
+`plan.anchor_steps` ride along as blocks of their own (`AnchorStep`): their velocities, policy's
+against reference's, are the anchor that holds what the trained steps' reward does not judge.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import torch
 
 from avr.backbone.packing import PackedBatch, pack, token_count
 from avr.backbone.protocol import PolicyTerms, ReplayPlan
-from avr.grpo import SdeStep, image_terms, k3, sampled_text_logprobs
+from avr.grpo import AnchorStep, SdeStep, image_terms, k3, sampled_text_logprobs
 
 
 def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[PackedBatch, list]]:
     """The packed replays of `trajectories` with each generated image's trained SDE steps
-    (`plan.sde_steps`) as noisy blocks after its context, and their records (`SdeStep`) in the
-    batch's image order. Usually one replay; the steps are split over several where one row of
+    (`plan.sde_steps`, and the untrained ones of `plan.anchor_steps`) as noisy blocks after its
+    context, and their records (`SdeStep`, `AnchorStep`) in the batch's image order. Usually one replay; the steps are split over several where one row of
     `plan.max_len` tokens cannot hold them all."""
     chosen: list[list[tuple]] = []  # per trajectory, per generated image: (sample, [steps])
     for trajectory in trajectories:
@@ -32,8 +34,12 @@ def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[Pac
             if not segment.is_image or segment.sample is None:
                 continue
             total = len(segment.sample.timesteps) - 1
-            picked = range(total) if plan.sde_steps is None else plan.sde_steps(total)
-            mine.append((segment.sample, sorted(int(j) for j in picked)))
+            every = range(total)
+            picked = sorted(
+                int(j) for j in (every if plan.sde_steps is None else plan.sde_steps(total))
+            )
+            anchored = [] if plan.anchor_steps is None else plan.anchor_steps(total, picked)
+            mine.append((segment.sample, picked + [-1 - int(j) for j in sorted(anchored)]))
         chosen.append(mine)
     tok, geometry = model.tokenizer, model.geometry
     steps_each = max((len(js) for mine in chosen for _, js in mine), default=1)
@@ -52,6 +58,12 @@ def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[Pac
             for sample, js in mine:
                 states[-1].append([])
                 for j in js[lo : lo + per_replay]:
+                    if j < 0:  # an anchor step (encoded -1 - step)
+                        step = -1 - j
+                        t = float(sample.timesteps[step])
+                        states[-1][-1].append((sample.latents[step, 0], t))
+                        records[-1].append(AnchorStep(t))
+                        continue
                     t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
                     logp = None if sample.logprobs is None else sample.logprobs[0, j]
                     states[-1][-1].append((sample.latents[j, 0], t))
@@ -84,7 +96,7 @@ def policy_terms(
     docstring). With CFG the policy's and the reference's velocities are guided by their own
     unconditional velocity (detached), as the sampler guided them."""
     passes = rl_passes(model, trajectories, plan)
-    image: dict[str, list] = {"logp": [], "kl": [], "sample": [], "recorded": []}
+    image: dict[str, list] = {"logp": [], "kl": [], "sample": [], "recorded": [], "anchor": []}
     for i, (batch, steps) in enumerate(passes):
         out = model(batch)
         ref = reference(lambda m, b=batch: m(b))
@@ -98,10 +110,19 @@ def policy_terms(
             v_u_ref = reference(lambda m, b=batch, t=t: m.unconditional_velocity(b.gen_xt, t))
             velocity = v_u + plan.cfg_scale * (velocity - v_u)
             velocity_ref = v_u_ref + plan.cfg_scale * (velocity_ref - v_u_ref)
-        logp, kl = image_terms(batch.gen_xt, velocity, velocity_ref, steps, plan.noise_level)
+        x_t, sample = batch.gen_xt, batch.gen_sample
+        anchored = [i for i, s in enumerate(steps) if isinstance(s, AnchorStep)]
+        if anchored:
+            gap = velocity[anchored] - velocity_ref[anchored]
+            image["anchor"].append(gap.pow(2).flatten(1).mean(-1))
+            sde = [i for i, s in enumerate(steps) if isinstance(s, SdeStep)]
+            x_t, sample = x_t[sde], sample[sde]
+            velocity, velocity_ref = velocity[sde], velocity_ref[sde]
+            steps = [steps[i] for i in sde]
+        logp, kl = image_terms(x_t, velocity, velocity_ref, steps, plan.noise_level)
         image["logp"].append(logp)
         image["kl"].append(kl)
-        image["sample"].append(batch.gen_sample.cpu())  # one per noisy block, as `steps`
+        image["sample"].append(sample.cpu())  # one per SDE block, as `steps`
         image["recorded"].extend(s.logprob for s in steps)
     recorded = image["recorded"]
     return {
@@ -112,6 +133,7 @@ def policy_terms(
             sample=torch.cat(image["sample"]).long(),
             recorded=None if None in recorded else torch.tensor(recorded, dtype=torch.float32),
             unit="steps_trained",
+            anchor=torch.cat(image["anchor"]) if image["anchor"] else None,
         ),
     }
 

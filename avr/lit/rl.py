@@ -60,6 +60,8 @@ class RLModule(BackboneModule):
         advantage_clip: float = 5.0,
         sde_window: tuple[int, int] | None = None,
         steps_per_image: int | None = None,
+        ode_anchor: float = 0.0,
+        anchor_steps: int = 1,
         shared_noise: bool = False,
         rollout_seeds: Literal["step", "prompt"] = "step",
         rollout_batch: int = 32,
@@ -98,6 +100,15 @@ class RLModule(BackboneModule):
                 as a Gaussian policy step (a noisy block after the image's context, which all its
                 steps share; None: every step, as Flow-GRPO; k: k steps drawn at random). Time and
                 activation memory grow with it.
+            ode_anchor: weight of the anchor on the denoising steps an update does not train
+                (the ODE steps of a mixed sampler, `sampling.sde_window`): the mean squared
+                difference between the policy's and the reference's velocity at `anchor_steps`
+                of them per image, drawn at random. The weights are shared across time, so
+                Flow-GRPO on the first steps also moves the last ones, which no reward term
+                trains: on the tiny model they drifted into a speckled background that the
+                verifier cannot see. 0: no anchor.
+            anchor_steps: untrained steps replayed per image for the anchor (each one more noisy
+                block in the replay).
             shared_noise: the rollouts of a group start each image from the same noise (their
                 text and SDE noise still differ), so rewards within a group differ by what the
                 policy's stochastic choices did, not by where the sampler started.
@@ -190,6 +201,11 @@ class RLModule(BackboneModule):
                 f"steps_per_image must be ≥ 1 or null (every step), got {steps_per_image}"
             )
         self.sde_window, self.steps_per_image = sde_window, steps_per_image
+        if ode_anchor < 0 or anchor_steps < 1:
+            raise ValueError(
+                f"ode_anchor must be ≥ 0 and anchor_steps ≥ 1, got {ode_anchor} and {anchor_steps}"
+            )
+        self.ode_anchor, self.anchor_steps = ode_anchor, anchor_steps
         self.max_len, self.max_bad_steps = max_len, max_bad_steps
         self.reference = (
             None
@@ -339,6 +355,10 @@ class RLModule(BackboneModule):
             total = total + weight * loss
             stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
             stats[f"{kind}/loss"] = loss.detach()
+            if term.anchor is not None and self.ode_anchor:
+                anchor = term.anchor.mean() if term.anchor.numel() else term.anchor.sum()
+                total = total + self.ode_anchor * anchor
+                stats[f"{kind}/anchor"] = anchor.detach()
             stats[f"{kind}/{term.unit}"] = torch.tensor(float(logp.numel()))
             if logp.numel() and term.recorded is not None:  # sampling (cached) vs replay: ~0
                 gap = (term.recorded - logp.detach().float().cpu()).abs().max()
@@ -347,7 +367,8 @@ class RLModule(BackboneModule):
 
     def _replay_plan(self) -> ReplayPlan:
         """The sampler's settings and this update's choice of SDE steps: the window's (every
-        one, or `steps_per_image` drawn at random, seeded by the step)."""
+        one, or `steps_per_image` drawn at random, seeded by the step), and with `ode_anchor`
+        the untrained steps each image replays for the anchor (drawn from the same stream)."""
         rng = np.random.default_rng([self.seed, self.global_step, 2**20])
 
         def sde_steps(total: int) -> list[int]:
@@ -356,12 +377,17 @@ class RLModule(BackboneModule):
             k = self.steps_per_image
             return list(window if k is None else rng.choice(window, min(k, len(window)), False))
 
+        def anchor_steps(total: int, trained) -> list[int]:
+            rest = np.setdiff1d(np.arange(total), np.asarray(trained, dtype=int))
+            return list(rng.choice(rest, min(self.anchor_steps, len(rest)), False))
+
         return ReplayPlan(
             temperature=self.sampling.temperature or 1.0,
             noise_level=self.sampling.noise_level,
             cfg_scale=self.sampling.cfg_scale,
             max_len=self.max_len,
             sde_steps=sde_steps,
+            anchor_steps=anchor_steps if self.ode_anchor else None,
         )
 
     # ---- helpers ----------------------------------------------------------------------------

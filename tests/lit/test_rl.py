@@ -332,3 +332,45 @@ def test_the_loss_weighs_text_and_image_terms_and_zero_text_trains_the_generator
     torch.testing.assert_close(image_30, image_1 + 29 * image_alone)
     with pytest.raises(ValueError, match="not both 0"):
         _module(text_weight=0.0, image_weight=0.0)
+
+
+def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
+    from avr.grpo import AnchorStep, SdeStep
+
+    sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
+    module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
+                      ode_anchor=10.0, anchor_steps=2)  # fmt: skip
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=12))
+    ((_, steps),) = module.backbone.rl_passes(trajectories, module._replay_plan())
+    anchors = [s for s in steps if isinstance(s, AnchorStep)]
+    trained = [s for s in steps if isinstance(s, SdeStep)]
+    times = trajectories[0].images[0].sample.timesteps
+    assert len(anchors) == len(trained) == 2 * len(trajectories)
+    assert {s.t for s in anchors} == {float(times[0]), float(times[3])}  # the ODE steps only
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    with torch.no_grad():  # the policy's velocity moves away from the reference's
+        module.backbone.velocity_out.weight.add_(
+            0.05 * torch.randn_like(module.backbone.velocity_out.weight)
+        )
+    loss, stats = module.policy_loss(trajectories, advantages)
+    module.ode_anchor = 0.0
+    plain, plain_stats = module.policy_loss(trajectories, advantages)
+    assert "image/anchor" not in plain_stats and stats["image/anchor"].item() > 0
+    # the anchor leaves the Flow-GRPO term as it was and adds its own, weighted
+    assert stats["image/loss"].item() == pytest.approx(plain_stats["image/loss"].item(), abs=1e-7)
+    assert stats["image/steps_trained"].item() == plain_stats["image/steps_trained"].item()
+    assert (loss - plain).item() == pytest.approx(10.0 * stats["image/anchor"].item(), rel=1e-4)
+    # a gradient step on the anchor alone brings the untrained steps back toward the reference
+    module.ode_anchor = 1.0
+    module.backbone.zero_grad()
+    _, before = module.policy_loss(trajectories, advantages)
+    terms = module.backbone.policy_terms(trajectories, module._reference, module._replay_plan())
+    terms["image"].anchor.mean().backward()
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            if p.grad is not None:
+                p.add_(-1e-3 * p.grad)
+    _, after = module.policy_loss(trajectories, advantages)
+    assert after["image/anchor"].item() < before["image/anchor"].item()
+    with pytest.raises(ValueError, match="ode_anchor must be ≥ 0"):
+        _module(ode_anchor=-1.0)
