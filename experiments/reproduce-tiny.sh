@@ -78,8 +78,9 @@ done
 python -m avr.curves "$OUT"/rl-seed{0,1,2} --modes -o docs/rl-reward.png
 
 # 3b. Flow-GRPO on the generator alone (checkpoints/shapeworld-tiny-rl-direct): direct mode,
-#     8 prompts × 8 images a step, extra objects cost 0.5 each, 200 steps (the shipped run stopped
-#     at 198, its 45-minute limit on one thread).
+#     8 prompts × 8 images a step, an extra object costs a whole clause, the untrained ODE steps
+#     anchored to the start (ode_anchor 0.01), 150 steps (the shipped run stopped at 147, its
+#     45-minute limit on one thread beside another run).
 python -m avr.fit experiments/rl.yaml --config experiments/overlays/rl-direct.yaml --trainer.default_root_dir "$OUT/rl-direct"
 python -m avr.export "$(last "$OUT/rl-direct")" -o checkpoints/shapeworld-tiny-rl-direct
 

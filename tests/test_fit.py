@@ -83,7 +83,9 @@ def test_a_failure_to_build_the_model_is_one_line_naming_the_cause(override, cau
     assert "\n" not in str(raised.value)
 
 
-def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalty(capsys):
+def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalty_and_the_anchor(
+    capsys,
+):
     with pytest.raises(SystemExit):
         fit(
             [
@@ -95,7 +97,8 @@ def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalt
         )
     printed = capsys.readouterr().out
     assert "mode: direct" in printed and "group_size: 8" in printed
-    assert "extra_penalty: 0.5" in printed and "CompositionalReward" in printed
+    assert "extra_penalty: 1.0" in printed and "CompositionalReward" in printed
+    assert "ode_anchor: 0.01" in printed and "CleanBackgroundReward" in printed
     assert "FormatReward" not in printed and "ComplexityPenalty" not in printed
     # the shipped model's optimizer settings stay pinned whatever rl.yaml's become
     assert "lr: 0.0001" in printed and "rollout_seeds: step" in printed
