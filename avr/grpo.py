@@ -58,9 +58,9 @@ def image_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow-GRPO's per-image terms for one replayed SDE step each: the step's log-prob under the
     policy's velocity (mean over dimensions) and the KL to the reference's, `[M]` each."""
-    if not steps:
-        empty = velocity.sum() * 0
-        return empty.reshape(0), empty.reshape(0)
+    if not steps:  # (a replay of anchor steps alone): empty, still on the graph
+        empty = (velocity.sum() * 0).reshape(1)[:0]
+        return empty, empty
     x_next = torch.stack([s.x_next for s in steps]).to(velocity)
     t = torch.tensor([s.t for s in steps], device=velocity.device)
     t_next = torch.tensor([s.t_next for s in steps], device=velocity.device)

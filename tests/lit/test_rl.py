@@ -374,3 +374,24 @@ def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
     assert after["image/anchor"].item() < before["image/anchor"].item()
     with pytest.raises(ValueError, match="ode_anchor must be ≥ 0"):
         _module(ode_anchor=-1.0)
+
+
+def test_anchor_steps_fit_into_split_replays_even_a_replay_of_anchors_alone():
+    from avr.backbone.packing import token_count
+    from avr.grpo import AnchorStep
+
+    sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
+    module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="reflect",
+                      ode_anchor=1.0)  # fmt: skip
+    trajectories, _, _ = module.rollout(sample_specs(2, seed=9))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    whole, stats = module.policy_loss(trajectories, advantages)
+    backbone = module.backbone  # rows too short for three noisy blocks per image: two replays
+    base = [token_count(t, backbone.tokenizer, backbone.geometry, rl=True) for t in trajectories]
+    most = max(range(4), key=lambda b: (base[b], len(trajectories[b].images)))
+    module.max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    passes = backbone.rl_passes(trajectories, module._replay_plan())
+    assert len(passes) == 2 and all(isinstance(s, AnchorStep) for s in passes[1][1])
+    split, split_stats = module.policy_loss(trajectories, advantages)
+    assert torch.isfinite(split) and split.item() == pytest.approx(whole.item(), abs=1e-6)
+    assert split_stats["image/steps_trained"] == stats["image/steps_trained"]
