@@ -133,7 +133,13 @@ def policy_terms(
             sample=torch.cat(image["sample"]).long(),
             recorded=None if None in recorded else torch.tensor(recorded, dtype=torch.float32),
             unit="steps_trained",
-            anchor=torch.cat(image["anchor"]) if image["anchor"] else None,
+            anchor=(
+                torch.cat(image["anchor"])
+                if image["anchor"]
+                else None
+                if plan.anchor_steps is None
+                else torch.zeros(0)  # asked for, but no untrained step to replay
+            ),
         ),
     }
 

@@ -338,6 +338,11 @@ class RLModule(BackboneModule):
         distribution μ (an explored mode token), μ replaces π_old."""
         image_advantages = advantages if image_advantages is None else image_advantages
         terms = self.backbone.policy_terms(trajectories, self._reference, self._replay_plan())
+        if self.ode_anchor and "image" in terms and terms["image"].anchor is None:
+            raise ValueError(
+                f"ode_anchor: {type(self.backbone).__name__} replays no denoising steps to "
+                "anchor (a continuous-latent backbone such as UnifiedModel does); set ode_anchor: 0"
+            )
         total, stats = 0.0, {}
         for kind, term in terms.items():
             loss_fn, adv, weight = (
