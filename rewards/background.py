@@ -18,8 +18,11 @@ class CleanBackgroundReward(FinalImageReward):
     which the compositional reward cannot see, scores near 0. An image without background pixels
     scores 0.
 
-    Flow-GRPO on the compositional reward alone taught the tiny model a faint patch-periodic
-    texture; this term prices it (a `weight` of a few tenths beside the compositional reward)."""
+    Flow-GRPO on the compositional reward alone speckled the tiny model's canvas with pale single
+    pixels; this reward measures it (logged at weight 0 by `experiments/overlays/rl-direct.yaml`).
+    As a training term it did not stop the drift (weight 0.3: 0.98 → 0.37 in 40 steps), since the
+    speckles come from denoising steps the Flow-GRPO window does not train: `RLModule.ode_anchor`
+    does."""
 
     def __init__(self, tolerance: int = 5, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -25,21 +25,22 @@ from avr.grpo import AnchorStep, SdeStep, image_terms, k3, sampled_text_logprobs
 def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[PackedBatch, list]]:
     """The packed replays of `trajectories` with each generated image's trained SDE steps
     (`plan.sde_steps`, and the untrained ones of `plan.anchor_steps`) as noisy blocks after its
-    context, and their records (`SdeStep`, `AnchorStep`) in the batch's image order. Usually one replay; the steps are split over several where one row of
-    `plan.max_len` tokens cannot hold them all."""
-    chosen: list[list[tuple]] = []  # per trajectory, per generated image: (sample, [steps])
+    context, and their records (`SdeStep`, `AnchorStep`) in the batch's image order. Usually one
+    replay; the steps are split over several where one row of `plan.max_len` tokens cannot hold
+    them all."""
+    # per trajectory, per generated image: (sample, [(step, anchored)]): trained steps, then anchors
+    chosen: list[list[tuple]] = []
     for trajectory in trajectories:
         mine = []
         for segment in trajectory.segments:
             if not segment.is_image or segment.sample is None:
                 continue
             total = len(segment.sample.timesteps) - 1
-            every = range(total)
-            picked = sorted(
-                int(j) for j in (every if plan.sde_steps is None else plan.sde_steps(total))
-            )
+            picked = range(total) if plan.sde_steps is None else plan.sde_steps(total)
+            picked = sorted(int(j) for j in picked)
             anchored = [] if plan.anchor_steps is None else plan.anchor_steps(total, picked)
-            mine.append((segment.sample, picked + [-1 - int(j) for j in sorted(anchored)]))
+            steps = [(j, False) for j in picked] + [(int(j), True) for j in sorted(anchored)]
+            mine.append((segment.sample, steps))
         chosen.append(mine)
     tok, geometry = model.tokenizer, model.geometry
     steps_each = max((len(js) for mine in chosen for _, js in mine), default=1)
@@ -57,11 +58,10 @@ def rl_passes(model, trajectories: Sequence, plan: ReplayPlan) -> list[tuple[Pac
             records.append([])
             for sample, js in mine:
                 states[-1].append([])
-                for j in js[lo : lo + per_replay]:
-                    if j < 0:  # an anchor step (encoded -1 - step)
-                        step = -1 - j
-                        t = float(sample.timesteps[step])
-                        states[-1][-1].append((sample.latents[step, 0], t))
+                for j, anchored in js[lo : lo + per_replay]:
+                    if anchored:
+                        t = float(sample.timesteps[j])
+                        states[-1][-1].append((sample.latents[j, 0], t))
                         records[-1].append(AnchorStep(t))
                         continue
                     t, t_next = float(sample.timesteps[j]), float(sample.timesteps[j + 1])
@@ -111,14 +111,14 @@ def policy_terms(
             velocity = v_u + plan.cfg_scale * (velocity - v_u)
             velocity_ref = v_u_ref + plan.cfg_scale * (velocity_ref - v_u_ref)
         x_t, sample = batch.gen_xt, batch.gen_sample
-        anchored = [i for i, s in enumerate(steps) if isinstance(s, AnchorStep)]
+        anchored = [k for k, s in enumerate(steps) if isinstance(s, AnchorStep)]
         if anchored:
             gap = velocity[anchored] - velocity_ref[anchored]
             image["anchor"].append(gap.pow(2).flatten(1).mean(-1))
-            sde = [i for i, s in enumerate(steps) if isinstance(s, SdeStep)]
+            sde = [k for k, s in enumerate(steps) if isinstance(s, SdeStep)]
             x_t, sample = x_t[sde], sample[sde]
             velocity, velocity_ref = velocity[sde], velocity_ref[sde]
-            steps = [steps[i] for i in sde]
+            steps = [steps[k] for k in sde]
         logp, kl = image_terms(x_t, velocity, velocity_ref, steps, plan.noise_level)
         image["logp"].append(logp)
         image["kl"].append(kl)
