@@ -12,7 +12,8 @@ each run reports how closely its final images follow the prompt (`avr.world.fide
 shape precision, objects and extra objects per image, exact scenes), over all prompts and over the
 seen and held-out ones separately (`avr.world.split`), and whether a mode's later images build on
 its earlier ones (`BuildsOn`: the share of refines and next sketches that keep every object the
-image before had right). `--model` repeated as `NAME=DIR` compares
+image before had right), and what decided each final image per level (`Outcomes`: exact, extra
+objects, blank canvas, too few objects, wrong shape, colour, count or relation). `--model` repeated as `NAME=DIR` compares
 models in one report (runs `OUT/<name>/<mode>`).
 """
 
@@ -44,7 +45,7 @@ from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
 from avr.sequence import trajectory_to_record
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
-from avr.world.fidelity import BuildsOn, Fidelity
+from avr.world.fidelity import OUTCOMES, BuildsOn, Fidelity, Outcomes
 from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.split import is_held_out
 from avr.world.verify import check_spec_vocabulary
@@ -136,6 +137,7 @@ def _run(
     verifier = Verifier()
     fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
     builds_on = BuildsOn()
+    outcomes = Outcomes()
     side = model.config.image_size
     inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
     jobs = [
@@ -167,6 +169,7 @@ def _run(
         verdict = verifier.verify(final, spec)
         for key in ("all", "heldout" if is_held_out(spec) else "seen"):
             fidelity[key].update(verdict, spec)
+        outcomes.update(verdict, spec, level)
         drawn = [s.image for s in trajectory.images if s.role.generated]
         if len(drawn) >= 2:
             verdicts = [verifier.verify(image, spec) for image in drawn[:-1]]
@@ -195,6 +198,7 @@ def _run(
         "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
         "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
         "builds_on": builds_on.summary(),
+        "outcomes": outcomes.summary(),
     }
 
 
@@ -384,6 +388,20 @@ def report(metrics: dict) -> str:
         + " | ".join(values)
         + " |"
     )
+    levels = [lv for lv in LEVELS if any(lv in r.get("outcomes", {}) for r in runs.values())]
+    if levels:
+        lines += [
+            "",
+            "What decided each final image (share of the level's images; a wrong image counts "
+            "under the first of blank, too few objects, wrong shape, colour, count, relation):",
+            "",
+            "| outcome | " + " | ".join(labels) + " |",
+            header[1],
+        ]
+        for level in levels:
+            for key in OUTCOMES:
+                values = [r.get("outcomes", {}).get(level, {}).get(key) for r in runs.values()]
+                lines.append(f"| {level}: {key} | " + " | ".join(_pct(v) for v in values) + " |")
     lines += ["", "Modes chosen per complexity level:", ""]
     for label, run in runs.items():
         choices = "; ".join(
@@ -449,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=25, help="denoising steps per image")
     parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="timestep schedule shift of the sampler (> 1: more of the steps at high noise)",
+    )
     parser.add_argument("--max-text-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -473,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
         if args.batch < 1:
             raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
+        if args.shift <= 0:
+            raise ValueError(f"--shift: expected > 0, got {args.shift}")
         modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
         fresh_output_dir(args.output, args.overwrite)
@@ -482,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(
         steps=args.steps,
         cfg_scale=args.cfg_scale,
+        shift=args.shift,
         temperature=0.0,
         max_text_tokens=args.max_text_tokens,
     )

@@ -58,6 +58,12 @@ def test_evaluate_writes_geneval_layout_metrics_and_report(tmp_path, capsys):
         [sum(c.count for c in s.include) for s in sample_specs(8, seed=0)]
     )
     assert "keep what the one before" in report
+    # every image's outcome counted once, under its prompt's level
+    outcomes = direct["outcomes"]
+    assert sum(o["images"] for o in outcomes.values()) == 8
+    exact = sum(o["exact"] * o["images"] for o in outcomes.values()) / 8
+    assert exact == pytest.approx(fidelity["all"]["exact"])
+    assert "What decided each final image" in report and "simple: blank" in report
     assert "report:" in capsys.readouterr().out
     for plot in ("accuracy_vs_compute.png", "accuracy_by_level.png", "direct/trajectories.png"):
         with Image.open(out / plot) as image:
@@ -98,6 +104,23 @@ def test_evaluate_compares_named_models_in_one_report(tmp_path, capsys):
     twice = ["--model", f"a={tmp_path / 'm0'}", "--model", f"a={tmp_path / 'm1'}"]
     assert main([*base, *twice, "-o", str(tmp_path / "o")]) == 2
     assert "the name 'a' is given twice" in capsys.readouterr().err
+
+
+def test_the_sampler_shift_reaches_the_rollouts(tmp_path, capsys):
+    save_pretrained(tiny_model(0), tmp_path / "m")
+    save_specs(sample_specs(2, seed=0), tmp_path / "p.jsonl")
+    base = ["--model", str(tmp_path / "m"), "--prompts", str(tmp_path / "p.jsonl")]
+    base += ["--modes", "direct", "--steps", "3"]
+    pixels = {}
+    for shift in (1, 3):
+        assert main([*base, "--shift", str(shift), "-o", str(tmp_path / f"s{shift}")]) == 0
+        metrics = json.loads((tmp_path / f"s{shift}" / "metrics.json").read_text())
+        assert metrics["sampling"]["shift"] == shift
+        with Image.open(tmp_path / f"s{shift}" / "direct" / "00000" / "samples" / "0000.png") as im:
+            pixels[shift] = np.asarray(im, float)
+    assert np.abs(pixels[1] - pixels[3]).mean() > 1  # another schedule, another image
+    assert main([*base, "--shift", "0", "-o", str(tmp_path / "bad")]) == 2
+    assert "--shift: expected > 0, got 0.0" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, pytestconfig):

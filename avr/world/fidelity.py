@@ -10,6 +10,10 @@ what a prompt-blind generator cannot fake:
 - objects per image against the objects the prompt asks for (extra objects per image);
 - exact scenes: the verdict is correct *and* nothing else is drawn (as many objects as asked).
 
+`outcome` names what decided one image's verdict (`OUTCOMES`: exact, extra objects, or the first
+of blank canvas, too few objects, wrong shape, wrong colour, wrong count, wrong relation), so a
+report can say *why* images fail; `Outcomes` counts them per level.
+
 `BuildsOn` asks whether a mode's later images build on its earlier ones (a refine keeps what its
 draft had right, a plan's next sketch what the last had right) or are fresh samples.
 """
@@ -17,11 +21,34 @@ draft had right, a plan's next sketch what the last had right) or are fresh samp
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 from avr.world.spec import PromptSpec
-from avr.world.verify import Verdict
+from avr.world.verify import ProblemKind, Verdict
+
+OUTCOMES: tuple[str, ...] = (
+    "exact",
+    "extra_objects",
+    "blank",
+    "too_few_objects",
+    "wrong_shape",
+    "wrong_colour",
+    "wrong_count",
+    "wrong_relation",
+)
+"""An image's outcome, in the order `outcome` checks them: right with nothing else drawn; right
+by GenEval's at-least rules but with more objects than asked; then, for a wrong image, the first
+that holds: nothing detected; fewer objects than asked; an asked shape absent; an asked shape
+present only in other colours; the wrong number of an asked object (or a forbidden one present);
+the objects right but a relation wrong."""
+
+_PROBLEM_OUTCOME = {
+    ProblemKind.MISSING: "wrong_shape",
+    ProblemKind.WRONG_COLOR: "wrong_colour",
+    ProblemKind.WRONG_COUNT: "wrong_count",
+    ProblemKind.WRONG_RELATION: "wrong_relation",
+}
 
 
 def asked_objects(spec: PromptSpec) -> int:
@@ -83,6 +110,42 @@ class Fidelity:
             "exact": ratio(self.exact, self.images),
             "accuracy": ratio(self.correct, self.images),
         }
+
+
+def outcome(verdict: Verdict, spec: PromptSpec) -> str:
+    """What decided `verdict` on an image of `spec`: one of `OUTCOMES`."""
+    found, asked = len(verdict.detections), asked_objects(spec)
+    if verdict.correct:
+        return "exact" if found == asked else "extra_objects"
+    if found == 0:
+        return "blank"
+    if found < asked:
+        return "too_few_objects"
+    problems = verdict.problems
+    for kind in (ProblemKind.MISSING, ProblemKind.WRONG_COLOR, ProblemKind.WRONG_COUNT):
+        if any(p.problem == kind for p in problems):
+            return _PROBLEM_OUTCOME[kind]
+    return _PROBLEM_OUTCOME[problems[0].problem]
+
+
+@dataclass
+class Outcomes:
+    """`outcome` counts per group (a complexity level, say); add images with `update`."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def update(self, verdict: Verdict, spec: PromptSpec, group: str) -> None:
+        """Count one image's outcome under `group`."""
+        counts = self.counts.setdefault(group, dict.fromkeys(OUTCOMES, 0))
+        counts[outcome(verdict, spec)] += 1
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per group, the share of its images with each outcome (they sum to 1), and `images`."""
+        shares = {}
+        for group, counts in self.counts.items():
+            n = sum(counts.values())
+            shares[group] = {k: v / n for k, v in counts.items()} | {"images": float(n)}
+        return shares
 
 
 @dataclass

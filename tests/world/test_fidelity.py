@@ -3,7 +3,7 @@ import math
 import numpy as np
 
 from avr.world import Clause, PromptSpec, Scene, SceneObject, render, sample_scene, sample_specs
-from avr.world.fidelity import BuildsOn, Fidelity, asked_objects
+from avr.world.fidelity import OUTCOMES, BuildsOn, Fidelity, Outcomes, asked_objects, outcome
 
 
 def test_ground_truth_renders_are_exact_and_precise(verifier):
@@ -61,3 +61,39 @@ def test_builds_on_counts_steps_that_keep_what_was_right(verifier):
     summary = builds.summary()
     assert (summary["steps"], summary["rate"], summary["empty"]) == (2, 0.5, 1)
     assert math.isnan(BuildsOn().summary()["rate"])
+
+
+def test_outcome_names_what_decided_each_image(verifier):
+    spec = PromptSpec(
+        "two_object",
+        "a red circle and a blue square",
+        (Clause("circle", 1, "red"), Clause("square", 1, "blue")),
+    )
+    circle = SceneObject("circle", "red", 0.25, 0.25, 0.2)
+    square = SceneObject("square", "blue", 0.75, 0.75, 0.2)
+    cases = {
+        "exact": (circle, square),
+        "extra_objects": (circle, square, SceneObject("triangle", "green", 0.25, 0.75, 0.2)),
+        "blank": (),
+        "too_few_objects": (circle,),
+        "wrong_shape": (circle, SceneObject("triangle", "blue", 0.75, 0.75, 0.2)),
+        "wrong_colour": (circle, SceneObject("square", "green", 0.75, 0.75, 0.2)),
+    }
+    outcomes = Outcomes()
+    for expected, objects in cases.items():
+        verdict = verifier.verify(render(Scene(objects)), spec)
+        assert outcome(verdict, spec) == expected
+        outcomes.update(verdict, spec, "medium" if expected == "blank" else "simple")
+    exclude = PromptSpec(
+        "counting",
+        "exactly two circles",
+        (Clause("circle", 2),),
+        (Clause("circle", 3),),
+    )
+    three = Scene(tuple(SceneObject("circle", "red", x, 0.5, 0.15) for x in (0.2, 0.5, 0.8)))
+    assert outcome(verifier.verify(render(three), exclude), exclude) == "wrong_count"
+    summary = outcomes.summary()
+    assert summary["simple"]["images"] == 5 and summary["medium"]["images"] == 1
+    assert summary["medium"]["blank"] == 1.0 and summary["simple"]["blank"] == 0.0
+    assert sum(v for k, v in summary["simple"].items() if k in OUTCOMES) == 1.0
+    assert set(summary["simple"]) == {*OUTCOMES, "images"}
