@@ -434,6 +434,22 @@ def _num(value) -> str:
     return "–" if value is None or value != value else f"{value:.2f}"
 
 
+def _sampling(args: argparse.Namespace) -> SamplingConfig:
+    """The ODE sampler with greedy text that every run uses; a value `SamplingConfig` refuses is an
+    error naming the command-line flag (`--shift`), not the config field (`sampling.shift`)."""
+    try:
+        return SamplingConfig(
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            shift=args.shift,
+            temperature=0.0,
+            max_text_tokens=args.max_text_tokens,
+        )
+    except ValueError as err:
+        field_name, _, rest = str(err).removeprefix("sampling.").partition(":")
+        raise ValueError(f"--{field_name.replace('_', '-')}:{rest}") from None
+
+
 def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:
     """`DIR` or `NAME=DIR` entries → models by name (a bare `DIR` is named by its folder)."""
     models = {}
@@ -497,21 +513,13 @@ def main(argv: list[str] | None = None) -> int:
             check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
         if args.batch < 1:
             raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
-        if args.shift <= 0:
-            raise ValueError(f"--shift: expected > 0, got {args.shift}")
+        sampling = _sampling(args)
         modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
         models = _load_models(args.model)
         fresh_output_dir(args.output, args.overwrite)
     except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sampling = SamplingConfig(
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
-        shift=args.shift,
-        temperature=0.0,
-        max_text_tokens=args.max_text_tokens,
-    )
     metrics = evaluate(
         models,
         specs,

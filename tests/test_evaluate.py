@@ -121,6 +121,8 @@ def test_the_sampler_shift_reaches_the_rollouts(tmp_path, capsys):
     assert np.abs(pixels[1] - pixels[3]).mean() > 1  # another schedule, another image
     assert main([*base, "--shift", "0", "-o", str(tmp_path / "bad")]) == 2
     assert "--shift: expected > 0, got 0.0" in capsys.readouterr().err
+    assert main([*base, "--cfg-scale", "-1", "-o", str(tmp_path / "bad")]) == 2
+    assert "--cfg-scale: expected ≥ 0 (1: no guidance), got -1.0" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_unknown_modes_and_foreign_prompts(tmp_path, capsys, pytestconfig):

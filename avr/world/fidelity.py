@@ -43,7 +43,7 @@ that holds: nothing detected; fewer objects than asked; an asked shape absent; a
 present only in other colours; the wrong number of an asked object (or a forbidden one present);
 the objects right but a relation wrong."""
 
-_PROBLEM_OUTCOME = {
+_PROBLEM_OUTCOME = {  # in the order `outcome` checks them
     ProblemKind.MISSING: "wrong_shape",
     ProblemKind.WRONG_COLOR: "wrong_colour",
     ProblemKind.WRONG_COUNT: "wrong_count",
@@ -121,11 +121,8 @@ def outcome(verdict: Verdict, spec: PromptSpec) -> str:
         return "blank"
     if found < asked:
         return "too_few_objects"
-    problems = verdict.problems
-    for kind in (ProblemKind.MISSING, ProblemKind.WRONG_COLOR, ProblemKind.WRONG_COUNT):
-        if any(p.problem == kind for p in problems):
-            return _PROBLEM_OUTCOME[kind]
-    return _PROBLEM_OUTCOME[problems[0].problem]
+    problems = {p.problem for p in verdict.problems}
+    return next(name for kind, name in _PROBLEM_OUTCOME.items() if kind in problems)
 
 
 @dataclass

@@ -42,14 +42,17 @@ def test_colour_precision_skips_prompts_that_name_no_colour(verifier):
     assert math.isnan(Fidelity().summary()["exact"])
 
 
+TWO = PromptSpec(
+    "two_object",
+    "a red circle and a blue square",
+    (Clause("circle", 1, "red"), Clause("square", 1, "blue")),
+)
+CIRCLE = SceneObject("circle", "red", 0.3, 0.3, 0.2)  # TWO's objects, as asked
+SQUARE = SceneObject("square", "blue", 0.7, 0.7, 0.2)
+
+
 def test_builds_on_counts_steps_that_keep_what_was_right(verifier):
-    spec = PromptSpec(
-        "two_object",
-        "a red circle and a blue square",
-        (Clause("circle", 1, "red"), Clause("square", 1, "blue")),
-    )
-    circle = SceneObject("circle", "red", 0.3, 0.3, 0.2)
-    square = SceneObject("square", "blue", 0.7, 0.7, 0.2)
+    spec, circle, square = TWO, CIRCLE, SQUARE
     wrong = SceneObject("triangle", "green", 0.7, 0.3, 0.2)
 
     def judged(*objects):
@@ -64,20 +67,14 @@ def test_builds_on_counts_steps_that_keep_what_was_right(verifier):
 
 
 def test_outcome_names_what_decided_each_image(verifier):
-    spec = PromptSpec(
-        "two_object",
-        "a red circle and a blue square",
-        (Clause("circle", 1, "red"), Clause("square", 1, "blue")),
-    )
-    circle = SceneObject("circle", "red", 0.25, 0.25, 0.2)
-    square = SceneObject("square", "blue", 0.75, 0.75, 0.2)
+    spec, circle, square = TWO, CIRCLE, SQUARE
     cases = {
         "exact": (circle, square),
-        "extra_objects": (circle, square, SceneObject("triangle", "green", 0.25, 0.75, 0.2)),
+        "extra_objects": (circle, square, SceneObject("triangle", "green", 0.3, 0.7, 0.2)),
         "blank": (),
         "too_few_objects": (circle,),
-        "wrong_shape": (circle, SceneObject("triangle", "blue", 0.75, 0.75, 0.2)),
-        "wrong_colour": (circle, SceneObject("square", "green", 0.75, 0.75, 0.2)),
+        "wrong_shape": (circle, SceneObject("triangle", "blue", 0.7, 0.7, 0.2)),
+        "wrong_colour": (circle, SceneObject("square", "green", 0.7, 0.7, 0.2)),
     }
     outcomes = Outcomes()
     for expected, objects in cases.items():
