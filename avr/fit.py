@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # Called from Python (a notebook, a test) with `argv`: sys.argv is the host's own (a
         # kernel's flags), which LightningCLI warns about though it reads `args` alone.
         warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-        return AvrCLI(
+        cli = AvrCLI(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
@@ -65,6 +65,22 @@ def main(argv: list[str] | None = None) -> LightningCLI:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
+    end_process_group()
+    return cli
+
+
+def end_process_group() -> None:
+    """Destroy the default process group of a finished distributed run, on every rank.
+
+    Lightning registers this teardown at exit for NCCL alone; a gloo group (DDP on CPUs) left alive
+    keeps its C++ worker, transport and store threads running into interpreter finalization, where
+    they abort the process ("terminate called without an active exception", SIGABRT) after all its
+    work is done. Called only after a run that ended normally: every rank reaches it, so the
+    collective teardown cannot wait on a rank that died in the middle of a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict:

@@ -31,7 +31,7 @@ FAST_RL = [
 ]
 
 
-def _fit(root, *extra, wait=True):
+def _fit(root, *extra, wait=True, env=None):
     logger = f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{root}"}}}}'
     checkpoint = (
         '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
@@ -48,7 +48,7 @@ def _fit(root, *extra, wait=True):
         f"--trainer.default_root_dir={root}",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -78,8 +78,29 @@ def test_ranks_draw_different_prompts():
     ).batch(1)
 
 
+#: Written as `sitecustomize.py` on the runs' PYTHONPATH (rank 1 inherits it from rank 0): at
+#: interpreter exit, each process lists its live OS threads by name.
+THREADS_AT_EXIT = """
+import atexit, os
+def _threads():
+    tasks = f"/proc/{{os.getpid()}}/task"
+    names = [open(f"{{tasks}}/{{t}}/comm").read().strip() for t in os.listdir(tasks)]
+    with open(os.path.join({folder!r}, f"threads-{{os.getpid()}}.txt"), "w") as out:
+        out.write("\\n".join(sorted(names)))
+atexit.register(_threads)
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
 def test_ddp_with_two_cpu_processes(tmp_path):
+    """Both ranks finish, and neither reaches interpreter exit with the gloo process group's
+    threads alive: left running into finalization they aborted one run in three (SIGABRT,
+    "terminate called without an active exception") after all the work was done."""
+    site, exits = tmp_path / "site", tmp_path / "exits"
+    site.mkdir()
+    exits.mkdir()
+    (site / "sitecustomize.py").write_text(THREADS_AT_EXIT.format(folder=str(exits)))
     _fit(
         tmp_path,
         "--trainer.max_steps",
@@ -90,7 +111,12 @@ def test_ddp_with_two_cpu_processes(tmp_path):
         "2",
         "--trainer.accelerator",
         "cpu",
+        env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
     )
+    threads = {p.name: p.read_text().split() for p in exits.glob("threads-*.txt")}
+    assert len(threads) >= 2, threads  # rank 0 and rank 1 (and any helper process)
+    for name, alive in threads.items():
+        assert not [t for t in alive if "gloo" in t or "tcpstore" in t], (name, alive)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert checkpoint["PromptDataModule"]["batches_seen"] == 2
