@@ -44,6 +44,7 @@ from avr.protocol import Mode
 from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
 from avr.sequence import trajectory_to_record
+from avr.understanding import Understanding
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
 from avr.world.fidelity import OUTCOMES, BuildsOn, Fidelity, Outcomes
 from avr.world.geneval import score_folder, summarize, write_prompt
@@ -138,6 +139,7 @@ def _run(
     fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
     builds_on = BuildsOn()
     outcomes = Outcomes()
+    understanding = Understanding(verifier)
     side = model.config.image_size
     inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
     jobs = [
@@ -175,6 +177,7 @@ def _run(
             verdicts = [verifier.verify(image, spec) for image in drawn[:-1]]
             last = drawn[-1]  # the final image as a rule, judged above
             builds_on.update([*verdicts, verdict if last is final else verifier.verify(last, spec)])
+        understanding.update(trajectory, spec)
         trajectory.meta.setdefault("prompt", spec.prompt)
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
@@ -199,6 +202,7 @@ def _run(
         "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
         "builds_on": builds_on.summary(),
         "outcomes": outcomes.summary(),
+        "understanding": understanding.summary(),
     }
 
 
@@ -313,6 +317,51 @@ def plot_trajectories(folder: Path, prompts: int) -> None:
     fig.savefig(folder / "trajectories.png", dpi=110, bbox_inches="tight")
 
 
+def understanding_table(runs: dict, labels: list[str], rule: str) -> list[str]:
+    """Report lines: how each run's model read its own images (critique agreement with the
+    verifier, false alarms and misses apart, per level and round), its plan steps against the
+    teacher's, and what its refines did. Runs without critiques or plans show dashes."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def critique(r: dict) -> dict:
+        return r.get("understanding", {}).get("critique", {})
+
+    for name, path in (
+        ("critiques judged", ("critiques",)),
+        ("agreement with the verifier", ("agreement",)),
+        ("balanced accuracy", ("balanced_accuracy",)),
+        ("right images called wrong (false alarms)", ("false_alarm_rate",)),
+        ("wrong images called right (misses)", ("miss_rate",)),
+        *((f"{lv}: agreement", ("by_level", lv, "agreement")) for lv in LEVELS),
+        ("first critiques: agreement", ("by_round", "first", "agreement")),
+        ("later critiques: agreement", ("by_round", "later", "agreement")),
+    ):
+        values = []
+        for r in runs.values():
+            value = critique(r)
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            counted = path == ("critiques",) and value is not None
+            values.append(f"{value:.0f}" if counted else _pct(value))
+        rows.append((name, values))
+    for name, group, key in (
+        ("plan steps equal to the teacher's", "plan_steps", "accuracy"),
+        ("refines that fix a wrong image", "refines", "fix_rate"),
+        ("refines that break a right image", "refines", "break_rate"),
+    ):
+        values = [r.get("understanding", {}).get(group, {}).get(key) for r in runs.values()]
+        rows.append((name, [_pct(v) for v in values]))
+    return [
+        "",
+        "How the model reads its own work (`avr.understanding`: its critiques against the "
+        "verifier's judgement of the image they follow, its plan steps against the teacher's):",
+        "",
+        "| understanding | " + " | ".join(labels) + " |",
+        rule,
+        *(f"| {name} | " + " | ".join(values) + " |" for name, values in rows),
+    ]
+
+
 def _results(folder: Path) -> list[dict]:
     path = folder / "results.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -388,6 +437,7 @@ def report(metrics: dict) -> str:
         + " | ".join(values)
         + " |"
     )
+    lines += understanding_table(runs, labels, header[1])
     levels = [lv for lv in LEVELS if any(lv in r.get("outcomes", {}) for r in runs.values())]
     if levels:
         lines += [

@@ -136,6 +136,13 @@ class PolicyActor:
         episode.state["text_tokens"] += 1
         return modes[pick]
 
+    def announce(self, episode: Episode, mode: str) -> None:
+        """Scaffold the forced mode's token, as the adaptive trajectories the model learned from
+        begin (tokenized as the packer does: one special token where the vocabulary has it)."""
+        token = mode_token(mode)
+        episode.state["session"].append_text([token])
+        episode.add_text(token)  # scaffolding: forced, not sampled (no log-probs)
+
     def plan(self, episode: Episode, step: int) -> bool:
         steps = episode.state["steps"]
         if steps is not None and step >= steps:

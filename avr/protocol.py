@@ -11,8 +11,10 @@ Who performs a step is an `Actor`:
 One control flow, two actors: what a mode writes for SFT is exactly what it asks of the policy in RL.
 Each step appends segments to an `Episode` and returns what the control flow branches on.
 
-Lifecycle of `run(actor, episode)` (the default, which `direct` and `reflect` use):
-`plan` (nothing by default) → `draft` → up to `rounds` × (`reflect` → stop if right → `refine`).
+Lifecycle of a trajectory: `begin` (the prompt) → `announce` (the mode token of a mode run
+directly; `adaptive` lets the actor `choose` one instead) → `run` → `finish`. The default `run`,
+which `direct` and `reflect` use: `plan` (nothing by default) → `draft` → up to `rounds` ×
+(`reflect` → stop if right → `refine`).
 """
 
 from __future__ import annotations
@@ -46,9 +48,16 @@ class Episode:
     image: Image.Image | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
-    def add_text(self, text: str, sample: Any = None, logprobs: list[float] | None = None) -> None:
-        """Append text the model writes (sampled: the sampler's output and per-token log-probs)."""
-        segment = Segment(text=text, logprobs=logprobs)
+    def add_text(
+        self,
+        text: str,
+        sample: Any = None,
+        logprobs: list[float] | None = None,
+        loss: bool = True,
+    ) -> None:
+        """Append text the model writes (sampled: the sampler's output and per-token log-probs;
+        `loss=False`: text the model reads and is not trained to write)."""
+        segment = Segment(text=text, logprobs=logprobs, loss=loss)
         segment.sample = sample
         self.trajectory.segments.append(segment)
 
@@ -75,6 +84,10 @@ class Actor(Protocol):
     def choose(self, episode: Episode, modes: list[str]) -> str:
         """Pick a mode name (adaptive): the teacher's label, or the policy's sampled mode token."""
 
+    def announce(self, episode: Episode, mode: str) -> None:
+        """Write the mode token of a mode that was given, not chosen (a forced mode): read, never
+        trained or sampled, so a forced rollout sees the context an adaptive one would."""
+
     def plan(self, episode: Episode, step: int) -> bool:
         """Write plan step `step` (`<ins>…</ins><des>…</des>`); False when the plan has no such step."""
 
@@ -98,6 +111,9 @@ class Mode(ABC):
     name: ClassVar[str] = "mode"
     #: Relative cost used to pick the cheapest successful mode (adaptive labels); lower is cheaper.
     cost: ClassVar[int] = 0
+    #: Whether a trajectory of this mode starts with its mode token (`Actor.announce`) when the mode
+    #: is run directly; a mode that picks another one (adaptive) writes the chosen token instead.
+    announced: ClassVar[bool] = True
 
     def __init__(self, rounds: int = 0) -> None:
         """`rounds`: how many reflect → refine rounds the default `run` allows."""
@@ -118,6 +134,8 @@ class Mode(ABC):
     def _start(self, actor: Actor, spec: PromptSpec) -> Trajectory:
         episode = Episode(spec)
         actor.begin(episode)
+        if self.announced:
+            actor.announce(episode, self.name)
         self.run(actor, episode)
         actor.finish(episode)
         episode.trajectory.meta.setdefault("mode", self.name)

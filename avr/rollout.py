@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ import torch
 
 from avr.backbone.generation import ImageSample, Session, TextSample
 from avr.policy import PolicyActor, SamplingConfig
-from avr.protocol import Mode
+from avr.protocol import Actor, Mode
 from avr.sequence import Trajectory
 from avr.world.spec import PromptSpec
 
@@ -66,25 +66,38 @@ def episode_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
+#: Builds the actor of one episode: `(job, sampling, generator, open_session) -> Actor`. The default
+#: is the policy itself (`PolicyActor`); `avr.data.self_sample` passes one in which the model draws
+#: and a teacher writes the text.
+ActorFactory = Callable[[Job, SamplingConfig, torch.Generator, Callable[[], Any]], Actor]
+
+
 def rollout(
     model,
     jobs: Sequence[Job],
     sampling: SamplingConfig | None = None,
     max_batch: int = 32,
     seconds: dict[str, float] | None = None,
+    actor: ActorFactory | None = None,
 ) -> list[Trajectory]:
     """Roll out `jobs` with `model` (no gradients), `max_batch` episodes at a time; returns their
     trajectories in order. `max_batch = 1` runs them one at a time (the reference that batched
     runs equal up to float rounding). `seconds`, when given, accumulates the backbone's time per
-    kind of call (`append_tokens`, `sample_text`, `generate_image`)."""
+    kind of call (`append_tokens`, `sample_text`, `generate_image`, `append_image`). `actor`
+    builds each episode's actor (default: the policy, `PolicyActor`)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
     sampling = sampling or SamplingConfig()
     max_batch = min(max_batch, getattr(model, "session_rows", max_batch) or max_batch)
+    if actor is None:
+
+        def actor(job, sampling, generator, open_session):
+            return PolicyActor(model, sampling, generator, open_session=open_session)
+
     out: list[Trajectory] = []
     with torch.no_grad():
         for start in range(0, len(jobs), max_batch):
-            batch = _Batch(model, jobs[start : start + max_batch], sampling)
+            batch = _Batch(model, jobs[start : start + max_batch], sampling, actor)
             out.extend(batch.run())
             for kind, spent in batch.seconds.items():
                 if seconds is not None:
@@ -113,6 +126,7 @@ class _Batch:
     model: Any
     jobs: Sequence[Job]
     sampling: SamplingConfig
+    actor: ActorFactory
     waiting: dict[int, _Call] = field(default_factory=dict)
     live: int = 0
 
@@ -147,9 +161,7 @@ class _Batch:
 
     def _episode(self, row: int) -> None:
         job = self.jobs[row]
-        actor = PolicyActor(
-            self.model, self.sampling, self.generators[row], open_session=lambda: _Row(self, row)
-        )
+        actor = self.actor(job, self.sampling, self.generators[row], lambda: _Row(self, row))
         try:
             self.results[row] = job.mode.rollout(actor, job.spec)
         except BaseException as error:  # re-raised on the caller's thread
@@ -199,8 +211,8 @@ class _Batch:
         """Run the waiting calls, each kind (and each set of arguments) as one batched call."""
         groups: dict[tuple, list[_Call]] = {}
         for call in calls:
-            if call.kind == "append_tokens":
-                key: tuple = ("append_tokens",)
+            if call.kind in ("append_tokens", "append_image"):  # one batched call each
+                key: tuple = (call.kind,)
             elif call.kind == "generate_image":  # `<img>` openings are appended first, below
                 key = ("generate_image", *sorted(_no(call.kwargs, "start").items()))
             elif call.kind == "sample_text":  # each row stops at its own stop tokens
@@ -226,6 +238,11 @@ class _Batch:
     def _append_tokens(self, group: list[_Call]) -> None:
         merged = self._merged(group)
         merged.append_tokens([list(c.kwargs["ids"]) for c in group])
+        self._split(group, merged)
+
+    def _append_image(self, group: list[_Call]) -> None:
+        merged = self._merged(group)
+        merged.append_image(torch.cat([c.kwargs["pixels"] for c in group]))
         self._split(group, merged)
 
     def _sample_text(self, group: list[_Call]) -> None:
@@ -287,6 +304,10 @@ class _Row:
         return self.batch.call(
             self.row, "sample_text", max_new_tokens=max_new_tokens, stop=stop, **kwargs
         )
+
+    def append_image(self, pixels: torch.Tensor) -> None:
+        (_,) = pixels  # one row
+        self.batch.call(self.row, "append_image", pixels=pixels)
 
     def generate_image(self, **kwargs) -> ImageSample:
         kwargs.pop("generator", None)  # the row's own generators are used

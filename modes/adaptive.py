@@ -8,6 +8,8 @@ from avr.registry import MODES, register_mode
 class AdaptiveMode(Mode):
     """The policy picks its own mode per prompt among `choices` (registered mode names)."""
 
+    announced = False  # the chosen mode's token is written by `choose`
+
     def __init__(self, choices: tuple[str, ...] = ("direct", "reflect", "plan")) -> None:
         super().__init__(rounds=0)
         if "adaptive" in choices:

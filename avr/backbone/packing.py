@@ -249,7 +249,10 @@ def _layout(
         pixels = rearrange(
             torch.from_numpy(image_to_array(seg.image, geometry.image_size)), "h w c -> c h w"
         )
-        generated, later = seg.role.generated, s < len(segments) - 1
+        # An image the model drew but must not learn to draw (`loss=False`: a draft the verifier
+        # rejected, kept as context for the critique that follows) is laid out as read, like an input.
+        generated = seg.role.generated and (rl or seg.loss)
+        later = s < len(segments) - 1
         if rl and ids[-1] == start:  # the model wrote <img> itself, at the end of its text
             p -= 1
         else:

@@ -1,4 +1,7 @@
-"""`python -m avr.data build --n N --mix simple=0.3,medium=0.4,complex=0.3 --seed S -o DIR`."""
+"""`python -m avr.data build --n N --mix simple=0.3,medium=0.4,complex=0.3 --seed S -o DIR`.
+
+`--from-model DIR` builds from the model's own samples: the model draws every image, the teacher
+judges and corrects (`avr.data.self_sample`)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from avr.data.build import build, parse_mix
@@ -28,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train: no prompt with a combination reserved for evaluation (avr.world.split)",
     )
     b.add_argument(
-        "--mode", default="adaptive", help="registered mode that builds every trajectory"
+        "--mode",
+        default="adaptive",
+        help="registered mode that builds every trajectory, or a mixture: adaptive=0.5,reflect=0.5",
     )
     b.add_argument("--shard-size", type=int, default=500)
     b.add_argument("--resolution", type=int, default=64)
@@ -45,9 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         "--label-threshold", type=float, default=0.5, help="success rate a mode must reach"
     )
     b.add_argument("--label-steps", type=int, default=10, help="ODE steps per labelling image")
+    b.add_argument(
+        "--from-model",
+        metavar="DIR",
+        help="the model draws every image (ODE, 10 steps); the teacher writes text and corrects",
+    )
+    b.add_argument(
+        "--balance",
+        type=float,
+        default=1.0,
+        help="with --from-model: per level, at most this many first critiques of one verdict "
+        "(right or wrong image) per one of the other (0: keep every trajectory)",
+    )
+    b.add_argument(
+        "--batch", type=int, default=32, help="with --from-model: episodes rolled out at once"
+    )
     b.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     try:
+        model = None
+        if args.from_model:
+            from avr.backbone import from_pretrained
+
+            model = from_pretrained(args.from_model).eval()
         labeler, source = None, "complexity"
         if args.label_model:
             from avr.backbone import from_pretrained
@@ -61,19 +87,26 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
             )
             source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
-        manifest = build(
-            args.output,
-            args.n,
-            parse_mix(args.mix),
-            args.seed,
-            args.mode,
-            args.shard_size,
-            args.resolution,
-            args.sketch_error_rate,
-            args.split,
-            labeler,
-            source,
-        )
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("trajectories", total=args.n)
+            manifest = build(
+                args.output,
+                args.n,
+                parse_mix(args.mix),
+                args.seed,
+                args.mode,
+                args.shard_size,
+                args.resolution,
+                args.sketch_error_rate,
+                args.split,
+                labeler,
+                source,
+                model=model,
+                model_source=args.from_model or "",
+                balance=args.balance or None,
+                batch=args.batch,
+                progress=lambda k: bar.advance(task, k),
+            )
     except (ValueError, LookupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -95,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     console.print(table)
     console.print(labels)
+    own = manifest.get("from_model")
+    if own:
+        console.print(
+            f"the model's images: {own['images_right']} of {own['images_drawn']} right "
+            f"({own['accuracy']:.1%}); first critiques kept: {own['first_critiques']['kept']}; "
+            f"refine targets: {own['refine_targets']}"
+        )
     return 0
 
 

@@ -15,18 +15,23 @@ be rebuilt alone and no data set needs committing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from avr.data.self_sample import SelfSampleActor
 from avr.data.teacher import ShapeWorldTeacher
+from avr.policy import SamplingConfig
 from avr.registry import MODES
-from avr.sequence import FORMAT_VERSION, trajectory_to_record
+from avr.rollout import Job, episode_seed, rollout
+from avr.sequence import FORMAT_VERSION, Trajectory, trajectory_to_record
 from avr.world import PLANNING_TAGS, PromptSpec, complexity, sample_scene, sample_spec
 from avr.world.split import draw_in_split
 
@@ -59,6 +64,28 @@ def parse_mix(text: str) -> dict[str, float]:
     return {level: w / total for level, w in mix.items()}
 
 
+def parse_modes(text: str) -> dict[str, float]:
+    """`adaptive` → {adaptive: 1}; `adaptive=0.6,reflect=0.4` → a mixture of modes, weights
+    summing to 1. Every name must be a registered mode."""
+    if "=" not in text:
+        MODES.get(text.strip())
+        return {text.strip(): 1.0}
+    modes = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        MODES.get(name.strip())
+        try:
+            modes[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"--mode: weight of {name.strip()!r} must be a number, got {weight!r}"
+            ) from None
+    total = sum(modes.values())
+    if total <= 0 or any(w < 0 for w in modes.values()):
+        raise ValueError(f"--mode: weights must be non-negative with a positive sum, got {text!r}")
+    return {name: w / total for name, w in modes.items()}
+
+
 def build(
     out: str | os.PathLike,
     n: int,
@@ -71,14 +98,41 @@ def build(
     split: str = "train",
     labeler: Callable[[str, PromptSpec], bool] | None = None,
     label_source: str = "complexity",
+    *,
+    model=None,
+    model_source: str = "",
+    sampling: SamplingConfig | None = None,
+    balance: float | None = 1.0,
+    batch: int = 32,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Write `n` teacher trajectories of `mode` to `out` (replaced atomically); returns the manifest.
-    Prompts come from `split` (`train` by default: no held-out combination, `avr.world.split`).
-    `labeler(mode, spec)` (e.g. `avr.data.labels.ModeLabeler`) labels adaptive trajectories with
-    the cheapest mode that succeeds for a model instead of by complexity level; the manifest
-    records the labels per level and their `label_source`."""
+    """Write `n` trajectories of `mode` (a registered mode, or a mixture `adaptive=0.6,reflect=0.4`)
+    to `out` (replaced atomically); returns the manifest. Prompts come from `split` (`train` by
+    default: no held-out combination, `avr.world.split`). `labeler(mode, spec)` (e.g.
+    `avr.data.labels.ModeLabeler`) labels adaptive trajectories with the cheapest mode that
+    succeeds for a model instead of by complexity level; the manifest records the labels per level
+    and their `label_source`.
+
+    With `model`, every image of a trajectory is the model's own (`avr.data.self_sample`), drawn
+    with `sampling` (default: 10 ODE steps) `batch` episodes at a time, and the teacher only judges
+    and corrects. Within each shard and level, trajectories whose first critique judges a right
+    image and those whose first critique judges a wrong one are balanced: the larger side keeps at
+    most `balance` times as many as the smaller (so fewer than `n` may be written; the manifest
+    counts what was drawn, kept and dropped; `balance=None` keeps everything). `progress(k)` is
+    called as samples finish."""
+    if model is not None and labeler is not None:
+        raise ValueError("labels from a model (--label-model) with --from-model: not supported")
+    if balance is not None and balance < 1:
+        raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
     out = Path(out)
-    mode_obj = MODES.get(mode)()
+    modes = parse_modes(mode)
+    mode_objs = {name: MODES.get(name)() for name in modes}
+    names = list(modes)
+    mode_of = (
+        names * n
+        if len(names) == 1
+        else np.random.default_rng([seed, 2**31 + 1]).choice(names, size=n, p=list(modes.values()))
+    )
     levels = list(mix)
     level_of = np.random.default_rng([seed, 2**31]).choice(
         levels, size=n, p=[mix[lv] for lv in levels]
@@ -88,9 +142,10 @@ def build(
     tmp.mkdir(parents=True)
     counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
     labels: dict[str, Counter] = {}  # level → mode the trajectory follows
+    own = SelfSampleStats() if model is not None else None
     shards = []
     for start in range(0, n, shard_size):
-        lines = []
+        samples = []
         for i in range(start, min(n, start + shard_size)):
             rng = np.random.default_rng([seed, i])
             tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
@@ -105,26 +160,39 @@ def build(
                 sketch_error_rate,
                 mode_succeeds=labeler,
             )
-            trajectory = mode_obj.build(teacher, spec)
+            samples.append((i, spec, teacher, mode_objs[str(mode_of[i])]))
+        if model is None:
+            built = []
+            for i, spec, teacher, mode_obj in samples:
+                built.append((i, mode_obj.build(teacher, spec)))
+                if progress is not None:
+                    progress(1)
+        else:
+            built = _from_model(model, samples, sampling, batch, seed, progress)
+            built = own.balance(built, balance)
+        lines = []
+        for i, trajectory in built:
             lines.append(json.dumps(trajectory_to_record(trajectory, f"{i:07d}", tmp)))
+            level = trajectory.meta["level"]
             for key, value in (
                 ("mode", trajectory.meta["mode"]),
                 ("level", level),
-                ("tag", spec.tag),
+                ("tag", trajectory.meta["spec"]["tag"]),
             ):
                 counts[key][value] += 1
             by_level = labels.setdefault(level, Counter())
             by_level[trajectory.meta["mode"]] += 1
         name = f"shard-{len(shards):05d}.jsonl"
-        (tmp / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         shards.append({"file": name, "records": len(lines)})
     manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
-        "n": n,
+        "n": sum(s["records"] for s in shards),
+        "requested": n,
         "mix": mix,
         "split": split,
-        "mode": mode,
+        "mode": mode if len(modes) == 1 else modes,
         "resolution": resolution,
         "sketch_error_rate": sketch_error_rate,
         "shards": shards,
@@ -134,8 +202,94 @@ def build(
             "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(labels.items())},
         },
     }
+    if own is not None:
+        manifest["from_model"] = {
+            "model": model_source,
+            "sampling": vars(sampling or SELF_SAMPLING),
+            "balance": balance,
+            **own.summary(),
+        }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return manifest
+
+
+#: How the model draws its own images for data: the ODE, as evaluation samples them.
+SELF_SAMPLING = SamplingConfig(steps=10, temperature=0.0)
+
+
+def _from_model(model, samples, sampling, batch, seed, progress) -> list[tuple[int, Trajectory]]:
+    """Roll the samples out through the engine, the model drawing and the teacher writing."""
+    jobs = [Job(mode_obj, spec, episode_seed(seed, i, 7)) for i, spec, _, mode_obj in samples]
+    teachers = {id(job): teacher for job, (_, _, teacher, _) in zip(jobs, samples, strict=True)}
+
+    def actor(job, sampling, generator, open_session):
+        return SelfSampleActor(model, sampling, generator, open_session, teachers[id(job)])
+
+    out = []
+    for first in range(0, len(jobs), batch):
+        chunk = jobs[first : first + batch]
+        out.extend(rollout(model, chunk, sampling or SELF_SAMPLING, batch, actor=actor))
+        if progress is not None:
+            progress(len(chunk))
+    return [(i, t) for (i, *_), t in zip(samples, out, strict=True)]
+
+
+@dataclass
+class SelfSampleStats:
+    """What a build from the model's own samples drew and kept: images the model drew and how
+    many the verifier accepted, per level; first critiques judging right and wrong images before
+    and after balancing; how refine targets were made."""
+
+    drawn: Counter = field(default_factory=Counter)
+    right: Counter = field(default_factory=Counter)
+    critiques: dict[str, Counter] = field(
+        default_factory=lambda: {"drawn": Counter(), "kept": Counter()}
+    )
+    refine_targets: Counter = field(default_factory=Counter)
+
+    def balance(
+        self, built: list[tuple[int, Trajectory]], ratio: float | None
+    ) -> list[tuple[int, Trajectory]]:
+        """Count `built`, then keep, per level, at most `ratio` × as many trajectories whose first
+        critique says "right" as "wrong" (and the other way round; a level with no right image
+        keeps no critique); trajectories without a critique are all kept, and everything when
+        `ratio` is None. Order is kept."""
+        sides: dict[tuple[str, bool], list[int]] = {}
+        for k, (_, t) in enumerate(built):
+            level, meta = t.meta["level"], t.meta
+            self.drawn[level] += meta["model_images"]
+            self.right[level] += meta["model_images_right"]
+            self.refine_targets.update(meta["refine_targets"])
+            if meta["critiques"]:
+                side = (level, bool(meta["critiques"][0]))
+                sides.setdefault(side, []).append(k)
+                self.critiques["drawn"][f"{level}/{'right' if side[1] else 'wrong'}"] += 1
+        dropped = set()
+        for level in {lv for lv, _ in sides} if ratio is not None else ():
+            ok, wrong = sides.get((level, True), []), sides.get((level, False), [])
+            cap = math.ceil(ratio * min(len(ok), len(wrong)))
+            for side in (ok, wrong):
+                dropped.update(side[cap:])
+        kept = [item for k, item in enumerate(built) if k not in dropped]
+        for _, t in kept:
+            if t.meta["critiques"]:
+                verdict = "right" if t.meta["critiques"][0] else "wrong"
+                self.critiques["kept"][f"{t.meta['level']}/{verdict}"] += 1
+        return kept
+
+    def summary(self) -> dict:
+        """The manifest's `from_model` figures."""
+        drawn, right = sum(self.drawn.values()), sum(self.right.values())
+        return {
+            "images_drawn": drawn,
+            "images_right": right,
+            "accuracy": right / drawn if drawn else None,
+            "accuracy_by_level": {
+                lv: self.right[lv] / self.drawn[lv] for lv in sorted(self.drawn) if self.drawn[lv]
+            },
+            "first_critiques": {k: dict(sorted(c.items())) for k, c in self.critiques.items()},
+            "refine_targets": dict(self.refine_targets),
+        }

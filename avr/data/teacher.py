@@ -65,22 +65,19 @@ class ShapeWorldTeacher:
         episode.add_text(mode_token(mode))
         return mode
 
+    def announce(self, episode: Episode, mode: str) -> None:
+        episode.add_text(mode_token(mode), loss=False)
+
     def plan(self, episode: Episode, step: int) -> bool:
         spec = episode.spec
         if step >= len(spec.include):
             return False
         clause = spec.include[step]
         start = sum(c.count for c in spec.include[:step])
-        drawn = list(range(start + clause.count))
-        partial = self.scene.subset(drawn)
-        where = ""
-        if clause.position is not None:
-            relation, target = clause.position
-            where = f" {relation} the {name(spec.include[target])}"
-        article = "" if clause.count > 1 else ("an " if name(clause)[0] in "aeiou" else "a ")
-        instruction = f"step {step + 1} of {len(spec.include)}: add {article}{name(clause, clause.count)}{where}"
+        partial = self.scene.subset(range(start + clause.count))
+        instruction = plan_instruction(spec, step)
         episode.add_text(f"<ins>{instruction}</ins><des>{describe(partial)}</des>")
-        episode.state.update(target=partial, step_spec=_partial_spec(spec, step))
+        episode.state.update(target=partial, step_spec=partial_spec(spec, step))
         return True
 
     def draft(self, episode: Episode, role: ImageRole) -> None:
@@ -138,7 +135,23 @@ def describe(scene: Scene) -> str:
     return ", ".join(f"a {o.color} {o.shape} at {place(o)}" for o in scene.objects)
 
 
-def _partial_spec(spec: PromptSpec, step: int) -> PromptSpec:
+def plan_instruction(spec: PromptSpec, step: int) -> str:
+    """The teacher's `<ins>` for plan step `step` of `spec` (one step per include clause, in
+    order): ``step 2 of 3: add a red circle left of the blue square``."""
+    clause = spec.include[step]
+    where = ""
+    if clause.position is not None:
+        relation, target = clause.position
+        where = f" {relation} the {name(spec.include[target])}"
+    article = "" if clause.count > 1 else ("an " if name(clause)[0] in "aeiou" else "a ")
+    return (
+        f"step {step + 1} of {len(spec.include)}: add {article}{name(clause, clause.count)}{where}"
+    )
+
+
+def partial_spec(spec: PromptSpec, step: int) -> PromptSpec:
+    """What must hold after plan step `step`: the first `step + 1` include clauses, and the
+    exclude clauses about their objects."""
     include = spec.include[: step + 1]
     keys = {(c.cls, c.color) for c in include}
     exclude = tuple(c for c in spec.exclude if (c.cls, c.color) in keys)

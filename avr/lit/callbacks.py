@@ -1,11 +1,13 @@
-"""Training callbacks: sampled trajectories as an image grid, and the generator's prompt use.
+"""Training callbacks: sampled trajectories as an image grid, the generator's prompt use, and how
+well the model reads its own work.
 
 `TrajectoryGrid`: every N steps, roll out a few fixed prompts and log their images as a grid.
 
 Each row is one trajectory: its images in order (drafts, sketches, refined, final) and its text
 beside them, so a run shows what the model plans and fixes, not only where it ends.
-`PromptUse`: how much the image generator follows its prompt. `StepProgressBar`: a progress bar
-that counts steps for runs without epochs.
+`PromptUse`: how much the image generator follows its prompt. `SelfUnderstanding`: critique
+agreement with the verifier on the model's own images, plan steps, refines. `StepProgressBar`: a
+progress bar that counts steps for runs without epochs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from avr.policy import SamplingConfig
 from avr.registry import MODES
 from avr.rollout import Job, rollout
-from avr.world import sample_scene, sample_specs
+from avr.world import Verifier, sample_scene, sample_specs
 
 
 class TrajectoryGrid(L.Callback):
@@ -181,3 +183,61 @@ class PromptUse(L.Callback):
         own, other = context_loss_ratio(backbone, self.specs, self.scenes, self.seed)
         summary["context_loss_ratio"] = other / own
         return {k: v for k, v in summary.items() if v == v}  # NaN: nothing to count
+
+
+class SelfUnderstanding(L.Callback):
+    """Every `every_n_steps`, how well the model reads its own work, logged as
+    `val/understanding/<name>`: `reflect` and `plan` rolled out (greedy text, ODE with `steps`) on
+    `prompts` fixed held-out prompts of every level, scored by `avr.understanding.Understanding`:
+    critique agreement with the verifier on the model's own images, balanced accuracy, false
+    alarms and misses, first critiques apart, plan steps equal to the teacher's, refine fix and
+    break rates, and the final images' accuracy per mode."""
+
+    def __init__(
+        self, every_n_steps: int = 250, prompts: int = 48, steps: int = 10, seed: int = 0
+    ) -> None:
+        self.every_n_steps, self.steps, self.seed = every_n_steps, steps, seed
+        self.specs = sample_specs(prompts, seed=seed, split="heldout")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        metrics = {f"val/understanding/{k}": v for k, v in self.measure(module.backbone).items()}
+        for logger in trainer.loggers:  # straight to the loggers: one row at this step only
+            logger.log_metrics(metrics, step)
+
+    def measure(self, backbone) -> dict[str, float]:
+        """The figures for `backbone` (in eval mode while measured, then restored)."""
+        from avr.understanding import Understanding
+
+        was_training = backbone.training
+        backbone.eval()
+        sampling = SamplingConfig(steps=self.steps, temperature=0.0, max_text_tokens=48)
+        understanding, verifier, out = Understanding(), Verifier(), {}
+        try:
+            for mode in ("reflect", "plan"):
+                jobs = [Job(MODES.get(mode)(), s, self.seed + i) for i, s in enumerate(self.specs)]
+                trajectories = rollout(backbone, jobs, sampling)
+                right = 0
+                for spec, trajectory in zip(self.specs, trajectories, strict=True):
+                    understanding.update(trajectory, spec)
+                    final = trajectory.final_image
+                    right += final is not None and verifier.verify(final, spec).correct
+                out[f"{mode}_accuracy"] = right / len(self.specs)
+        finally:
+            backbone.train(was_training)
+        summary = understanding.summary()
+        critique = summary["critique"]
+        out.update(
+            critique_agreement=critique["agreement"],
+            critique_balanced_accuracy=critique["balanced_accuracy"],
+            false_alarm_rate=critique["false_alarm_rate"],
+            miss_rate=critique["miss_rate"],
+            first_critique_agreement=critique["by_round"].get("first", {}).get("agreement"),
+            plan_step_accuracy=summary["plan_steps"]["accuracy"],
+            refine_fix_rate=summary["refines"]["fix_rate"],
+        )
+        return {k: float(v) for k, v in out.items() if v is not None}

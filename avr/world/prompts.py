@@ -50,7 +50,7 @@ _RELATION_WORDS = {
 MAX_OBJECTS = 8
 #: Relations in sampled scenes hold under a stricter rule than the verifier's (20% shrink, a 49° cone
 #: instead of 10% and 60°), so pixel rounding, blur and noise leave them true.
-_SAMPLER_MARGIN = (0.2, 0.65)
+SAMPLER_MARGIN = (0.2, 0.65)
 
 
 def sample_specs(
@@ -107,7 +107,7 @@ def sample_scene(
 def _try_place(spec, wanted, rng, size, gap) -> Scene | None:
     placed: list[tuple[int, SceneObject]] = []
     for clause_index, clause in wanted:
-        color = clause.color or _free_color(spec, clause, rng)
+        color = clause.color or free_color(spec, clause, rng)
         for _ in range(100):
             s = float(rng.uniform(*size))
             x, y = rng.uniform(s / 2 + gap, 1 - s / 2 - gap, size=2)
@@ -120,8 +120,9 @@ def _try_place(spec, wanted, rng, size, gap) -> Scene | None:
     return Scene(tuple(o for _, o in placed))
 
 
-def _free_color(spec: PromptSpec, clause: Clause, rng) -> str:
-    # An uncolored object must not complete a colored clause of its class (and so break its count).
+def free_color(spec: PromptSpec, clause: Clause, rng) -> str:
+    """A colour for an object of a clause that names none: not one that would complete (and so
+    break the count of) a coloured clause of its class."""
     taken = {c.color for c in (*spec.include, *spec.exclude) if c.cls == clause.cls and c.color}
     return _pick(rng, [c for c in COLORS if c not in taken] or COLORS)
 
@@ -135,7 +136,7 @@ def _fits(obj: SceneObject, clause: Clause, placed, gap: float) -> bool:
         relation, target = clause.position
         for index, other in placed:
             if index == target and relation not in box_relations(
-                obj.box, other.box, *_SAMPLER_MARGIN
+                obj.box, other.box, *SAMPLER_MARGIN
             ):
                 return False
     return True
@@ -232,7 +233,7 @@ def _multi_relation(rng):
             options = [
                 (t, r)
                 for t in range(i)
-                for r in sorted(box_relations(layout[i].box, layout[t].box, *_SAMPLER_MARGIN))
+                for r in sorted(box_relations(layout[i].box, layout[t].box, *SAMPLER_MARGIN))
             ]
             relations.append(_pick(rng, options) if options and rng.random() < 0.7 else None)
         if sum(r is not None for r in relations) >= 2:

@@ -152,6 +152,28 @@ def test_layout_of_one_trajectory(model, trajectories):
     assert sum(k == GEN for k in kind) == 2 * g  # draft and refined: two noisy copies
 
 
+def test_an_image_without_loss_is_read_not_learned(model, trajectories):
+    """A draft the verifier rejected (`loss=False`) is context for its critique: laid out as an
+    input image (clean copies, no noisy copy, no flow target, `<img>` not learned), everything
+    after it unchanged."""
+    trained = trajectories[1]
+    read = dataclasses.replace(trained, segments=[dataclasses.replace(s) for s in trained.segments])
+    draft = next(k for k, s in enumerate(read.segments) if s.is_image)
+    read.segments[draft].loss = False
+    a, b = _pack(model, [trained], [0]), _pack(model, [read], [0])
+    g = model.geometry.gen_tokens
+    kinds = [t[0].tolist() for t in (a.token_type, b.token_type)]
+    assert sum(k == GEN for k in kinds[0]) == 2 * g and sum(k == GEN for k in kinds[1]) == g
+    assert len(a.gen_pixels) == 2 and len(b.gen_pixels) == 1
+    assert torch.equal(b.gen_pixels[0], a.gen_pixels[1])  # the refined image is still learned
+    assert len(b.clean_pixels) == len(a.clean_pixels) and len(b.read_pixels) == len(a.read_pixels)
+    start, end = model.tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+    first = b.input_ids[0].tolist().index(start)
+    assert b.labels[0, first - 1] == -100  # not taught to open or close the rejected draft
+    later = [label for label in b.labels[0, first + 1 :].tolist() if label != -100]
+    assert [end, *later] == [label for label in a.labels[0, first + 1 :].tolist() if label != -100]
+
+
 def test_bad_input_is_refused(model, trajectories):
     with pytest.raises(
         ValueError, match=r"trajectory 0 takes \d+ tokens, over the maximum length 50"

@@ -45,10 +45,12 @@ def test_reflect_drafts_carry_real_errors_and_critiques_name_them():
     for seed in range(12):
         spec = SPECS["multi_count"]
         trajectory = MODES.get("reflect")().build(_teacher(spec, seed), spec)
-        kinds = [s.role if s.is_image else s.text for s in trajectory.segments[1:]]
+        token = trajectory.segments[1]
+        assert token.text == "<mode:reflect>" and not token.loss  # read, as a forced mode's
+        kinds = [s.role if s.is_image else s.text for s in trajectory.segments[2:]]
         assert (
             kinds[0] is ImageRole.DRAFT
-            and not Verifier().verify(trajectory.segments[1].image, spec).correct
+            and not Verifier().verify(trajectory.segments[2].image, spec).correct
         )
         assert "<refine>" in kinds[1] and kinds[2] is ImageRole.REFINED
         assert is_verdict_ok(kinds[3]) and len(kinds) == 4
@@ -96,7 +98,7 @@ def test_self_sampled_drafts_come_from_the_given_model():
     trajectory = MODES.get("reflect")().build(_teacher(spec, draft_model=draw), spec)
     assert drawn == [spec]
     clause = spec.include[0]
-    assert trajectory.segments[2].text.startswith(
+    assert trajectory.segments[3].text.startswith(
         f"there is no {clause.color} {clause.cls}. <refine>add a"
     )
 
@@ -120,3 +122,32 @@ def test_policy_rollouts_carry_log_probs_and_compute(policy_model, mode):
     again = run(0)
     assert [s.text for s in again.segments] == [s.text for s in trajectory.segments]
     assert np.array_equal(np.asarray(again.final_image), np.asarray(trajectory.final_image))
+
+
+#: What a trajectory of each built-in mode holds right after its mode token.
+OPENING = {"direct": ImageRole.FINAL, "reflect": ImageRole.DRAFT, "plan": "<ins>"}
+
+
+@pytest.mark.parametrize("mode", list_modes())
+def test_every_mode_rolls_out_as_it_was_trained(policy_model, mode):
+    """Forced or chosen, a rollout starts as the trajectories the model learned from: the prompt,
+    then the mode's token (scaffolded for a forced mode, sampled for adaptive's choice), then the
+    mode's first step; the teacher lays a forced mode out the same way (the token read, not
+    trained)."""
+    spec = SPECS["multi_relation"]
+    sampling = SamplingConfig(steps=2, max_text_tokens=6, temperature=0)
+    rolled = MODES.get(mode)().rollout(
+        PolicyActor(policy_model, sampling, torch.Generator().manual_seed(0)), spec
+    )
+    built = MODES.get(mode)().build(_teacher(spec), spec)
+    chosen = rolled.meta["mode"]
+    token = rolled.segments[1]
+    assert rolled.segments[0].text == spec.prompt and token.text == f"<mode:{chosen}>"
+    assert (token.logprobs is not None) == (mode == "adaptive")  # sampled only when chosen
+    assert built.segments[1].text == f"<mode:{built.meta['mode']}>"
+    assert built.segments[1].loss == (mode == "adaptive")  # a label is taught, a given mode read
+    for trajectory in (rolled, built):
+        first = trajectory.segments[2]
+        opening = OPENING.get(trajectory.meta["mode"])
+        if opening is not None:
+            assert (first.role if first.is_image else first.text[:5]) == opening

@@ -184,11 +184,13 @@ def test_format_reward_accepts_teacher_trajectories_and_rejects_broken_ones():
     good = [_traj("direct"), _traj("reflect"), _traj("plan"), _traj("adaptive")]
     assert FormatReward().score(Rollouts.of(good)).tolist() == [1.0] * 4
     broken = _traj("reflect")
-    broken.segments[2].text = broken.segments[2].text.replace("</refine>", "")
+    broken.segments[3].text = broken.segments[3].text.replace(
+        "</refine>", ""
+    )  # prompt, token, draft
     wrong_mode = _traj("adaptive")
     wrong_mode.segments[1].text = "<mode:direct>"
     plan = _traj("plan")
-    plan.segments[1].text = plan.segments[1].text.replace("step 1 of", "step 2 of")
+    plan.segments[2].text = plan.segments[2].text.replace("step 1 of", "step 2 of")
     assert FormatReward().score(Rollouts.of([broken, wrong_mode, plan])).tolist() == [0.0, 0.0, 0.0]
 
 

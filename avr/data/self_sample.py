@@ -1,0 +1,122 @@
+"""Trajectories from the model's own samples: the model draws, the teacher judges and corrects.
+
+`SelfSampleActor` performs a mode's steps inside the model's own KV-cached session, so every image
+is drawn in the context it will have at inference: the prompt, the mode token, the plan so far,
+earlier images. The text is the teacher's (`ShapeWorldTeacher`): the mode label, plan steps, and
+critiques that are the verifier's exact judgement of the image the model just drew. A wrong image
+is corrected by an edit of itself (`avr.world.edit`: the scene the verifier detects in it, with
+exactly the critique's edits applied, rendered), so a refine learns to edit rather than redraw.
+
+The flow loss never trains an image the verifier rejects: the model's wrong drafts and sketches are
+read as context (`Segment.loss = False`), its right ones are trained (rejection-sampling fine-tuning
+on its own successes), and a wrong direct answer is replaced by the teacher's render.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from avr.data.teacher import ShapeWorldTeacher
+from avr.policy import PolicyActor, SamplingConfig
+from avr.protocol import Critique, Episode
+from avr.sequence import ImageRole, image_to_array
+from avr.world.edit import correct_scene, detected_scene
+from avr.world.render import render
+
+
+class SelfSampleActor(PolicyActor):
+    """The model draws every image; `teacher` writes every text and corrects wrong images.
+
+    Each episode records in its trajectory's meta how many images the model drew
+    (`model_images`), how many the verifier accepted (`model_images_right`), the verdicts its
+    critiques state in order (`critiques`: True for "right"), and how each refine target was made
+    (`refine_targets`: "edit" of the image, or "redraw" of the teacher's scene where no edit of the
+    image satisfies the spec)."""
+
+    def __init__(
+        self,
+        model,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        open_session: Callable[[], Any],
+        teacher: ShapeWorldTeacher,
+    ) -> None:
+        super().__init__(model, sampling, generator, open_session=open_session)
+        self.teacher = teacher
+
+    def begin(self, episode: Episode) -> None:
+        super().begin(episode)
+        episode.state.update(target=self.teacher.scene, step_spec=None)
+        episode.trajectory.meta.update(
+            model_images=0, model_images_right=0, critiques=[], refine_targets=[]
+        )
+
+    def choose(self, episode: Episode, modes: list[str]) -> str:
+        mode = self.teacher.choose(episode, modes)
+        self._read_text(episode)
+        return mode
+
+    def announce(self, episode: Episode, mode: str) -> None:
+        self.teacher.announce(episode, mode)
+        self._read_text(episode)
+
+    def plan(self, episode: Episode, step: int) -> bool:
+        if not self.teacher.plan(episode, step):
+            return False
+        self._read_text(episode)
+        return True
+
+    def draft(self, episode: Episode, role: ImageRole) -> None:
+        """The model draws; the image is trained only when the verifier accepts it. A wrong final
+        answer (direct) becomes the teacher's render of the target."""
+        self._image(episode, role)
+        segment = episode.trajectory.segments[-1]
+        right = self.teacher.verifier.verify(segment.image, self._spec(episode)).correct
+        meta = episode.trajectory.meta
+        meta["model_images"] += 1
+        meta["model_images_right"] += int(right)
+        segment.loss = right
+        segment.meta["drawn_by"] = "model"
+        if role is ImageRole.FINAL and not right:
+            segment.image = episode.image = render(episode.state["target"], self.teacher.resolution)
+            segment.loss, segment.meta["drawn_by"] = True, "teacher"
+
+    def reflect(self, episode: Episode) -> Critique:
+        critique = self.teacher.reflect(episode)
+        self._read_text(episode)
+        episode.trajectory.meta["critiques"].append(critique.ok)
+        return critique
+
+    def refine(self, episode: Episode, role: ImageRole) -> None:
+        """The edit of the current image that the critique asks for, rendered and read."""
+        spec, teacher = self._spec(episode), self.teacher
+        verdict = teacher.verifier.verify(episode.image, spec)
+        scene = correct_scene(
+            detected_scene(verdict.detections, episode.image.width),
+            spec,
+            teacher.rng,
+            teacher.resolution,
+            teacher.verifier,
+        )
+        kind = "edit" if scene is not None else "redraw"
+        image = render(scene if scene is not None else episode.state["target"], teacher.resolution)
+        episode.add_image(image, role)
+        episode.trajectory.segments[-1].meta["drawn_by"] = "teacher"
+        episode.trajectory.meta["refine_targets"].append(kind)
+        pixels = torch.from_numpy(image_to_array(image, self.model.config.image_size))
+        episode.state["session"].append_image(rearrange(pixels, "h w c -> 1 c h w"))
+
+    def finish(self, episode: Episode) -> None:
+        super().finish(episode)
+        self.teacher.finish(episode)
+
+    def _spec(self, episode: Episode):
+        return episode.state["step_spec"] or episode.spec
+
+    def _read_text(self, episode: Episode) -> None:
+        """The session reads the text segment the teacher just wrote."""
+        episode.state["session"].append_text([episode.trajectory.segments[-1].text])

@@ -1,0 +1,142 @@
+"""Trajectories from the model's own samples: the model draws every image in its own context, the
+verifier judges it, and the teacher corrects it by editing what was drawn."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avr.data.build import SelfSampleStats, build, parse_mix
+from avr.data.critique import is_verdict_ok
+from avr.data.teacher import partial_spec
+from avr.defaults import tiny_model
+from avr.sequence import Trajectory, record_to_trajectory
+from avr.world import Verifier, render, sample_scene, sample_spec
+from avr.world.edit import correct_scene, detected_scene
+from avr.world.scene import Scene, SceneObject
+from avr.world.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("own") / "data"
+    manifest = build(
+        out,
+        12,
+        parse_mix("simple=1,medium=1,complex=1"),
+        seed=3,
+        mode="adaptive=0.5,reflect=0.5",
+        model=tiny_model(0).eval(),
+        model_source="tiny",
+        balance=None,  # keep everything: the untrained model draws no right image to balance with
+        batch=6,
+    )
+    lines = (out / "shard-00000.jsonl").read_text().splitlines()
+    trajectories = [
+        record_to_trajectory(json.loads(x), out, f"line {k}") for k, x in enumerate(lines)
+    ]
+    return manifest, trajectories
+
+
+def test_every_image_is_the_models_or_a_verified_correction(built):
+    manifest, trajectories = built
+    verifier = Verifier()
+    drawn = 0
+    for trajectory in trajectories:
+        spec = trajectory_spec(trajectory)
+        step = -1
+        for segment in trajectory.segments:
+            if not segment.is_image:
+                step += segment.text.startswith("<ins>")
+                continue
+            target = partial_spec(spec, step) if step >= 0 else spec
+            right = verifier.verify(segment.image, target).correct
+            if segment.meta["drawn_by"] == "model":
+                drawn += 1
+                assert segment.loss == right  # a rejected image is read, never learned
+            else:  # a teacher's correction or a direct answer's render: always right, learned
+                assert right and segment.loss
+    replaced = sum(  # a wrong direct answer gives way to the teacher's render
+        t.meta["mode"] == "direct" and t.images[0].meta["drawn_by"] == "teacher"
+        for t in trajectories
+    )
+    assert drawn + replaced == manifest["from_model"]["images_drawn"] and drawn > 0
+    assert manifest["from_model"]["model"] == "tiny" and manifest["n"] == 12
+
+
+def test_critiques_are_the_verifiers_judgement_of_the_image_before_them(built):
+    _, trajectories = built
+    verifier = Verifier()
+    judged = 0
+    for trajectory in trajectories:
+        spec = trajectory_spec(trajectory)
+        step, image = -1, None
+        for segment in trajectory.segments[1:]:
+            if segment.is_image:
+                image = segment.image
+            elif segment.text.startswith("<ins>"):
+                step += 1
+            elif image is not None:
+                target = partial_spec(spec, step) if step >= 0 else spec
+                assert is_verdict_ok(segment.text) == verifier.verify(image, target).correct
+                judged += 1
+        assert trajectory.segments[1].text.startswith("<mode:")  # chosen, or given and read
+    assert judged > 0
+
+
+def test_refine_targets_edit_the_draft():
+    """A wrong image's correction keeps what was right where it was and changes the rest."""
+    spec = sample_spec("position", np.random.default_rng(2))
+    scene = sample_scene(spec, np.random.default_rng(2))
+    first, second = scene.objects
+    wrong = Scene((first, SceneObject(second.shape, second.color, first.x, 1 - first.y, 0.18)))
+    detections = Verifier().verify(render(wrong), spec).detections
+    edited = correct_scene(detected_scene(detections, 64), spec, np.random.default_rng(0))
+    assert edited is not None and Verifier().verify(render(edited), spec).correct
+    kept = detected_scene(detections, 64).objects
+    assert any(o == kept[0] or o == kept[1] for o in edited.objects)  # one of them stays put
+
+
+def test_a_wrong_colour_is_recoloured_in_place_and_a_missing_object_added():
+    spec = sample_spec("color_attr", np.random.default_rng(5))
+    clause = spec.include[0]
+    other = next(c for c in ("red", "blue", "green") if c != clause.color)
+    wrong = Scene((SceneObject(clause.cls, other, 0.3, 0.3, 0.2),))
+    detections = Verifier().verify(render(wrong), spec).detections
+    edited = correct_scene(detected_scene(detections, 64), spec, np.random.default_rng(0))
+    assert Verifier().verify(render(edited), spec).correct
+    same = [o for o in edited.objects if abs(o.x - 0.3) < 0.03 and abs(o.y - 0.3) < 0.03]
+    assert same and same[0].color == clause.color and len(edited) == len(spec.include)
+
+
+def test_first_critiques_are_balanced_per_level():
+    def trajectory(level, right):
+        return Trajectory([], {"level": level, "critiques": [right], "model_images": 1,
+                               "model_images_right": int(right), "refine_targets": []})  # fmt: skip
+
+    built = [(k, trajectory("medium", k < 2)) for k in range(10)]  # 2 right, 8 wrong
+    built += [(10 + k, trajectory("simple", k < 5)) for k in range(6)]  # 5 right, 1 wrong
+    stats = SelfSampleStats()
+    kept = stats.balance(built, 2.0)
+    assert [k for k, _ in kept] == [0, 1, 2, 3, 4, 5, 10, 11, 15]
+    summary = stats.summary()
+    assert summary["first_critiques"]["kept"] == {
+        "medium/right": 2, "medium/wrong": 4, "simple/right": 2, "simple/wrong": 1}  # fmt: skip
+    assert summary["accuracy_by_level"] == {"medium": 0.2, "simple": 5 / 6}
+    assert SelfSampleStats().balance(built, None) == built
+    only_wrong = [(k, trajectory("complex", False)) for k in range(3)]
+    assert SelfSampleStats().balance(only_wrong, 2.0) == []  # fed only wrong, a critic says "wrong"
+
+
+def trajectory_spec(trajectory):
+    return parse_spec(trajectory.meta["spec"])
+
+
+def test_a_blank_image_is_corrected_by_adding_everything():
+    spec = sample_spec("two_object", np.random.default_rng(1))
+    blank = Image.new("RGB", (64, 64), "white")
+    edited = correct_scene(
+        detected_scene(Verifier().detect(blank), 64), spec, np.random.default_rng(0)
+    )
+    assert len(edited) == sum(c.count for c in spec.include)
