@@ -47,17 +47,18 @@ def _problem(result: ClauseResult, spec: PromptSpec, verdict: Verdict) -> tuple[
             f"remove {name(clause, extra) if extra > 1 else 'one ' + name(clause)}",
         )
     missing = clause.count - found
-    if result.problem is ProblemKind.MISSING:
+    wanted = {c.color for c in spec.include if c.cls == clause.cls}
+    others = [
+        d.color for d in verdict.detections if d.shape == clause.cls and d.color not in wanted
+    ]
+    if result.problem is ProblemKind.MISSING or (
+        result.problem is ProblemKind.WRONG_COLOR and not others
+    ):  # every object of the class is another clause's: nothing to recolour, one to add
         return f"there is no {name(clause)}", f"add {_a(name(clause, clause.count))}"
     if result.problem is ProblemKind.WRONG_COLOR:
-        wanted = {c.color for c in spec.include if c.cls == clause.cls}
-        others = [
-            d.color for d in verdict.detections if d.shape == clause.cls and d.color not in wanted
-        ]
-        wrong = others[0] if others else "other"
         return (
-            f"the {clause.cls} should be {clause.color}, not {wrong}",
-            f"make the {wrong} {clause.cls} {clause.color}",
+            f"the {clause.cls} should be {clause.color}, not {others[0]}",
+            f"make the {others[0]} {clause.cls} {clause.color}",
         )
     if result.problem is ProblemKind.WRONG_COUNT:
         return (

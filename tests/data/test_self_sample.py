@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from avr.data.build import SelfSampleStats, build, parse_mix
-from avr.data.critique import is_verdict_ok
+from avr.data.critique import critique_text, is_verdict_ok
 from avr.data.teacher import partial_spec
 from avr.defaults import tiny_model
 from avr.sequence import Trajectory, record_to_trajectory
@@ -140,3 +140,21 @@ def test_a_blank_image_is_corrected_by_adding_everything():
         detected_scene(Verifier().detect(blank), 64), spec, np.random.default_rng(0)
     )
     assert len(edited) == sum(c.count for c in spec.include)
+
+
+def test_a_clause_whose_colour_no_object_has_is_critiqued_as_missing():
+    """ "a blue triangle and a yellow triangle" over an image with only the blue one: nothing can
+    be recoloured (the blue triangle is the other clause's), so the critique asks to add one."""
+    spec = parse_spec(
+        {
+            "tag": "two_object",
+            "prompt": "a blue triangle and a yellow triangle",
+            "include": [
+                {"class": "triangle", "count": 1, "color": "blue"},
+                {"class": "triangle", "count": 1, "color": "yellow"},
+            ],
+        }
+    )
+    image = render(Scene((SceneObject("triangle", "blue", 0.3, 0.5, 0.2),)))
+    text = critique_text(Verifier().verify(image, spec), spec)
+    assert text == "there is no yellow triangle. <refine>add a yellow triangle</refine>"

@@ -6,7 +6,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from avr.data.build import build, parse_mix
 from avr.data.datamodule import TrajectoryDataModule
-from avr.lit.callbacks import PromptUse
+from avr.lit.callbacks import PromptUse, SelfUnderstanding
 from avr.lit.sft import SFTModule
 from avr.world.split import is_held_out
 
@@ -20,6 +20,17 @@ def test_prompt_use_measures_held_out_prompts():
     expected = {"objects_per_image", "exact", "accuracy", "shuffled_loss_ratio"}
     assert expected | {"context_loss_ratio"} <= set(measured)
     assert measured["shuffled_loss_ratio"] > 0 and measured["context_loss_ratio"] > 0
+
+
+def test_self_understanding_scores_the_models_own_critiques_and_restores_training_mode():
+    callback = SelfUnderstanding(prompts=4, steps=2)
+    assert all(is_held_out(s) for s in callback.specs)
+    module = SFTModule(model=None, seed=0)
+    module.backbone.train()
+    measured = callback.measure(module.backbone)
+    assert module.backbone.training
+    assert {"reflect_accuracy", "plan_accuracy", "critique_agreement", "miss_rate"} <= set(measured)
+    assert all(0.0 <= v <= 1.0 for v in measured.values())
 
 
 @pytest.mark.slow
