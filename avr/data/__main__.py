@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--batch", type=int, default=32, help="with --from-model: episodes rolled out at once"
     )
+    b.add_argument(
+        "--own-refines",
+        type=int,
+        default=1,
+        help="with --from-model: refines of a reflect trajectory the model draws before the "
+        "teacher's edit corrects the image",
+    )
     b.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
     try:
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_source=args.from_model or "",
                 balance=args.balance or None,
                 batch=args.batch,
+                own_refines=args.own_refines,
                 progress=lambda k: bar.advance(task, k),
             )
     except (ValueError, LookupError, FileNotFoundError) as err:

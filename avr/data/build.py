@@ -104,6 +104,7 @@ def build(
     sampling: SamplingConfig | None = None,
     balance: float | None = 1.0,
     batch: int = 32,
+    own_refines: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write `n` trajectories of `mode` (a registered mode, or a mixture `adaptive=0.6,reflect=0.4`)
@@ -115,7 +116,7 @@ def build(
 
     With `model`, every image of a trajectory is the model's own (`avr.data.self_sample`), drawn
     with `sampling` (default: 10 ODE steps) `batch` episodes at a time, and the teacher only judges
-    and corrects. Within each shard and level, trajectories whose first critique judges a right
+    and corrects (a reflect trajectory's first `own_refines` refines are the model's too). Within each shard and level, trajectories whose first critique judges a right
     image and those whose first critique judges a wrong one are balanced: the larger side keeps at
     most `balance` times as many as the smaller (so fewer than `n` may be written; the manifest
     counts what was drawn, kept and dropped; `balance=None` keeps everything). `progress(k)` is
@@ -168,7 +169,7 @@ def build(
                 if progress is not None:
                     progress(1)
         else:
-            built = _from_model(model, samples, sampling, batch, seed, progress)
+            built = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
             built = own.balance(built, balance)
         lines = []
         for i, trajectory in built:
@@ -207,6 +208,7 @@ def build(
             "model": model_source,
             "sampling": vars(sampling or SELF_SAMPLING),
             "balance": balance,
+            "own_refines": own_refines,
             **own.summary(),
         }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -220,13 +222,16 @@ def build(
 SELF_SAMPLING = SamplingConfig(steps=10, temperature=0.0)
 
 
-def _from_model(model, samples, sampling, batch, seed, progress) -> list[tuple[int, Trajectory]]:
+def _from_model(
+    model, samples, sampling, batch, seed, own_refines, progress
+) -> list[tuple[int, Trajectory]]:
     """Roll the samples out through the engine, the model drawing and the teacher writing."""
     jobs = [Job(mode_obj, spec, episode_seed(seed, i, 7)) for i, spec, _, mode_obj in samples]
     teachers = {id(job): teacher for job, (_, _, teacher, _) in zip(jobs, samples, strict=True)}
 
     def actor(job, sampling, generator, open_session):
-        return SelfSampleActor(model, sampling, generator, open_session, teachers[id(job)])
+        teacher = teachers[id(job)]
+        return SelfSampleActor(model, sampling, generator, open_session, teacher, own_refines)
 
     out = []
     for first in range(0, len(jobs), batch):

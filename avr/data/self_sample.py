@@ -33,9 +33,9 @@ class SelfSampleActor(PolicyActor):
 
     Each episode records in its trajectory's meta how many images the model drew
     (`model_images`), how many the verifier accepted (`model_images_right`), the verdicts its
-    critiques state in order (`critiques`: True for "right"), and how each refine target was made
-    (`refine_targets`: "edit" of the image, or "redraw" of the teacher's scene where no edit of the
-    image satisfies the spec)."""
+    critiques state in order (`critiques`: True for "right"), and how each refine was made
+    (`refine_targets`: drawn by the "model", an "edit" of the image, or a "redraw" of the
+    teacher's scene where no edit of the image satisfies the spec)."""
 
     def __init__(
         self,
@@ -44,9 +44,13 @@ class SelfSampleActor(PolicyActor):
         generator: torch.Generator,
         open_session: Callable[[], Any],
         teacher: ShapeWorldTeacher,
+        own_refines: int = 1,
     ) -> None:
+        """`own_refines`: how many refines of a reflect trajectory the model draws itself (judged
+        and critiqued like a draft) before the teacher's edit corrects the image: later critiques
+        then judge the model's own refines, right and wrong, not only corrected ones."""
         super().__init__(model, sampling, generator, open_session=open_session)
-        self.teacher = teacher
+        self.teacher, self.own_refines = teacher, own_refines
 
     def begin(self, episode: Episode) -> None:
         super().begin(episode)
@@ -92,7 +96,13 @@ class SelfSampleActor(PolicyActor):
         return critique
 
     def refine(self, episode: Episode, role: ImageRole) -> None:
-        """The edit of the current image that the critique asks for, rendered and read."""
+        """The model's own refine (reflect's first `own_refines`), or the edit of the current
+        image that the critique asks for, rendered and read."""
+        targets = episode.trajectory.meta["refine_targets"]
+        if role is ImageRole.REFINED and len(targets) < self.own_refines:
+            targets.append("model")
+            self.draft(episode, role)
+            return
         spec, teacher = self._spec(episode), self.teacher
         verdict = teacher.verifier.verify(episode.image, spec)
         scene = correct_scene(

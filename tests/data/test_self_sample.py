@@ -62,6 +62,12 @@ def test_every_image_is_the_models_or_a_verified_correction(built):
         for t in trajectories
     )
     assert drawn + replaced == manifest["from_model"]["images_drawn"] and drawn > 0
+    reflects = [t for t in trajectories if t.meta["mode"] == "reflect"]
+    for t in reflects:  # the first refine is the model's own, a second one the teacher's edit
+        refined = [s for s in t.images if s.role == "refined"]
+        assert [s.meta["drawn_by"] for s in refined] == ["model", "teacher"][: len(refined)]
+        assert t.meta["refine_targets"][:1] == ["model"][: len(refined)]
+    assert reflects
     assert manifest["from_model"]["model"] == "tiny" and manifest["n"] == 12
 
 
