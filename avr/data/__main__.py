@@ -1,7 +1,8 @@
 """`python -m avr.data build --n N --mix simple=0.3,medium=0.4,complex=0.3 --seed S -o DIR`.
 
 `--from-model DIR` builds from the model's own samples: the model draws every image, the teacher
-judges and corrects (`avr.data.self_sample`)."""
+judges and corrects (`avr.data.self_sample`). `python -m avr.data merge A B -o DIR` makes one data
+folder of several builds (a round's own samples beside the earlier rounds')."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from avr.data.build import build, parse_mix
+from avr.data.merge import merge
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build a data set and print its counts; bad arguments print `error: …` and return 2."""
     parser = argparse.ArgumentParser(prog="python -m avr.data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(required=True, metavar="{build}")
+    sub = parser.add_subparsers(required=True, metavar="{build,merge}")
     b = sub.add_parser("build", help="write teacher trajectories as sharded JSONL + PNG")
     b.add_argument("--n", type=int, required=True, help="number of trajectories")
     b.add_argument(
@@ -74,7 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         "teacher's edit corrects the image",
     )
     b.add_argument("-o", "--output", required=True)
+    m = sub.add_parser("merge", help="one data folder from several builds")
+    m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
+    m.add_argument("-o", "--output", required=True, help="the new folder (must not exist)")
     args = parser.parse_args(argv)
+    if "sources" in args:
+        try:
+            merged = merge(args.sources, args.output)
+        except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        Console().print(
+            f"{merged['n']} trajectories from {len(args.sources)} folders → {args.output}"
+        )
+        return 0
     try:
         model = None
         if args.from_model:

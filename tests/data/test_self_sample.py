@@ -164,3 +164,24 @@ def test_a_clause_whose_colour_no_object_has_is_critiqued_as_missing():
     image = render(Scene((SceneObject("triangle", "blue", 0.3, 0.5, 0.2),)))
     text = critique_text(Verifier().verify(image, spec), spec)
     assert text == "there is no yellow triangle. <refine>add a yellow triangle</refine>"
+
+
+def test_merged_builds_keep_every_record_and_image_apart(tmp_path):
+    from avr.data.__main__ import main
+    from avr.data.datamodule import TrajectoryStream
+
+    for seed in (1, 2):  # both builds number their keys from 0
+        build(tmp_path / f"b{seed}", 5, parse_mix("simple=1"), seed=seed, mode="direct")
+    assert (
+        main(["merge", str(tmp_path / "b1"), str(tmp_path / "b2"), "-o", str(tmp_path / "m")]) == 0
+    )
+    merged = TrajectoryStream(tmp_path / "m", batch_size=2, shuffle=False)
+    assert len(merged.index) == 10
+    batches = iter(merged)
+    first = next(batches)
+    assert len(first) == 2 and all(t.final_image.size == (64, 64) for t in first)
+    images = sorted(p.name for p in (tmp_path / "m" / "images").iterdir())
+    assert len(images) == 10 and images[0].startswith("s0-") and images[-1].startswith("s1-")
+    assert (
+        main(["merge", str(tmp_path / "b1"), str(tmp_path / "b2"), "-o", str(tmp_path / "m")]) == 2
+    )
