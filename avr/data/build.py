@@ -45,23 +45,12 @@ LEVEL_TAGS = {
 
 def parse_mix(text: str) -> dict[str, float]:
     """`simple=0.3,medium=0.4,complex=0.3` → weights that sum to 1."""
-    mix = {}
-    for part in text.split(","):
-        level, _, weight = part.partition("=")
-        if level.strip() not in LEVEL_TAGS:
-            raise ValueError(
-                f"--mix: unknown level {level.strip()!r}; expected {', '.join(LEVEL_TAGS)}"
-            )
-        try:
-            mix[level.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(
-                f"--mix: weight of {level.strip()!r} must be a number, got {weight!r}"
-            ) from None
-    total = sum(mix.values())
-    if total <= 0 or any(w < 0 for w in mix.values()):
-        raise ValueError(f"--mix: weights must be non-negative with a positive sum, got {text!r}")
-    return {level: w / total for level, w in mix.items()}
+
+    def check(level: str) -> None:
+        if level not in LEVEL_TAGS:
+            raise ValueError(f"--mix: unknown level {level!r}; expected {', '.join(LEVEL_TAGS)}")
+
+    return _weights(text, "--mix", check)
 
 
 def parse_modes(text: str) -> dict[str, float]:
@@ -70,20 +59,25 @@ def parse_modes(text: str) -> dict[str, float]:
     if "=" not in text:
         MODES.get(text.strip())
         return {text.strip(): 1.0}
-    modes = {}
+    return _weights(text, "--mode", MODES.get)
+
+
+def _weights(text: str, flag: str, check: Callable[[str], object]) -> dict[str, float]:
+    """`a=0.3,b=0.7` → weights that sum to 1; `check(name)` raises for a name `flag` cannot take."""
+    weights = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
-        MODES.get(name.strip())
+        check(name.strip())
         try:
-            modes[name.strip()] = float(weight)
+            weights[name.strip()] = float(weight)
         except ValueError:
             raise ValueError(
-                f"--mode: weight of {name.strip()!r} must be a number, got {weight!r}"
+                f"{flag}: weight of {name.strip()!r} must be a number, got {weight!r}"
             ) from None
-    total = sum(modes.values())
-    if total <= 0 or any(w < 0 for w in modes.values()):
-        raise ValueError(f"--mode: weights must be non-negative with a positive sum, got {text!r}")
-    return {name: w / total for name, w in modes.items()}
+    total = sum(weights.values())
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise ValueError(f"{flag}: weights must be non-negative with a positive sum, got {text!r}")
+    return {name: w / total for name, w in weights.items()}
 
 
 def build(

@@ -57,9 +57,9 @@ class TrajectoryGrid(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+        if not _due(trainer, self.every_n_steps):
             return
+        step = trainer.global_step
         grid, texts = self.grid(module.backbone)
         table = "| prompt | trajectory |\n|---|---|\n" + "\n".join(
             f"| {spec.prompt} | {_markdown_cell(text)} |"
@@ -98,6 +98,18 @@ class TrajectoryGrid(L.Callback):
         return np.concatenate(
             [np.concatenate(p, 1) for p in zip(images, panels, strict=True)]
         ), texts
+
+
+def _due(trainer: L.Trainer, every_n_steps: int) -> bool:
+    """Whether a measuring callback runs at this step: every `every_n_steps` (0: never), on rank 0."""
+    step = trainer.global_step
+    return bool(every_n_steps) and step % every_n_steps == 0 and trainer.is_global_zero
+
+
+def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Straight to the loggers: one row at this step only."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, trainer.global_step)
 
 
 def _text_panel(text: str, height: int, width: int) -> np.ndarray:
@@ -158,15 +170,10 @@ class PromptUse(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps:
-            return
-        if not trainer.is_global_zero:
+        if not _due(trainer, self.every_n_steps):
             return
         measured = self.measure(module.backbone)  # the trained weights, not an EMA
-        metrics = {f"val/prompt_use/{name}": value for name, value in measured.items()}
-        for logger in trainer.loggers:  # straight to the loggers: one row at this step only
-            logger.log_metrics(metrics, step)
+        _log(trainer, {f"val/prompt_use/{name}": value for name, value in measured.items()})
 
     def measure(self, backbone) -> dict[str, float]:
         """The ratios for `backbone`; empty for a backbone that is not a `UnifiedModel` (the
@@ -202,12 +209,10 @@ class SelfUnderstanding(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+        if not _due(trainer, self.every_n_steps):
             return
-        metrics = {f"val/understanding/{k}": v for k, v in self.measure(module.backbone).items()}
-        for logger in trainer.loggers:  # straight to the loggers: one row at this step only
-            logger.log_metrics(metrics, step)
+        measured = self.measure(module.backbone)
+        _log(trainer, {f"val/understanding/{k}": v for k, v in measured.items()})
 
     def measure(self, backbone) -> dict[str, float]:
         """The figures for `backbone` (in eval mode while measured, then restored)."""
