@@ -1,15 +1,18 @@
-"""The hierarchical data pipeline: ShapeWorld samples by complexity level → teacher trajectories →
-sharded JSONL + PNG with a manifest.
+"""The hierarchical data pipeline: ShapeWorld samples by complexity level → teacher trajectories
+(or trajectories drawn by a model and corrected by the teacher, `avr.data.self_sample`) → sharded
+JSONL + PNG with a manifest.
 
 ```
 DIR/manifest.json          format version, seed, mix, split, mode, shard sizes, counts per
-                           mode/level/tag, the adaptive labels per level and where they came from
+                           mode/level/tag, the adaptive labels per level and where they came from;
+                           from a model: `from_model` (images drawn and right, critiques balanced)
 DIR/shard-00000.jsonl      one trajectory per line (see `avr.sequence.trajectory_to_record`)
 DIR/images/…png            their images
 ```
 
-Everything regenerates from the seed: sample `i` uses the generator `(seed, i)`, so any record can
-be rebuilt alone and no data set needs committing.
+Teacher data regenerates from the seed: sample `i` uses the generator `(seed, i)`, so any record
+can be rebuilt alone and no data set needs committing; data from a model regenerates from the seed
+and the model.
 """
 
 from __future__ import annotations
