@@ -14,7 +14,9 @@ verdict:
 The compute claim ("the complexity penalty saves compute") is confirmed when the run with the
 penalty uses at least 10% fewer NFE per prompt and its accuracy is not significantly lower
 (interval not below 0); refuted when it does not save 10%; a saving that costs accuracy is said
-so. Runs are found by label `<model>/<mode>` (name the models in `avr.evaluate`:
+so. The critic claim ("the model judges its own images") reads the critique agreement
+`avr.evaluate` records for each model's `reflect` run, with its Wilson interval, against 95%.
+Runs are found by label `<model>/<mode>` (name the models in `avr.evaluate`:
 `--model sft=DIR`); a claim whose runs are missing is listed as not measured.
 """
 
@@ -28,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from avr.intervals import paired, tag_mean
+from avr.intervals import paired, tag_mean, wilson
 
 SAVING = 0.10  # the least relative NFE saving that counts as "saves compute"
+CRITIC_TARGET = 0.95  # the agreement a critic must reach to turn the model's tries into answers
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ def measure(evaluations: dict, roles: Roles = Roles()) -> list[Claim]:
             compare("RL improves on SFT", f"RL − SFT, {mode}", f"{s}/{mode}", f"{r}/{mode}")
         )
     table.append(_penalty(runs, tags, f"{roles.no_penalty}/adaptive", f"{r}/adaptive"))
+    for model in (s, r):
+        table.append(_critic(runs, f"{model}/reflect"))
     table.append(
         compare(
             "step-wise rewards help",
@@ -206,6 +211,38 @@ def _penalty(runs: dict, tags: np.ndarray, without: str, with_: str) -> Claim:
         f"McNemar p = {result['mcnemar_p']:.2g}"
     )
     return Claim(claim, measured, verdict, numbers)
+
+
+def _critic(runs: dict, label: str, target: float = CRITIC_TARGET) -> Claim:
+    """Whether the model's critiques agree with the verifier on its own images (`reflect`
+    rollouts, `avr.understanding`): confirmed when the Wilson interval of the agreement lies at
+    or above `target`, refuted when it lies below."""
+    claim = f"the model judges its own images (critique agrees with the verifier ≥ {target:.0%})"
+    measured_as = f"critique agreement of `{label}` rollouts"
+    critique = runs.get(label, {}).get("understanding", {}).get("critique", {})
+    n = critique.get("critiques", 0)
+    if not n:
+        return Claim(claim, measured_as, "not measured", f"no critiques of {label}")
+    agree = round(critique["agreement"] * n)
+    low, high = wilson(agree, n)
+    verdict = (
+        "confirmed"
+        if low >= target
+        else "refuted"
+        if high < target
+        else "not resolvable at this size"
+    )
+    numbers = (
+        f"{agree} of {n} ({_pct(agree / n)} [{100 * low:.1f}, {100 * high:.1f}]); balanced "
+        f"accuracy {_pct(critique['balanced_accuracy'])}; right images called wrong "
+        f"{_rate(critique['false_alarm_rate'])}, wrong images called right "
+        f"{_rate(critique['miss_rate'])}"
+    )
+    return Claim(claim, measured_as, verdict, numbers)
+
+
+def _rate(value: float | None) -> str:
+    return "–" if value is None else _pct(value)
 
 
 def _pct(value: float) -> str:

@@ -97,3 +97,22 @@ def test_evaluations_on_other_prompts_are_refused_naming_the_file(tmp_path, caps
     assert "prompt 7" in capsys.readouterr().err
     assert main([str(a), "-o", str(tmp_path / "claims.md")]) == 0
     assert "| claim | measured as | verdict | numbers |" in (tmp_path / "claims.md").read_text()
+
+
+def test_the_critic_claim_reads_the_reflect_runs_critique_agreement(tmp_path):
+    path = _metrics(tmp_path / "m.json", {("sft", "reflect"): ([1] * len(TAGS), 20.0)})
+    body = json.loads(path.read_text())
+    critique = {"critiques": 200, "agreement": 0.5, "balanced_accuracy": 0.5,
+                "false_alarm_rate": 1.0, "miss_rate": 0.0}  # fmt: skip
+    body["runs"]["sft/reflect"]["understanding"] = {"critique": critique}
+    path.write_text(json.dumps(body))
+    claims = {c.measured_as: c for c in measure(load([path]))}
+    critic = claims["critique agreement of `sft/reflect` rollouts"]
+    assert critic.verdict == "refuted" and critic.numbers.startswith("100 of 200 (50.0%")
+    assert claims["critique agreement of `rl/reflect` rollouts"].verdict == "not measured"
+    critique.update(agreement=0.99, critiques=1000)
+    path.write_text(json.dumps(body))
+    critic = {c.measured_as: c for c in measure(load([path]))}[
+        "critique agreement of `sft/reflect` rollouts"
+    ]
+    assert critic.verdict == "confirmed"
