@@ -105,6 +105,22 @@ def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalt
     assert "image_weight: 1.0" in printed
 
 
+def test_the_self_round_overlay_fine_tunes_the_edit_model_on_its_own_samples(capsys):
+    with pytest.raises(SystemExit):
+        fit(
+            [
+                "experiments/sft-interleaved.yaml",
+                "--config",
+                "experiments/overlays/self-round.yaml",
+                "--print_config",
+            ]
+        )
+    printed = capsys.readouterr().out
+    assert "path: checkpoints/shapeworld-tiny-edit" in printed
+    assert "path: runs/round1-data" in printed and "SelfUnderstanding" in printed
+    assert "lr: 0.0001" in printed and "max_steps: 600" in printed
+
+
 @pytest.mark.parametrize("config", ["experiments/rl.yaml", "experiments/sft.yaml"])
 def test_every_output_follows_default_root_dir(config, capsys):
     with pytest.raises(SystemExit):
