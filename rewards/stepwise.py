@@ -10,11 +10,10 @@ Each check is 1 or 0; the reward is their mean, NaN for a rollout with no step t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from avr.data.critique import is_verdict_ok
+from avr.data.teacher import partial_spec
 from avr.registry import register_reward
 from avr.reward import Reward, Rollouts
 from avr.world.verify import Verifier
@@ -61,8 +60,5 @@ def _is_critique(text: str) -> bool:
 
 
 def _partial(spec, steps: int):
-    include = spec.include[: max(1, min(steps, len(spec.include)))]
-    keys = {(c.cls, c.color) for c in include}
-    return replace(
-        spec, include=include, exclude=tuple(c for c in spec.exclude if (c.cls, c.color) in keys)
-    )
+    """What must hold after `steps` plan steps (counted from 1; at least the first clause)."""
+    return partial_spec(spec, max(1, min(steps, len(spec.include))) - 1)

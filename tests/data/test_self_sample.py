@@ -44,13 +44,9 @@ def test_every_image_is_the_models_or_a_verified_correction(built):
     verifier = Verifier()
     drawn = 0
     for trajectory in trajectories:
-        spec = trajectory_spec(trajectory)
-        step = -1
-        for segment in trajectory.segments:
+        for segment, target in _judged(trajectory):
             if not segment.is_image:
-                step += segment.text.startswith("<ins>")
                 continue
-            target = partial_spec(spec, step) if step >= 0 else spec
             right = verifier.verify(segment.image, target).correct
             if segment.meta["drawn_by"] == "model":
                 drawn += 1
@@ -76,15 +72,11 @@ def test_critiques_are_the_verifiers_judgement_of_the_image_before_them(built):
     verifier = Verifier()
     judged = 0
     for trajectory in trajectories:
-        spec = trajectory_spec(trajectory)
-        step, image = -1, None
-        for segment in trajectory.segments[1:]:
+        image = None
+        for segment, target in _judged(trajectory):
             if segment.is_image:
                 image = segment.image
-            elif segment.text.startswith("<ins>"):
-                step += 1
-            elif image is not None:
-                target = partial_spec(spec, step) if step >= 0 else spec
+            elif image is not None and not segment.text.startswith("<ins>"):
                 assert is_verdict_ok(segment.text) == verifier.verify(image, target).correct
                 judged += 1
         assert trajectory.segments[1].text.startswith("<mode:")  # chosen, or given and read
@@ -135,8 +127,13 @@ def test_first_critiques_are_balanced_per_level():
     assert SelfSampleStats().balance(only_wrong, 2.0) == []  # fed only wrong, a critic says "wrong"
 
 
-def trajectory_spec(trajectory):
-    return parse_spec(trajectory.meta["spec"])
+def _judged(trajectory):
+    """Each segment after the prompt with what an image there must satisfy: the prompt's spec, or
+    the plan step's partial spec once a plan step was written."""
+    spec, step = parse_spec(trajectory.meta["spec"]), -1
+    for segment in trajectory.segments[1:]:
+        step += not segment.is_image and segment.text.startswith("<ins>")
+        yield segment, partial_spec(spec, step) if step >= 0 else spec
 
 
 def test_a_blank_image_is_corrected_by_adding_everything():
