@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --from-model: refines of a reflect trajectory the model draws before the "
         "teacher's edit corrects the image",
     )
+    b.add_argument(
+        "--critique-views",
+        action="store_true",
+        help="with --from-model: learn critiques from views (each critique of the model's image "
+        "alone, balanced per level, position and verdict; --balance applies to them), not from "
+        "whole trajectories",
+    )
     b.add_argument("-o", "--output", required=True)
     m = sub.add_parser("merge", help="one data folder from several builds")
     m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 balance=args.balance or None,
                 batch=args.batch,
                 own_refines=args.own_refines,
+                views=args.critique_views,
                 progress=lambda k: bar.advance(task, k),
             )
     except (ValueError, LookupError, FileNotFoundError) as err:

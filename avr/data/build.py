@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avr.data.self_sample import SelfSampleActor
+from avr.data.self_sample import SelfSampleActor, critique_views, without_critique_loss
 from avr.data.teacher import ShapeWorldTeacher
 from avr.policy import SamplingConfig
 from avr.registry import MODES
@@ -102,6 +102,7 @@ def build(
     balance: float | None = 1.0,
     batch: int = 32,
     own_refines: int = 1,
+    views: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write `n` trajectories of `mode` (a registered mode, or a mixture `adaptive=0.6,reflect=0.4`)
@@ -116,10 +117,18 @@ def build(
     and corrects (a reflect trajectory's first `own_refines` refines are the model's too). Within each shard and level, trajectories whose first critique judges a right
     image and those whose first critique judges a wrong one are balanced: the larger side keeps at
     most `balance` times as many as the smaller (so fewer than `n` may be written; the manifest
-    counts what was drawn, kept and dropped; `balance=None` keeps everything). `progress(k)` is
-    called as samples finish."""
+    counts what was drawn, kept and dropped; `balance=None` keeps everything).
+
+    With `views` as well, critiques are learned from critique views instead
+    (`avr.data.self_sample.critique_views`: each critique of an image the model drew, alone, the
+    trajectory before it read), balanced per level, position (first try or refine) and verdict;
+    every whole trajectory is kept, its critiques read, not trained, and teaches the rest (mode
+    labels, plans, the images the verifier accepts, refines). `progress(k)` is called as samples
+    finish."""
     if model is not None and labeler is not None:
         raise ValueError("labels from a model (--label-model) with --from-model: not supported")
+    if views and model is None:
+        raise ValueError("--critique-views needs --from-model (views of the model's own images)")
     if balance is not None and balance < 1:
         raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
     out = Path(out)
@@ -162,24 +171,35 @@ def build(
         if model is None:
             built = []
             for i, spec, teacher, mode_obj in samples:
-                built.append((i, mode_obj.build(teacher, spec)))
+                built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
                 if progress is not None:
                     progress(1)
         else:
-            built = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
-            built = own.balance(built, balance)
+            drawn = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
+            if views:
+                built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
+                built += own.balance_views(
+                    [
+                        (f"{key}v{k}", v)
+                        for key, t in drawn
+                        for k, v in enumerate(critique_views(t))
+                    ],
+                    balance,
+                )
+            else:
+                built = own.balance(drawn, balance)
         lines = []
-        for i, trajectory in built:
-            lines.append(json.dumps(trajectory_to_record(trajectory, f"{i:07d}", tmp)))
-            level = trajectory.meta["level"]
+        for key, trajectory in built:
+            lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
+            level, view = trajectory.meta["level"], "view" in trajectory.meta
             for key, value in (
-                ("mode", trajectory.meta["mode"]),
+                ("mode", "critique view" if view else trajectory.meta["mode"]),
                 ("level", level),
                 ("tag", trajectory.meta["spec"]["tag"]),
             ):
                 counts[key][value] += 1
-            by_level = labels.setdefault(level, Counter())
-            by_level[trajectory.meta["mode"]] += 1
+            if not view:
+                labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
         name = f"shard-{len(shards):05d}.jsonl"
         (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         shards.append({"file": name, "records": len(lines)})
@@ -206,6 +226,7 @@ def build(
             "sampling": vars(sampling or SELF_SAMPLING),
             "balance": balance,
             "own_refines": own_refines,
+            "views": views,
             **own.summary(),
         }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -236,7 +257,7 @@ def _from_model(
         out.extend(rollout(model, chunk, sampling or SELF_SAMPLING, batch, actor=actor))
         if progress is not None:
             progress(len(chunk))
-    return [(i, t) for (i, *_), t in zip(samples, out, strict=True)]
+    return [(f"{i:07d}", t) for (i, *_), t in zip(samples, out, strict=True)]
 
 
 @dataclass
@@ -251,10 +272,13 @@ class SelfSampleStats:
         default_factory=lambda: {"drawn": Counter(), "kept": Counter()}
     )
     refine_targets: Counter = field(default_factory=Counter)
+    views: dict[str, Counter] = field(
+        default_factory=lambda: {"drawn": Counter(), "kept": Counter()}
+    )
 
     def balance(
-        self, built: list[tuple[int, Trajectory]], ratio: float | None
-    ) -> list[tuple[int, Trajectory]]:
+        self, built: list[tuple[str, Trajectory]], ratio: float | None
+    ) -> list[tuple[str, Trajectory]]:
         """Count `built`, then keep, per level, at most `ratio` × as many trajectories whose first
         critique says "right" as "wrong" (and the other way round; a level with no right image
         keeps no critique); trajectories without a critique are all kept, and everything when
@@ -282,6 +306,30 @@ class SelfSampleStats:
                 self.critiques["kept"][f"{t.meta['level']}/{verdict}"] += 1
         return kept
 
+    def balance_views(
+        self, views: list[tuple[str, Trajectory]], ratio: float | None
+    ) -> list[tuple[str, Trajectory]]:
+        """Keep, per level and position, at most `ratio` × as many critique views saying "right" as
+        "wrong" and the other way round (none where one verdict never occurs; all when `ratio` is
+        None); count them. Order is kept."""
+        groups: dict[tuple[str, str], dict[bool, list[int]]] = {}
+        for k, (_, view) in enumerate(views):
+            level, position, ok = (
+                view.meta["level"],
+                view.meta["view"]["position"],
+                view.meta["view"]["ok"],
+            )
+            groups.setdefault((level, position), {True: [], False: []})[ok].append(k)
+            self.views["drawn"][_view_key(view)] += 1
+        keep = set(range(len(views)))
+        if ratio is not None:
+            for sides in groups.values():
+                cap = math.ceil(ratio * min(len(sides[True]), len(sides[False])))
+                keep -= {k for side in sides.values() for k in side[cap:]}
+        kept = [item for k, item in enumerate(views) if k in keep]
+        self.views["kept"].update(_view_key(view) for _, view in kept)
+        return kept
+
     def summary(self) -> dict:
         """The manifest's `from_model` figures."""
         drawn, right = sum(self.drawn.values()), sum(self.right.values())
@@ -294,4 +342,11 @@ class SelfSampleStats:
             },
             "first_critiques": {k: dict(sorted(c.items())) for k, c in self.critiques.items()},
             "refine_targets": dict(self.refine_targets),
+            "critique_views": {k: dict(sorted(c.items())) for k, c in self.views.items()},
         }
+
+
+def _view_key(view: Trajectory) -> str:
+    """`level/position/right` (or `wrong`): how the manifest counts a critique view."""
+    where = view.meta["view"]
+    return f"{view.meta['level']}/{where['position']}/{'right' if where['ok'] else 'wrong'}"

@@ -23,9 +23,12 @@ from einops import rearrange
 from avr.data.teacher import ShapeWorldTeacher
 from avr.policy import PolicyActor, SamplingConfig
 from avr.protocol import Critique, Episode
-from avr.sequence import ImageRole, image_to_array
+from avr.sequence import ImageRole, Segment, Trajectory, image_to_array
 from avr.world.edit import correct_scene, detected_scene
 from avr.world.render import render
+
+#: Images that are a first try at what the text before them asks (not a refine of an earlier one).
+FIRST_TRIES = (ImageRole.DRAFT, ImageRole.SKETCH)
 
 
 class SelfSampleActor(PolicyActor):
@@ -90,9 +93,18 @@ class SelfSampleActor(PolicyActor):
             segment.loss, segment.meta["drawn_by"] = True, "teacher"
 
     def reflect(self, episode: Episode) -> Critique:
+        """The teacher's critique of the image in front of the model; its segment's meta records
+        the verdict, who drew the image it judges and whether that image is a first try (a draft
+        or a plan step's sketch) or a refine (`critique_views` reads it)."""
         critique = self.teacher.reflect(episode)
         self._read_text(episode)
         episode.trajectory.meta["critiques"].append(critique.ok)
+        judged = next(s for s in reversed(episode.trajectory.segments) if s.is_image)
+        episode.trajectory.segments[-1].meta["critique"] = {
+            "ok": critique.ok,
+            "of": judged.meta.get("drawn_by", "teacher"),
+            "position": "first" if judged.role in FIRST_TRIES else "later",
+        }
         return critique
 
     def refine(self, episode: Episode, role: ImageRole) -> None:
@@ -130,3 +142,33 @@ class SelfSampleActor(PolicyActor):
     def _read_text(self, episode: Episode) -> None:
         """The session reads the text segment the teacher just wrote."""
         episode.state["session"].append_text([episode.trajectory.segments[-1].text])
+
+
+def critique_views(trajectory: Trajectory) -> list[Trajectory]:
+    """One trajectory per critique of an image the model drew: `trajectory` up to and including
+    that critique, in which only the critique is trained (every other segment is read). A critic
+    learned from views balanced per position and verdict (`SelfSampleStats.balance_views`) cannot
+    read its verdict off the position: in a whole reflect trajectory the critique after the
+    teacher's corrected image always says "right". Each view's meta is the trajectory's with
+    `view`: the critique's `position` ("first" or "later") and `ok`."""
+    views = []
+    for k, segment in enumerate(trajectory.segments):
+        critique = segment.meta.get("critique")
+        if segment.is_image or critique is None or critique["of"] != "model":
+            continue
+        segments = [
+            Segment(text=s.text, image=s.image, role=s.role, loss=False, meta=dict(s.meta))
+            for s in trajectory.segments[:k]
+        ]
+        segments.append(Segment(text=segment.text, loss=True, meta=dict(segment.meta)))
+        meta = {**trajectory.meta, "view": {"position": critique["position"], "ok": critique["ok"]}}
+        views.append(Trajectory(segments, meta))
+    return views
+
+
+def without_critique_loss(trajectory: Trajectory) -> Trajectory:
+    """`trajectory` with its critiques read, not trained (they are learned from balanced views)."""
+    for segment in trajectory.segments:
+        if "critique" in segment.meta:
+            segment.loss = False
+    return trajectory

@@ -182,3 +182,65 @@ def test_merged_builds_keep_every_record_and_image_apart(tmp_path):
     assert (
         main(["merge", str(tmp_path / "b1"), str(tmp_path / "b2"), "-o", str(tmp_path / "m")]) == 2
     )
+
+
+def test_critique_views_train_one_critique_of_the_models_image_each(tmp_path):
+    manifest = build(
+        tmp_path / "views",
+        8,
+        parse_mix("simple=1,complex=1"),
+        seed=4,
+        mode="reflect=0.5,adaptive=0.5",
+        model=tiny_model(0).eval(),
+        balance=None,
+        batch=8,
+        own_refines=2,
+        views=True,
+    )
+    lines = (tmp_path / "views" / "shard-00000.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    trajectories = {
+        r["key"]: record_to_trajectory(r, tmp_path / "views", f"line {k}")
+        for k, r in enumerate(records)
+    }
+    views = {k: t for k, t in trajectories.items() if "view" in t.meta}
+    whole = {k: t for k, t in trajectories.items() if "view" not in t.meta}
+    assert len(whole) == 8 and views
+    verifier, positions = Verifier(), set()
+    for key, view in views.items():
+        *read, critique = list(_judged(view))
+        assert [s.loss for s, _ in read] == [False] * len(read)  # all read but the critique
+        image = next(s for s, _ in reversed(read) if s.is_image)
+        assert image.meta["drawn_by"] == "model" and critique[0].loss
+        assert is_verdict_ok(critique[0].text) == view.meta["view"]["ok"]
+        assert view.meta["view"]["ok"] == verifier.verify(image.image, critique[1]).correct
+        source = whole[key.split("v")[0]].segments
+        assert [s.text for s in view.segments] == [s.text for s in source[: len(view.segments)]]
+        positions.add(view.meta["view"]["position"])
+    assert positions == {"first", "later"}  # drafts and the model's own refines
+    for t in whole.values():  # critiques are learned from views only
+        assert not any(s.loss for s in t.segments if "critique" in s.meta)
+        assert sum("critique" in s.meta for s in t.segments) == len(t.meta["critiques"])
+    drawn = manifest["from_model"]["critique_views"]["drawn"]
+    assert sum(drawn.values()) == len(views) == manifest["counts"]["mode"]["critique view"]
+
+
+def test_critique_views_are_balanced_per_level_position_and_verdict():
+    def view(level, position, ok):
+        return Trajectory([], {"level": level, "view": {"position": position, "ok": ok}})
+
+    views = [(f"a{k}", view("simple", "first", k < 2)) for k in range(6)]  # 2 right, 4 wrong
+    views += [(f"b{k}", view("simple", "later", False)) for k in range(3)]  # no right one
+    views += [(f"c{k}", view("medium", "later", k > 0)) for k in range(3)]  # 1 wrong, 2 right
+    stats = SelfSampleStats()
+    kept = stats.balance_views(views, 1.0)
+    assert [k for k, _ in kept] == ["a0", "a1", "a2", "a3", "c0", "c1"]
+    assert stats.views["kept"] == {
+        "simple/first/right": 2, "simple/first/wrong": 2, "medium/later/wrong": 1,
+        "medium/later/right": 1}  # fmt: skip
+    assert SelfSampleStats().balance_views(views, None) == views
+
+
+def test_critique_views_need_a_model(tmp_path):
+    with pytest.raises(ValueError, match="--critique-views needs --from-model"):
+        build(tmp_path / "x", 2, parse_mix("simple=1"), mode="reflect", views=True)
