@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import sys
 import textwrap
 import time
@@ -76,6 +77,9 @@ def evaluate(
         for model_name in models
         for mode_name in modes
     }
+    for label in jobs:  # every path a run writes stays inside `out`
+        if Path(out).resolve() not in (Path(out) / label).resolve().parents:
+            raise ValueError(f"run {label!r}: its folder {Path(out) / label} is not inside {out}")
     args = {
         label: (models[m], modes[k], specs, out / label, sampling, seed, batch)
         for label, (m, k) in jobs.items()
@@ -500,12 +504,21 @@ def _sampling(args: argparse.Namespace) -> SamplingConfig:
         raise ValueError(f"--{field_name.replace('_', '-')}:{rest}") from None
 
 
+#: What a model's name may be: it names a folder of the report (`OUT/<name>/<mode>`).
+_LABEL = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:
     """`DIR` or `NAME=DIR` entries → models by name (a bare `DIR` is named by its folder)."""
     models = {}
     for entry in entries:
         name, _, path = entry.rpartition("=")
-        name = name or Path(path).name
+        name = name or Path(path).resolve().name
+        if not _LABEL.fullmatch(name) or set(name) == {"."}:
+            raise ValueError(
+                f"--model {entry}: the name {name!r} must be a plain folder name (letters, digits, "
+                "'.', '_', '-'): each run's outputs go to OUT/<name>/<mode>"
+            )
         if name in models:
             raise ValueError(f"--model {entry}: the name {name!r} is given twice")
         models[name] = from_pretrained(path)
@@ -565,8 +578,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
         sampling = _sampling(args)
         modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
+        if not modes:
+            raise ValueError(f"--modes {args.modes!r}: names no mode")
         models = _load_models(args.model)
-        fresh_output_dir(args.output, args.overwrite)
+        fresh_output_dir(
+            args.output,
+            args.overwrite,
+            tool="avr evaluate",
+            inputs=[args.prompts, *(m.rpartition("=")[2] for m in args.model)],
+        )
     except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,9 @@ import sys
 
 import torch
 
+from avr.backbone.io import CARDS, WRITTEN
 from avr.lit.base import backbone_from_checkpoint
+from avr.outputs import check_only_written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: the EMA when the checkpoint keeps one, else the trained weights",
     )
     args = parser.parse_args(argv)
+    try:  # before any work: the output is new, or an earlier model save alone
+        check_only_written(args.output, (*WRITTEN, *CARDS), "a model save")
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         keys = torch.load(args.checkpoint, map_location="cpu", weights_only=True)[
             "state_dict"
@@ -50,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
         return 2
-    model.save_pretrained(args.output)
+    try:
+        model.save_pretrained(args.output)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"exported {args.checkpoint} ({prefix.rstrip('.')}) → {args.output}")
     return 0
 

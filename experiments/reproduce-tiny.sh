@@ -11,18 +11,18 @@ mkdir -p "$OUT"
 last() { echo "$(ls -d "$1"/logs/version_* | tail -1)/checkpoints/last.ckpt"; }
 
 # 1. Text→image on direct trajectories (simple and medium prompts), shift 3: clean shapes.
-python -m avr.data build --n 24000 --mode direct --mix simple=0.5,medium=0.5 --seed 0 -o runs/t2i-data
+python -m avr.data build --overwrite --n 24000 --mode direct --mix simple=0.5,medium=0.5 --seed 0 -o runs/t2i-data
 python -m avr.fit experiments/t2i.yaml --trainer.max_steps 7750 --trainer.default_root_dir "$OUT/t2i"
 python -m avr.export "$(last "$OUT/t2i")" --weights ema -o runs/t2i-7750-ema
 
 # 1b. Text→image with complex prompts, lr 3e-4 → 3e-5: as many objects as asked.
-python -m avr.data build --n 48000 --mode direct --mix simple=0.3,medium=0.4,complex=0.3 --seed 1 -o runs/t2i-data2
+python -m avr.data build --overwrite --n 48000 --mode direct --mix simple=0.3,medium=0.4,complex=0.3 --seed 1 -o runs/t2i-data2
 python -m avr.fit experiments/t2i-counts.yaml --trainer.max_steps 4000 --trainer.default_root_dir "$OUT/t2i2"
 python -m avr.export "$(last "$OUT/t2i2")" --weights raw -o checkpoints/shapeworld-tiny-t2i
 
 # 2. Interleaved SFT (direct / reflect / plan, adaptive labels by complexity) from the t2i weights,
 #    then 2b, a second pass at a lower learning rate; its EMA is the embedded default.
-python -m avr.data build --n 16000 --seed 2 -o runs/sft2-data
+python -m avr.data build --overwrite --n 16000 --seed 2 -o runs/sft2-data
 python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/sft2"
 python -m avr.export "$(last "$OUT/sft2")" --weights ema -o runs/sft2-900-ema
 python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/sft3" \
@@ -32,7 +32,7 @@ python -m avr.export "$(last "$OUT/sft3")" --weights ema -o checkpoints/shapewor
 
 # 2c. The edit model (checkpoints/shapeworld-tiny-edit, not the default): grid RoPE for image
 #     tokens, interleaved SFT, the ladder's copy rung, interleaved SFT again (about 50 min).
-python -m avr.data build --n 8000 --seed 3 -o runs/sft-grid-data
+python -m avr.data build --overwrite --n 8000 --seed 3 -o runs/sft-grid-data
 python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/ft-grid" --trainer.max_steps 500 \
   --seed_everything 3 --data.init_args.path runs/sft-grid-data --data.init_args.seed 3 \
   --model.init_args.model.path checkpoints/shapeworld-tiny-sft --model.init_args.model.overrides '{"image_rope": "grid"}' \
@@ -48,8 +48,8 @@ python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoi
 # 2d. Capability-aware labels (not shipped: no measurable gain, README "A relabelled SFT round"):
 #     2,000 prompts labelled by the edit model, a second SFT round on them and, as the control, the
 #     same round on the same prompts with the complexity labels; both judged on the claims prompts.
-python -m avr.data build --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data
-python -m avr.data build --n 2000 --seed 21 -o runs/control-data
+python -m avr.data build --overwrite --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data
+python -m avr.data build --overwrite --n 2000 --seed 21 -o runs/control-data
 for arm in relabel control; do
   python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/$arm" --trainer.max_steps 150 \
     --seed_everything 5 --data.init_args.path "runs/$arm-data" --data.init_args.seed 5 \
@@ -59,15 +59,15 @@ done
 # 2e. Rounds of self-improvement from the edit model (docs/self-improvement.md): each round's
 #     trajectories are drawn by the model it starts from (the teacher only judges and corrects),
 #     then that model is fine-tuned on them; round 1 is checkpoints/shapeworld-tiny-self.
-python -m avr.data build --n 4000 --seed 31 --from-model checkpoints/shapeworld-tiny-edit \
+python -m avr.data build --overwrite --n 4000 --seed 31 --from-model checkpoints/shapeworld-tiny-edit \
   --mode adaptive=0.4,reflect=0.6 --balance 2 --own-refines 0 -o runs/round1-data
 python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
   --trainer.default_root_dir "$OUT/round1"
 python -m avr.export "$(last "$OUT/round1")" --weights ema -o runs/round1-ema
 mkdir -p checkpoints/shapeworld-tiny-self && cp -r runs/round1-ema/. checkpoints/shapeworld-tiny-self/  # shipped: round 1
-python -m avr.data build --n 3000 --seed 32 --from-model runs/round1-ema --mode reflect \
+python -m avr.data build --overwrite --n 3000 --seed 32 --from-model runs/round1-ema --mode reflect \
   --mix simple=0.35,medium=0.4,complex=0.25 --balance 1 --own-refines 1 -o runs/round2-data
-python -m avr.data merge runs/round1-data runs/round2-data -o runs/round2-mixed
+python -m avr.data merge --overwrite runs/round1-data runs/round2-data -o runs/round2-mixed
 python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
   --trainer.default_root_dir "$OUT/round2" --trainer.max_steps 500 --seed_everything 2 \
   --model.init_args.model.path runs/round1-ema --data.init_args.path runs/round2-mixed --data.init_args.seed 2

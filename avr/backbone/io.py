@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,12 @@ from avr.backbone.bagel import from_bagel, is_bagel_dir
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.janus import JanusBackbone, is_janus_dir
 from avr.backbone.model import UnifiedModel
+from avr.outputs import check_only_written, publish, staging_dir
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer"
+#: What `save_pretrained` writes into its folder, and the model cards it keeps there.
+WRITTEN = (CONFIG, WEIGHTS, TOKENIZER)
+CARDS = ("README.md", "RECIPE.md")
 
 
 def portable_config(model: UnifiedModel) -> dict:
@@ -47,23 +50,23 @@ def portable_config(model: UnifiedModel) -> dict:
 
 
 def save_pretrained(model: UnifiedModel, directory: str | os.PathLike) -> Path:
-    """Write `model` to `directory` atomically; returns the path."""
+    """Write `model` to `directory` atomically; returns the path. An existing `directory` is
+    replaced only when it holds an earlier save (`config.json`, the weights, the tokenizer) and at
+    most its model card (`README.md`, `RECIPE.md`, carried over into the new save); a folder
+    holding anything else (a run's checkpoints, say) is refused, untouched."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_only_written(directory, (*WRITTEN, *CARDS), "a model save")
     config = portable_config(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = staging_dir(directory)
     try:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         save_model(model, str(tmp / WEIGHTS))
         model.tokenizer.save_pretrained(tmp / TOKENIZER)
+        for card in CARDS:
+            if (directory / card).is_file():
+                shutil.copy2(directory / card, tmp / card)
         _readable(tmp)
-        if directory.exists():
-            old = directory.with_name(directory.name + ".old")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
+        publish(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

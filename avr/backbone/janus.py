@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from avr.backbone.generation import ImageSample, Session
 from avr.backbone.protocol import PolicyTerms, register_backbone
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
 from avr.grpo import k3
+from avr.outputs import check_only_written, publish, staging_dir
 from avr.sequence import image_to_array
 
 SETTINGS = "avr_janus.json"
@@ -383,20 +383,15 @@ class JanusBackbone(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write Janus's folder, the tokenizer and `avr_janus.json`, atomically."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = staging_dir(directory)
         try:
             self.janus.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             (tmp / SETTINGS).write_text(
                 json.dumps(self.config.to_dict(), indent=2), encoding="utf-8"
             )
-            tmp.chmod(0o755)
-            old = directory.with_name(directory.name + ".old")
-            if directory.exists():
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            check_only_written(directory, [p.name for p in tmp.iterdir()], "a Janus save")
+            publish(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory

@@ -82,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         "alone, balanced per level, position and verdict; --balance applies to them), not from "
         "whole trajectories",
     )
-    b.add_argument("-o", "--output", required=True)
+    b.add_argument("-o", "--output", required=True, help="the new data folder")
+    b.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
+    )
     m = sub.add_parser("merge", help="one data folder from several builds")
     m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
     m.add_argument("-o", "--output", required=True, help="the new folder (must not exist)")
+    m.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
+    )
     args = parser.parse_args(argv)
     if "sources" in args:
         try:
-            merged = merge(args.sources, args.output)
+            merged = merge(args.sources, args.output, args.overwrite)
         except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -136,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                 batch=args.batch,
                 own_refines=args.own_refines,
                 views=args.critique_views,
+                overwrite=args.overwrite,
                 progress=lambda k: bar.advance(task, k),
             )
-    except (ValueError, LookupError, FileNotFoundError) as err:
+    except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = Table(title=f"{manifest['n']} trajectories → {args.output} (seed {manifest['seed']})")

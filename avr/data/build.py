@@ -31,12 +31,16 @@ import numpy as np
 
 from avr.data.self_sample import SelfSampleActor, critique_views, without_critique_loss
 from avr.data.teacher import ShapeWorldTeacher
+from avr.outputs import MARKER, check_replaceable, publish, staging_dir
 from avr.policy import SamplingConfig
 from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
 from avr.sequence import FORMAT_VERSION, Trajectory, trajectory_to_record
 from avr.world import PLANNING_TAGS, PromptSpec, complexity, sample_scene, sample_spec
 from avr.world.split import draw_in_split
+
+#: The tool name in a data folder's `.avr-output` marker (`build` and `merge` alike).
+DATA_TOOL = "avr data"
 
 #: Tags that produce each complexity level (the level is checked on every spec).
 LEVEL_TAGS = {
@@ -103,10 +107,13 @@ def build(
     batch: int = 32,
     own_refines: int = 1,
     views: bool = False,
+    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write `n` trajectories of `mode` (a registered mode, or a mixture `adaptive=0.6,reflect=0.4`)
-    to `out` (replaced atomically); returns the manifest. Prompts come from `split` (`train` by
+    to the new folder `out` (written beside it and renamed into place; an existing `out` is
+    refused, or with `overwrite` replaced when it is an earlier data folder, see
+    `avr.outputs.check_replaceable`); returns the manifest. Prompts come from `split` (`train` by
     default: no held-out combination, `avr.world.split`). `labeler(mode, spec)` (e.g.
     `avr.data.labels.ModeLabeler`) labels adaptive trajectories with the cheapest mode that
     succeeds for a model instead of by complexity level; the manifest records the labels per level
@@ -132,6 +139,15 @@ def build(
     if balance is not None and balance < 1:
         raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
     out = Path(out)
+    if n < 1:
+        raise ValueError(f"--n: expected ≥ 1 trajectories, got {n}")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{out}: exists; a data build writes a new folder (--overwrite replaces an "
+                "earlier data build)"
+            )
+        check_replaceable(out, DATA_TOOL, [model_source] if model_source else [])
     modes = parse_modes(mode)
     mode_objs = {name: MODES.get(name)() for name in modes}
     names = list(modes)
@@ -144,96 +160,98 @@ def build(
     level_of = np.random.default_rng([seed, 2**31]).choice(
         levels, size=n, p=[mix[lv] for lv in levels]
     )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
-    labels: dict[str, Counter] = {}  # level → mode the trajectory follows
-    own = SelfSampleStats() if model is not None else None
-    shards = []
-    for start in range(0, n, shard_size):
-        samples = []
-        for i in range(start, min(n, start + shard_size)):
-            rng = np.random.default_rng([seed, i])
-            tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
-            spec = draw_in_split(partial(sample_spec, tag), split, rng)
-            level = complexity(spec).level
-            if level != level_of[i]:
-                raise AssertionError(f"tag {spec.tag} gave level {level}, expected {level_of[i]}")
-            teacher = ShapeWorldTeacher(
-                sample_scene(spec, rng),
-                rng,
-                resolution,
-                sketch_error_rate,
-                mode_succeeds=labeler,
-            )
-            samples.append((i, spec, teacher, mode_objs[str(mode_of[i])]))
-        if model is None:
-            built = []
-            for i, spec, teacher, mode_obj in samples:
-                built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
-                if progress is not None:
-                    progress(1)
-        else:
-            drawn = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
-            if views:
-                built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
-                built += own.balance_views(
-                    [
-                        (f"{key}v{k}", v)
-                        for key, t in drawn
-                        for k, v in enumerate(critique_views(t))
-                    ],
-                    balance,
+    tmp = staging_dir(out)
+    try:
+        counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
+        labels: dict[str, Counter] = {}  # level → mode the trajectory follows
+        own = SelfSampleStats() if model is not None else None
+        shards = []
+        for start in range(0, n, shard_size):
+            samples = []
+            for i in range(start, min(n, start + shard_size)):
+                rng = np.random.default_rng([seed, i])
+                tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
+                spec = draw_in_split(partial(sample_spec, tag), split, rng)
+                level = complexity(spec).level
+                if level != level_of[i]:
+                    raise AssertionError(
+                        f"tag {spec.tag} gave level {level}, expected {level_of[i]}"
+                    )
+                teacher = ShapeWorldTeacher(
+                    sample_scene(spec, rng),
+                    rng,
+                    resolution,
+                    sketch_error_rate,
+                    mode_succeeds=labeler,
                 )
+                samples.append((i, spec, teacher, mode_objs[str(mode_of[i])]))
+            if model is None:
+                built = []
+                for i, spec, teacher, mode_obj in samples:
+                    built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
+                    if progress is not None:
+                        progress(1)
             else:
-                built = own.balance(drawn, balance)
-        lines = []
-        for key, trajectory in built:
-            lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
-            level, view = trajectory.meta["level"], "view" in trajectory.meta
-            for key, value in (
-                ("mode", "critique view" if view else trajectory.meta["mode"]),
-                ("level", level),
-                ("tag", trajectory.meta["spec"]["tag"]),
-            ):
-                counts[key][value] += 1
-            if not view:
-                labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
-        name = f"shard-{len(shards):05d}.jsonl"
-        (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        shards.append({"file": name, "records": len(lines)})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n": sum(s["records"] for s in shards),
-        "requested": n,
-        "mix": mix,
-        "split": split,
-        "mode": mode if len(modes) == 1 else modes,
-        "resolution": resolution,
-        "sketch_error_rate": sketch_error_rate,
-        "shards": shards,
-        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-        "labels": {
-            "source": label_source,
-            "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(labels.items())},
-        },
-    }
-    if own is not None:
-        manifest["from_model"] = {
-            "model": model_source,
-            "sampling": vars(sampling or SELF_SAMPLING),
-            "balance": balance,
-            "own_refines": own_refines,
-            "views": views,
-            **own.summary(),
+                drawn = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
+                if views:
+                    built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
+                    built += own.balance_views(
+                        [
+                            (f"{key}v{k}", v)
+                            for key, t in drawn
+                            for k, v in enumerate(critique_views(t))
+                        ],
+                        balance,
+                    )
+                else:
+                    built = own.balance(drawn, balance)
+            lines = []
+            for key, trajectory in built:
+                lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
+                level, view = trajectory.meta["level"], "view" in trajectory.meta
+                for key, value in (
+                    ("mode", "critique view" if view else trajectory.meta["mode"]),
+                    ("level", level),
+                    ("tag", trajectory.meta["spec"]["tag"]),
+                ):
+                    counts[key][value] += 1
+                if not view:
+                    labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
+            name = f"shard-{len(shards):05d}.jsonl"
+            (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            shards.append({"file": name, "records": len(lines)})
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "seed": seed,
+            "n": sum(s["records"] for s in shards),
+            "requested": n,
+            "mix": mix,
+            "split": split,
+            "mode": mode if len(modes) == 1 else modes,
+            "resolution": resolution,
+            "sketch_error_rate": sketch_error_rate,
+            "shards": shards,
+            "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+            "labels": {
+                "source": label_source,
+                "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(labels.items())},
+            },
         }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return manifest
+        if own is not None:
+            manifest["from_model"] = {
+                "model": model_source,
+                "sampling": vars(sampling or SELF_SAMPLING),
+                "balance": balance,
+                "own_refines": own_refines,
+                "views": views,
+                **own.summary(),
+            }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps({"tool": DATA_TOOL}) + "\n", encoding="utf-8")
+        publish(tmp, out)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: How the model draws its own images for data: the ODE, as evaluation samples them.

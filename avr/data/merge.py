@@ -6,7 +6,7 @@ source's position (`s0-`, `s1-`, …), so builds whose keys collide (every build
 not overwrite each other. Images are hard-linked where the file system allows, else copied. The
 manifest lists the shards in order, sums the counts and records each source's manifest under
 `sources`. The output is written beside its destination and renamed into place; an existing
-destination is refused.
+destination is refused (with `--overwrite`, an earlier data folder is replaced).
 """
 
 from __future__ import annotations
@@ -17,17 +17,27 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from avr.data.build import DATA_TOOL
 from avr.data.datamodule import read_manifest
+from avr.outputs import MARKER, check_replaceable, publish, staging_dir
 from avr.sequence import FORMAT_VERSION
 
 
-def merge(sources: list[str | os.PathLike], out: str | os.PathLike) -> dict:
-    """Merge the data folders `sources` into `out` (which must not exist); returns the manifest."""
+def merge(
+    sources: list[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
+) -> dict:
+    """Merge the data folders `sources` into `out` (which must not exist, or with `overwrite` be
+    an earlier data folder holding none of `sources`); returns the manifest."""
     out = Path(out)
     if len(sources) < 2:
         raise ValueError(f"merge needs at least two data folders, got {len(sources)}")
     if out.exists():
-        raise FileExistsError(f"{out}: exists; merge writes a new folder")
+        if not overwrite:
+            raise FileExistsError(
+                f"{out}: exists; merge writes a new folder (--overwrite replaces an earlier data "
+                "folder)"
+            )
+        check_replaceable(out, DATA_TOOL, sources)
     manifests = [read_manifest(Path(s)) for s in sources]
     resolutions = {m.get("resolution") for m in manifests}
     if len(resolutions) > 1:
@@ -35,9 +45,19 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike) -> dict:
             f"{s}: {m.get('resolution')}" for s, m in zip(sources, manifests, strict=True)
         )
         raise ValueError(f"merge: the folders' images differ in resolution ({sizes})")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    tmp = staging_dir(out)
+    try:
+        merged = _write(tmp, sources, manifests, resolutions.pop())
+        (tmp / MARKER).write_text(json.dumps({"tool": DATA_TOOL}) + "\n", encoding="utf-8")
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return merged
+
+
+def _write(tmp: Path, sources: list, manifests: list[dict], resolution: int) -> dict:
+    """Write the merged shards, images and manifest into `tmp`; returns the manifest."""
+    (tmp / "images").mkdir()
     counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
     shards = []
     for k, (source, manifest) in enumerate(zip(map(Path, sources), manifests, strict=True)):
@@ -64,7 +84,7 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike) -> dict:
     merged = {
         "format_version": FORMAT_VERSION,
         "n": sum(s["records"] for s in shards),
-        "resolution": resolutions.pop(),
+        "resolution": resolution,
         "shards": shards,
         "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
         "sources": [
@@ -72,7 +92,6 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike) -> dict:
         ],
     }
     (tmp / "manifest.json").write_text(json.dumps(merged, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
     return merged
 
 

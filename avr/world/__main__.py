@@ -59,7 +59,7 @@ def _render(args, console: Console) -> None:
         raise ValueError(f"{args.prompts}: holds no prompts")
     for where, spec in entries:
         check_spec_vocabulary(spec, where)
-    fresh_output_dir(args.output, args.overwrite)
+    fresh_output_dir(args.output, args.overwrite, tool="avr world render", inputs=[args.prompts])
     for index, (_, spec) in enumerate(entries):
         images = [
             render(

@@ -8,8 +8,10 @@ import itertools
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from avr.data.build import build, parse_mix
@@ -66,6 +68,28 @@ def test_a_data_fault_names_its_shard_line_and_can_be_skipped(dataset, tmp_path,
     assert len(batch) == 11  # the bad record skipped, the rest kept
 
 
+def test_data_build_replaces_only_an_earlier_data_folder(tmp_path, capsys):
+    from avr.data.__main__ import main as data
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(b"the run's checkpoint")
+    args = ["build", "--n", "2", "--mix", "simple=1", "--mode", "direct"]
+    assert data([*args, "-o", str(run)]) == 2
+    assert "run: exists; a data build writes a new folder" in capsys.readouterr().err
+    assert data([*args, "-o", str(run), "--overwrite"]) == 2
+    assert "not an earlier output of `avr data`" in capsys.readouterr().err
+    assert (run / "last.ckpt").read_bytes() == b"the run's checkpoint"
+    out = tmp_path / "d"
+    assert data([*args, "-o", str(out)]) == 0
+    assert data([*args, "--n", "3", "-o", str(out)]) == 2
+    assert data([*args, "--n", "3", "-o", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["n"] == 3
+    assert data([*args[:2], "0", *args[3:], "-o", str(tmp_path / "none")]) == 2
+    assert "--n: expected ≥ 1 trajectories, got 0" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run"]  # no staging folder left
+
+
 def test_skip_invalid_stops_when_every_record_is_invalid(dataset, tmp_path):
     broken = _copy(dataset, tmp_path)
     for shard in broken.glob("shard-*.jsonl"):
@@ -89,16 +113,84 @@ def test_render_and_evaluate_refuse_a_non_empty_output_folder(tmp_path, capsys):
     one = tmp_path / "one.jsonl"
     one.write_text(prompts.read_text().splitlines()[0] + "\n")
     assert world(["render", str(one), "-o", str(out)]) == 2
-    assert "out: the output folder is not empty (3 entries" in capsys.readouterr().err
+    assert "out: the output folder is not empty (4 entries" in capsys.readouterr().err
     assert world(["render", str(one), "-o", str(out), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00000"]  # the leftovers are gone
+    assert sorted(p.name for p in out.iterdir()) == [".avr-output", "00000"]  # leftovers gone
     model = "checkpoints/shapeworld-tiny-sft"
     args = ["--model", model, "--prompts", str(one), "--modes", "direct", "--steps", "1"]
     assert evaluate([*args, "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert evaluate([*args, "-o", str(out), "--overwrite"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["prompts"] == 1 and len(list((out / "direct").glob("0*"))) == 1
+    assert evaluate([*args, "-o", str(out), "--overwrite"]) == 2  # render's folder, not evaluate's
+    assert "not an earlier output of `avr evaluate`" in capsys.readouterr().err
+    evaluated = tmp_path / "evaluated"
+    assert evaluate(["--model", model, "--prompts", str(prompts), "--modes", "direct", "--steps",
+                     "1", "-o", str(evaluated)]) == 0  # fmt: skip
+    assert evaluate([*args, "-o", str(evaluated)]) == 2
+    assert evaluate([*args, "-o", str(evaluated), "--overwrite"]) == 0
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["prompts"] == 1 and len(list((evaluated / "direct").glob("0*"))) == 1
+
+
+def test_overwrite_empties_only_an_earlier_output_of_the_same_tool(tmp_path, capsys, monkeypatch):
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "2", "--seed", "1", "-o", str(prompts)]) == 0
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    cases = {  # output → what --overwrite must say, and leave untouched
+        "..": "holds the working directory",
+        str(tmp_path): "holds the working directory",
+        str(tmp_path / "work" / "sub"): "holds the working directory",
+    }
+    inside = tmp_path / "has-input"
+    inside.mkdir()
+    shutil.copy(prompts, inside / "p.jsonl")
+    foreign = tmp_path / "run"
+    foreign.mkdir()
+    (foreign / "last.ckpt").write_text("a checkpoint")
+    evaluated = tmp_path / "evaluated"
+    assert world(["render", str(prompts), "-o", str(evaluated)]) == 0
+    (evaluated / ".avr-output").write_text('{"tool": "avr evaluate"}')
+    for out, message in cases.items():
+        assert world(["render", str(prompts), "-o", out, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert world(["render", str(inside / "p.jsonl"), "-o", str(inside), "--overwrite"]) == 2
+    assert "holds this command's input" in capsys.readouterr().err
+    for out, tool in ((foreign, "avr world render"), (evaluated, "avr world render")):
+        assert world(["render", str(prompts), "-o", str(out), "--overwrite"]) == 2
+        assert f"not an earlier output of `{tool}`" in capsys.readouterr().err
+    assert (foreign / "last.ckpt").read_text() == "a checkpoint"
+    assert (inside / "p.jsonl").is_file() and prompts.is_file()
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_writes_only_inside_its_output_folder(tmp_path, capsys, monkeypatch):
+    from avr.evaluate import main as evaluate
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "1", "--seed", "1", "-o", str(prompts)]) == 0
+    model = Path("checkpoints/shapeworld-tiny-sft").resolve()
+    args = ["--prompts", str(prompts), "--modes", "direct", "--steps", "1"]
+    for names, message in (
+        (["..=" + str(model), "b=" + str(model)], "the name '..' must be a plain folder name"),
+        (["/x=" + str(model), "b=" + str(model)], "the name '/x' must be a plain folder name"),
+    ):
+        assert evaluate([f"--model={m}" for m in names] + [*args, "-o", str(tmp_path / "e")]) == 2
+        assert message in capsys.readouterr().err
+    assert (
+        evaluate(["--model", str(model), *args[:2], "--modes", " , ", "-o", str(tmp_path / "e")])
+        == 2
+    )
+    assert "--modes ' , ': names no mode" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+    monkeypatch.chdir(model)  # `--model .` beside another model: named by its folder, not ''
+    out = tmp_path / "two"
+    assert evaluate(["--model", ".", "--model", f"b={model}", *args, "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["b", "shapeworld-tiny-sft"]
 
 
 def test_an_empty_prompt_file_is_an_error(tmp_path, capsys):
@@ -325,6 +417,52 @@ def test_export_refuses_an_empty_or_pickled_checkpoint_with_exit_2(tmp_path, fau
     error = capsys.readouterr().err
     assert "bad.ckpt: not a checkpoint that loads without pickle" in error
     assert "weights_only=False" not in error and not (tmp_path / "out").exists()
+
+
+def test_export_never_replaces_a_folder_holding_anything_but_a_model(tmp_path, capsys, monkeypatch):
+    from avr.export import main as export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(b"the run's checkpoint")
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("mine")
+    monkeypatch.chdir(run)
+    for out, message in (
+        (str(run), "holds the working directory"),
+        (".", "holds the working directory"),
+        (str(a_file), "model.txt: the output must be a folder, and this is a file"),
+    ):
+        assert export([str(run / "last.ckpt"), "-o", out]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert export([str(run / "last.ckpt"), "-o", str(run)]) == 2
+    assert "run: holds files a model save does not write (last.ckpt)" in capsys.readouterr().err
+    assert (
+        run / "last.ckpt"
+    ).read_bytes() == b"the run's checkpoint" and a_file.read_text() == "mine"
+
+
+def test_save_pretrained_replaces_an_earlier_save_and_nothing_else(tmp_path):
+    from avr.backbone import from_pretrained
+    from avr.defaults import tiny_model
+
+    out = tmp_path / "model"
+    tiny_model(0).save_pretrained(out)
+    tiny_model(1).save_pretrained(out)  # an earlier save alone: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left beside it
+    reloaded = from_pretrained(out).state_dict()
+    assert all(torch.equal(v, reloaded[k]) for k, v in tiny_model(1).state_dict().items())
+    (out / "RECIPE.md").write_text("how it was trained")  # a model card is kept
+    tiny_model(0).save_pretrained(out)
+    assert (out / "RECIPE.md").read_text() == "how it was trained"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(
+        FileExistsError, match=r"model: holds files a model save does not write \(notes\.txt\)"
+    ):
+        tiny_model(1).save_pretrained(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left
 
 
 # ---- configs: bad values stop before training, in one line -------------------------------------
