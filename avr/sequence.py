@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -200,15 +201,36 @@ def record_to_trajectory(
     return Trajectory(segments, record.get("meta", {}))
 
 
+#: The largest side of an image avr reads (data, samples to score): its size is checked from the
+#: header, before any pixel is decoded, so a small file of a huge image cannot exhaust memory.
+MAX_IMAGE_SIDE = 4096
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path`, decoded (format kept, not converted) once its header shows both
+    sides at most `MAX_IMAGE_SIDE`; any unreadable or oversized file is a `ValueError` naming it."""
+    try:
+        with warnings.catch_warnings():  # PIL's bomb warning: the size is checked right here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(Path(path).read_bytes()))
+        with opened as image:
+            width, height = image.size
+            if max(width, height) > MAX_IMAGE_SIDE:
+                raise ValueError(
+                    f"{path}: a {width}×{height} image; at most {MAX_IMAGE_SIDE} px a side is read"
+                )
+            image.load()
+            copy = image.copy()
+            copy.format = image.format
+            return copy
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+
+
 def _read_png(path: Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} not found")
-    try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    return open_image(path).convert("RGB")
 
 
 def image_to_array(image: Image.Image, resolution: int) -> np.ndarray:

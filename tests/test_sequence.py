@@ -76,7 +76,7 @@ def test_bad_records_name_file_line_and_what(tmp_path):
     record = _record(tmp_path, [Segment.prompt("a"), Segment(image=image, role="final")])
     (tmp_path / record["segments"][1]["image"]).write_bytes(b"not a png")
     with pytest.raises(
-        TrajectoryError, match=r"d\.jsonl:4: segments\[1\]: cannot read image .*k_1\.png"
+        TrajectoryError, match=r"d\.jsonl:4: segments\[1\]: .*k_1\.png: not a readable image"
     ):
         record_to_trajectory(record, tmp_path, "d.jsonl:4")
     (tmp_path / record["segments"][1]["image"]).unlink()

@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from avr.sequence import open_image
 from avr.world.complexity import LEVELS, complexity
 from avr.world.spec import PromptSpec, SpecError, iter_specs
 from avr.world.verify import Verifier, check_spec_vocabulary
@@ -53,6 +54,13 @@ def iter_prompts(out: str | os.PathLike) -> Iterator[tuple[str, PromptSpec, list
     folders = sorted(p for p in out.iterdir() if p.is_dir() and p.name.isdigit())
     if not folders:
         raise FileNotFoundError(f"{out}: no prompt folders (00000/metadata.jsonl, …) inside")
+    missing = sorted(set(range(int(folders[-1].name) + 1)) - {int(p.name) for p in folders})
+    if missing:  # a lost prompt cannot be scored as failed: its spec went with it
+        shown = ", ".join(prompt_dir(out, k).name for k in missing[:5])
+        raise FileNotFoundError(
+            f"{prompt_dir(out, missing[0])}: missing; prompt folders must run 00000 to "
+            f"{folders[-1].name} without a gap ({len(missing)} absent: {shown})"
+        )
     for folder in folders:
         meta = folder / "metadata.jsonl"
         if not meta.is_file():
@@ -138,13 +146,8 @@ def read_sample(path: Path) -> Image.Image:
         raise ValueError(f"{path}: no PNG images (every prompt needs at least one)")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.copy()
-            kind = opened.format
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from None
+    image = open_image(path)
+    kind = image.format
     if kind != "PNG":
         raise ValueError(f"{path}: a {kind} file; samples must be PNG")
     width, height = image.size

@@ -229,6 +229,11 @@ def rendered(tmp_path):
         ("folder_named_png", r"00001/samples/0000\.png: not a file"),
         ("seven_px", r"00001/samples/0000\.png: a 7×7 image; samples must be square"),
         ("not_square", r"00001/samples/0000\.png: a 64×32 image; samples must be square"),
+        ("huge", r"00001/samples/0000\.png: a 10000×10000 image; at most 4096 px a side is read"),
+        (
+            "bomb",
+            r"00001/samples/0000\.png: not a readable image \(Image size \(400000000 pixels\)",
+        ),
     ],
 )
 def test_score_names_a_missing_or_unreadable_image_or_counts_it(rendered, fault, message, capsys):
@@ -248,6 +253,9 @@ def test_score_names_a_missing_or_unreadable_image_or_counts_it(rendered, fault,
     elif fault == "folder_named_png":
         png.unlink()
         png.mkdir()
+    elif fault in ("huge", "bomb"):  # a few KB on disk, gigabytes decoded
+        side = 10000 if fault == "huge" else 20000
+        Image.new("1", (side, side)).save(png)
     else:
         Image.new("RGB", (7, 7) if fault == "seven_px" else (64, 32), "white").save(png)
     assert world(["score", str(rendered)]) == 2
@@ -258,6 +266,18 @@ def test_score_names_a_missing_or_unreadable_image_or_counts_it(rendered, fault,
     assert "1 missing or unreadable images counted as failures" in printed
     records = [json.loads(line) for line in (rendered / "results.jsonl").read_text().splitlines()]
     assert len(records) == 3 and sum(r["correct"] for r in records) == 2  # counted, not dropped
+
+
+def test_score_refuses_a_folder_with_a_missing_prompt(rendered, capsys):
+    from avr.world.__main__ import main as world
+
+    shutil.rmtree(rendered / "00001")
+    for flags in ([], ["--allow-missing"]):  # its spec is gone: it cannot even count as failed
+        assert world(["score", str(rendered), *flags]) == 2
+        assert "00001: missing; prompt folders must run 00000 to 00002 without a gap" in (
+            capsys.readouterr().err
+        )
+    assert not (rendered / "results.jsonl").exists()
 
 
 def test_a_fully_transparent_image_is_a_blank_canvas_not_a_match(rendered):
