@@ -10,7 +10,9 @@ first, so their classes are known by short name too.
 An error raised while building the model or data (an unknown mode, a missing model folder) is
 printed first, in one line, instead of under jsonargparse's dump of the whole config. Checkpoints
 are written beside their destination and renamed into place (`avr.lit.checkpointing`). When the
-run ends it prints where its logs, config and checkpoints went.
+run ends it prints where its logs, config and checkpoints went. SIGTERM or SIGINT saves a resumable
+`preempted.ckpt` after the step under way and exits with 128 + the signal's number
+(`avr.lit.callbacks.Preemption`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import signal
 import sys
 import traceback
 import warnings
@@ -27,9 +30,11 @@ import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from avr.lit.callbacks import Preemption
 from avr.lit.checkpointing import AtomicCheckpointIO
 from avr.registry import load_plugins
 
@@ -52,19 +57,26 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
         sys.argv[1:], args = args, None
     _parsing_settings()
-    with warnings.catch_warnings():
-        # Called from Python (a notebook, a test) with `argv`: sys.argv is the host's own (a
-        # kernel's flags), which LightningCLI warns about though it reads `args` alone.
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-        cli = AvrCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+    preemption = Preemption()
+    try:
+        with warnings.catch_warnings():
+            # Called from Python (a notebook, a test) with `argv`: sys.argv is the host's own (a
+            # kernel's flags), which LightningCLI warns about though it reads `args` alone.
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+            cli = AvrCLI(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                parser_kwargs={"parser_mode": "omegaconf+"},
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"callbacks": [preemption]},
+                args=args,
+            )
+    except SIGTERMException:
+        # Every rank stopped at the same step and saved together: the group ends cleanly here too.
+        end_process_group()
+        raise SystemExit(128 + (preemption.received or signal.SIGTERM)) from None
     end_process_group()
     return cli
 

@@ -140,3 +140,39 @@ def test_killed_run_resumes_with_the_same_metrics(tmp_path):
     assert sorted(expected) == [0, 1, 2, 3]
     for step in (2, 3):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """The rewards of an uninterrupted 6-step run."""
+    root = tmp_path_factory.mktemp("straight")
+    _fit(root, "--trainer.max_steps", "6")
+    return _rewards(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_preempted_run_saves_a_checkpoint_exits_non_zero_and_resumes_exactly(
+    tmp_path, signum, six_steps
+):
+    """A scheduler's SIGTERM (or a Ctrl-C) ends the step under way, saves `preempted.ckpt`, exits
+    128 + the signal number; resuming from that checkpoint gives the uninterrupted run's metrics."""
+    stopped = tmp_path / "stopped"
+    run = _fit(stopped, "--trainer.max_steps", "6", wait=False)
+    deadline = time.time() + 300
+    while not list(stopped.glob("ckpt/*step=1*.ckpt")):
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    run.send_signal(signum)
+    assert run.wait(timeout=300) == 128 + signum
+    error = run.stderr.read().decode()
+    preempted = stopped / "ckpt" / "preempted.ckpt"
+    assert f"resumable checkpoint {preempted}" in error, error[-2000:]
+    step = torch.load(preempted, map_location="cpu", weights_only=True)["global_step"]
+    assert 1 <= step < 6
+    _fit(stopped, "--trainer.max_steps", "6", f"--ckpt_path={preempted}")
+    expected, resumed = six_steps, _rewards(stopped)
+    assert sorted(expected) == [0, 1, 2, 3, 4, 5]
+    for later in range(step, 6):
+        assert resumed[later] == pytest.approx(expected[later], rel=1e-6), later

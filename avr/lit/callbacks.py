@@ -7,12 +7,15 @@ Each row is one trajectory: its images in order (drafts, sketches, refined, fina
 beside them, so a run shows what the model plans and fixes, not only where it ends.
 `PromptUse`: how much the image generator follows its prompt. `SelfUnderstanding`: critique
 agreement with the verifier on the model's own images, plan steps, refines. `StepProgressBar`: a
-progress bar that counts steps for runs without epochs.
+progress bar that counts steps for runs without epochs. `Preemption`: SIGTERM or SIGINT saves a
+resumable checkpoint and exits non-zero.
 """
 
 from __future__ import annotations
 
+import signal
 import textwrap
+import threading
 
 import lightning as L
 import numpy as np
@@ -20,6 +23,8 @@ import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from rich.console import Console
 
 from avr.policy import SamplingConfig
 from avr.registry import MODES
@@ -246,3 +251,63 @@ class SelfUnderstanding(L.Callback):
             refine_fix_rate=summary["refines"]["fix_rate"],
         )
         return {k: float(v) for k, v in out.items() if v is not None}
+
+
+class Preemption(L.Callback):
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) during training: the step under
+    way finishes, a resumable checkpoint `preempted.ckpt` is saved where the run keeps its
+    checkpoints, where it went is printed, and `avr fit` exits with 128 + the signal's number (143
+    for SIGTERM, 130 for SIGINT) instead of 0, so `fit && export` stops. A second Ctrl-C stops at
+    once (Lightning's KeyboardInterrupt path). `avr.fit` adds this callback to every run.
+
+    The signal only raises Lightning's own flag (`trainer.received_sigterm`, which every rank
+    learns through its broadcast); Lightning ends the loop after the step and every rank saves
+    the checkpoint together, the way it saves a scheduled one."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.saved: str | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers belong to the main thread (a notebook's worker: none)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._receive)
+
+    def _receive(self, signum: int, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+        lightning = self._previous.get(signal.SIGTERM)
+        if callable(lightning):  # Lightning's SIGTERM handler: sets and broadcasts its flag
+            lightning(signal.SIGTERM, frame)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        callback = trainer.checkpoint_callback
+        folder = callback.dirpath if callback is not None and callback.dirpath else None
+        folder = folder or f"{trainer.default_root_dir}/checkpoints"
+        self.saved = f"{folder}/preempted.ckpt"
+        trainer.save_checkpoint(self.saved, weights_only=False)  # every rank: a collective
+        if trainer.is_global_zero:
+            name = signal.Signals(self.received or signal.SIGTERM).name
+            Console(stderr=True).print(
+                f"{name}: stopped after step {trainer.global_step}; resumable checkpoint "
+                f"{self.saved}\nresume with the same command and --ckpt_path {self.saved}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        self._restore()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
