@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoTokenizer,
     DynamicCache,
@@ -403,7 +404,13 @@ class JanusBackbone(torch.nn.Module):
         """Load a Janus folder offline (one written by `save_pretrained`, or a transformers Janus
         checkpoint, whose tokenizer then gets avr's structural tokens)."""
         directory = Path(directory)
-        janus = JanusForConditionalGeneration.from_pretrained(directory, local_files_only=True)
+        check_janus_weights(directory)
+        janus, info = JanusForConditionalGeneration.from_pretrained(
+            directory, local_files_only=True, output_loading_info=True
+        )
+        wrong = {k: v for k, v in info.items() if k != "error_msgs" and v}
+        if wrong:  # after the check above, a transformers quirk; still never a random weight
+            raise ValueError(f"{directory}: the weights do not load strictly: {wrong}")
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         settings_path = directory / SETTINGS
         saved = (
@@ -418,6 +425,66 @@ class JanusBackbone(torch.nn.Module):
         settings = JanusSettings(**merged)
         add_special_tokens(tokenizer, settings.modes)
         return cls(janus, tokenizer, settings).to(device)
+
+
+def check_janus_weights(directory: str | os.PathLike) -> None:
+    """Raise `ValueError` naming the first differences unless the folder's safetensors hold exactly
+    the weights its `config.json` describes, with their shapes. Read from the config (a model
+    built on the meta device, no memory) and the files' headers: a config of another family or
+    size is refused before anything full-size is allocated, and no weight is left random."""
+    directory = Path(directory)
+    try:
+        config = JanusConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{directory / 'config.json'}: not a Janus config ({err})") from None
+    with torch.device("meta"):
+        skeleton = JanusForConditionalGeneration(config)
+    groups: dict[int, list[str]] = {}  # tied weights share one tensor: stored once is enough
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    expected = skeleton.state_dict()
+    stored = _stored_shapes(directory)
+    missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
+    unexpected = [name for name in stored if name not in expected]
+    resized = [
+        f"{name} {list(stored[name])} where the config makes {list(expected[name].shape)}"
+        for name in stored
+        if name in expected and tuple(stored[name]) != tuple(expected[name].shape)
+    ]
+    problems = [
+        (f"{len(missing)} weights missing", missing),
+        (f"{len(unexpected)} weights the config does not know", unexpected),
+        (f"{len(resized)} weights of another shape", resized),
+    ]
+    found = [
+        f"{what}: {', '.join(names[:3])}{', …' if len(names) > 3 else ''}"
+        for what, names in problems
+        if names
+    ]
+    if found:
+        raise ValueError(f"{directory}: the weights do not match config.json ({'; '.join(found)})")
+
+
+def _stored_shapes(directory: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in the folder's safetensors files (one file or an index of shards),
+    read from their headers."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (the Janus weights)")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    shapes[key] = f.get_slice(key).get_shape()
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path}: not a complete safetensors file ({err})") from None
+    return shapes
 
 
 def is_janus_dir(directory: str | os.PathLike) -> bool:

@@ -2,6 +2,9 @@
 it unchanged, RL's teacher-forced replay agrees with the sampler, folders round-trip."""
 
 import csv
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -223,3 +226,26 @@ def test_a_token_backbone_refuses_the_ode_anchor_by_name(janus_dir):
                       ode_anchor=0.01)  # fmt: skip
     with pytest.raises(ValueError, match="ode_anchor: JanusBackbone replays no denoising steps"):
         module.training_step(sample_specs(1, seed=0), 0)
+
+
+def test_a_janus_folder_loads_strictly_or_not_at_all(janus_dir, tmp_path):
+    """A missing weight is an error naming it, never a random one; a config of another size or
+    family is refused from the files' headers, before a full-size model is allocated."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "missing"
+    shutil.copytree(janus_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    (embed,) = [k for k in weights if k.endswith("embed_tokens.weight")]
+    del weights[embed]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"missing: \S*{re.escape(embed)}"):
+        from_pretrained(broken)
+    avr_config = tmp_path / "avr-config-named-janus"  # the default Janus would be 7B parameters
+    shutil.copytree("checkpoints/shapeworld-tiny-sft", avr_config)
+    config = json.loads((avr_config / "config.json").read_text())
+    (avr_config / "config.json").write_text(json.dumps({**config, "model_type": "janus"}))
+    with pytest.raises(
+        ValueError, match=r"the weights do not match config\.json \(\d+ weights missing"
+    ):
+        from_pretrained(avr_config)
