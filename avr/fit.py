@@ -28,15 +28,19 @@ from pathlib import Path
 
 import jsonargparse
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from avr.backbone.packing import TrajectoryTooLong
+from avr.data.datamodule import ResumeError
 from avr.lit.callbacks import Preemption
 from avr.lit.checkpointing import AtomicCheckpointIO
 from avr.registry import load_plugins
+from avr.sequence import TrajectoryError
 
 
 def main(argv: list[str] | None = None) -> LightningCLI:
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         args = ["fit", "--config", args[0], *args[1:]]
     load_plugins()
     check_init_args(args)
+    check_ckpt_path(_override(args, "--ckpt_path"))
     if argv is None:
         # From the command line, LightningCLI reads the (rewritten) sys.argv itself: passing
         # `args` as well draws its warning, and DDP relaunches workers from sys.argv.
@@ -77,6 +82,13 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # Every rank stopped at the same step and saved together: the group ends cleanly here too.
         end_process_group()
         raise SystemExit(128 + (preemption.received or signal.SIGTERM)) from None
+    except (ResumeError, TrajectoryTooLong, TrajectoryError) as err:
+        # A checkpoint or data record that does not fit the run: one line, not Lightning's stack
+        # (nor a DataLoader worker's, which re-raises with the worker's traceback as message).
+        line = str(err).strip().splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        print(f"error: {line.removeprefix(prefix)}", file=sys.stderr)
+        raise SystemExit(2) from None
     end_process_group()
     return cli
 
@@ -183,13 +195,41 @@ KNOWN = {
 }
 
 
+def read_yaml(path: str) -> dict:
+    """The YAML config at `path` as a plain dict; a missing file, a folder, invalid YAML or a
+    document that is not a mapping stops in one line naming the file (and line), exit 2."""
+    problem = None
+    if Path(path).is_dir():
+        problem = "a folder; expected a YAML config file"
+    elif not Path(path).is_file():
+        problem = "no such file"
+    else:
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = f"not valid YAML ({getattr(err, 'problem', None) or err}{where})"
+        else:
+            if config is None:
+                return {}
+            if not isinstance(config, dict):
+                problem = (
+                    f"expected a mapping of sections (trainer, model, data), got a "
+                    f"{type(config).__name__}"
+                )
+    if problem is None:
+        return config
+    print(f"error: {path}: {problem}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_init_args(args: list[str]) -> None:
     """Fail early, listing the valid keys, when the YAML or a `--model.init_args.x` / `--data.init_args.x`
     override names an argument the chosen class does not take (jsonargparse names only the bad one)."""
     config: dict = {}
     if "--config" in args:
-        path = args[args.index("--config") + 1]
-        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        config = read_yaml(args[args.index("--config") + 1])
     for section in ("model", "data"):
         spec = config.get(section) or {}
         class_path = _override(args, f"--{section}.class_path") or (
@@ -253,6 +293,26 @@ def _check_reward_classes(args: list[str], config: dict) -> None:
                 f"error: model.init_args.rewards.{name}.reward: cannot import {path!r} ({err}); "
                 f"registered rewards: {known}"
             ) from None
+
+
+#: `--ckpt_path` values Lightning resolves itself rather than reading a file.
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(path: str | None) -> None:
+    """Stop in one line when `--ckpt_path` names no checkpoint file."""
+    if path is None or path in CKPT_KEYWORDS or path == "null" or "://" in path:
+        return
+    problem = (
+        "a folder; give the checkpoint file in it (for example last.ckpt)"
+        if Path(path).is_dir()
+        else None
+        if Path(path).is_file()
+        else "no such file"
+    )
+    if problem:
+        print(f"error: --ckpt_path {path}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _override(args: list[str], flag: str) -> str | None:

@@ -34,6 +34,10 @@ from avr.sequence import Trajectory, image_to_array
 PAD, TEXT, GEN, READ, LATENT = 0, 1, 2, 3, 4
 
 
+class TrajectoryTooLong(ValueError):
+    """A trajectory takes more tokens than a packed row holds (`max_len`)."""
+
+
 @dataclass(frozen=True)
 class ImageGeometry:
     """How many tokens an image takes, what a generation token holds, and which clean copies an
@@ -173,8 +177,9 @@ def pack(
     ]
     for i, item in enumerate(laid):
         if len(item["ids"]) > max_len:
-            raise ValueError(
-                f"trajectory {i} takes {len(item['ids'])} tokens, over the maximum length {max_len}"
+            raise TrajectoryTooLong(
+                f"trajectory {i} takes {len(item['ids'])} tokens, over the maximum length "
+                f"{max_len} (model.init_args.max_len)"
             )
     rows: list[list[int]] = []
     room: list[int] = []

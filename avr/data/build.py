@@ -17,6 +17,7 @@ and the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -218,10 +219,10 @@ def build(
                 if not view:
                     labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
             name = f"shard-{len(shards):05d}.jsonl"
-            (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            shards.append({"file": name, "records": len(lines)})
+            shards.append(write_shard(tmp / name, lines))
         manifest = {
             "format_version": FORMAT_VERSION,
+            "build_id": content_id(tmp, shards),
             "seed": seed,
             "n": sum(s["records"] for s in shards),
             "requested": n,
@@ -252,6 +253,27 @@ def build(
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_shard(path: Path, lines: list[str]) -> dict:
+    """Write one JSON record per line to `path`; returns its manifest entry: file name, number of
+    records and the SHA-256 of its bytes (checked when the shard is read)."""
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    path.write_bytes(data)
+    return {"file": path.name, "records": len(lines), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def content_id(root: Path, shards: list[dict]) -> str:
+    """What a data folder holds, in 16 hex digits: a SHA-256 over its shards' checksums and its
+    images' bytes. A rebuild that writes the same data has the same id (the same seed regenerates
+    it), anything else another; a checkpoint records it to resume only on the data it was on."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(shard["sha256"].encode())
+    images = root / "images"
+    for path in sorted(images.iterdir()) if images.is_dir() else ():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 #: How the model draws its own images for data: the ODE, as evaluation samples them.

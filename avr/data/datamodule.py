@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -84,9 +85,9 @@ class TrajectoryStream(IterableDataset):
             trajectories, seeds = [], []
             for record in records:
                 file, line = self.index[record]
-                if file not in lines:
-                    lines[file] = (self.root / file).read_bytes().splitlines()
                 try:
+                    if file not in lines:
+                        lines[file] = self._shard(file)
                     trajectories.append(self._read(file, line, lines[file]))
                     seeds.append(
                         int(np.random.SeedSequence([self.seed, epoch, record]).generate_state(1)[0])
@@ -109,6 +110,20 @@ class TrajectoryStream(IterableDataset):
             if trajectories:
                 yield self.packer(trajectories, seeds) if self.packer else trajectories
             local += workers
+
+    def _shard(self, file: str) -> list[bytes]:
+        """The shard's lines, once its bytes match the manifest's SHA-256 (data sets built before
+        checksums carry none and are read as they are)."""
+        data = (self.root / file).read_bytes()
+        entry = next(s for s in self.manifest["shards"] if s["file"] == file)
+        want = entry.get("sha256")
+        if want is not None and hashlib.sha256(data).hexdigest() != want:
+            raise TrajectoryError(
+                f"{self.root / file}: its SHA-256 is not the one manifest.json records (a shard "
+                "from another build, or changed since): its records cannot be trusted to match "
+                "their images"
+            )
+        return data.splitlines()
 
     def _read(self, file: str, line: int, lines: list[bytes]) -> Trajectory:
         where = f"{self.root / file}:{line + 1}"
@@ -174,10 +189,16 @@ class StreamPosition(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
-                f"the checkpoint's data seed {state['seed']} differs from this run's {self.seed}"
+            raise ResumeError(
+                f"--ckpt_path: the checkpoint's data seed {state['seed']} differs from this run's "
+                f"{self.seed}; a resumed run must draw the same batches"
             )
         self.batches_seen = int(state["batches_seen"])
+
+
+class ResumeError(ValueError):
+    """A checkpoint given to `--ckpt_path` does not fit the run it would resume (another module,
+    model or data build): resuming would continue silently on something else."""
 
 
 class TrajectoryDataModule(StreamPosition):
@@ -195,10 +216,27 @@ class TrajectoryDataModule(StreamPosition):
         """`path`: the data folder; `batch_size`: trajectories per batch (packed into rows);
         `skip_invalid`: log and skip bad records instead of stopping."""
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: expected ≥ 1 trajectories, got {batch_size}")
         self.path, self.batch_size, self.seed = path, batch_size, seed
         self.num_workers, self.shuffle, self.skip_invalid = num_workers, shuffle, skip_invalid
         self.packer: Callable | None = None  # set by the training module (it knows the backbone)
         self.batches_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position and the data build it reads (`build_id` of its manifest)."""
+        return {**super().state_dict(), "build_id": read_manifest(Path(self.path)).get("build_id")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the stream, on the same data build only."""
+        saved, now = state.get("build_id"), read_manifest(Path(self.path)).get("build_id")
+        if saved is not None and saved != now:
+            raise ResumeError(
+                f"--ckpt_path: the checkpoint was trained on data build {saved}, and "
+                f"{self.path} now holds build {now} (rebuilt differently since?): the same "
+                "batches cannot follow; rebuild it with the command that made it, or start anew"
+            )
+        super().load_state_dict(state)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.shard()

@@ -17,7 +17,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from avr.data.build import DATA_TOOL
+from avr.data.build import DATA_TOOL, content_id, write_shard
 from avr.data.datamodule import read_manifest
 from avr.outputs import MARKER, check_replaceable, publish, staging_dir
 from avr.sequence import FORMAT_VERSION
@@ -76,13 +76,12 @@ def _write(tmp: Path, sources: list, manifests: list[dict], resolution: int) -> 
                         )
                         segment["image"] = name
                 lines.append(json.dumps(record))
-            name = f"shard-{len(shards):05d}.jsonl"
-            (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            shards.append({"file": name, "records": len(lines)})
+            shards.append(write_shard(tmp / f"shard-{len(shards):05d}.jsonl", lines))
         for key, counter in counts.items():
             counter.update(manifest.get("counts", {}).get(key, {}))
     merged = {
         "format_version": FORMAT_VERSION,
+        "build_id": content_id(tmp, shards),
         "n": sum(s["records"] for s in shards),
         "resolution": resolution,
         "shards": shards,

@@ -97,6 +97,8 @@ class PromptDataModule(StreamPosition):
         stream repeats every `cycle` batches (a training set of `cycle × batch_size` prompts,
         visited in the same order each pass; 0: every batch is new)."""
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: expected ≥ 1 prompts, got {batch_size}")
         if cycle < 0:
             raise ValueError(f"data.cycle: expected a number of batches >= 0, got {cycle}")
         self.stratified, self.cycle = stratified, cycle

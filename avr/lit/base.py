@@ -23,6 +23,7 @@ from transformers import (
 from avr.backbone import UnifiedConfig, from_pretrained
 from avr.backbone.lora import LoraSettings, add_lora, merge_lora
 from avr.backbone.protocol import Backbone, backbone_class
+from avr.data.datamodule import ResumeError
 from avr.defaults import tiny_model
 
 CHECKPOINT_KEY = "avr_backbone"
@@ -88,6 +89,14 @@ class BackboneModule(L.LightningModule):
         min_lr_ratio: float,
     ) -> None:
         super().__init__()
+        for name, value, ok, expected in (
+            ("lr", lr, lr > 0, "> 0"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "≥ 0"),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, "≥ 0"),
+            ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"model.{name}: expected {expected}, got {value}")
         settings = model or ModelSettings()
         self.backbone = build_backbone(settings.path, seed, settings.overrides)
         self.lora = settings.lora
@@ -133,12 +142,45 @@ class BackboneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         backbone = self.backbone
         checkpoint[CHECKPOINT_KEY] = {
+            "module": type(self).__name__,
             "kind": backbone.kind,
             "config": json.dumps(backbone.checkpoint_config()),
             "lora": json.dumps(dataclasses.asdict(self.lora) if self.lora else None),
             "tokenizer": self.backbone.tokenizer.backend_tokenizer.to_str(),
             "special": json.dumps(self.backbone.tokenizer.special_tokens_map),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume (`--ckpt_path`) only a checkpoint of this module and this model; anything else
+        is a `ResumeError` naming what differs (before Lightning loads a weight)."""
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ResumeError(f"--ckpt_path: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
+        this = type(self).__name__
+        start = (
+            "to start from its weights instead, export it (avr export CKPT -o DIR) and set "
+            "model.init_args.model.path DIR"
+        )
+        if saved.get("module", this) != this:
+            raise ResumeError(
+                f"--ckpt_path: a {saved['module']} checkpoint cannot resume a {this} run; {start}"
+            )
+        ours = {"kind": self.backbone.kind, **self.backbone.checkpoint_config()}
+        theirs = {"kind": saved.get("kind", "unified"), **json.loads(saved["config"])}
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ:
+            key = differ[0]
+            raise ResumeError(
+                f"--ckpt_path: the checkpoint's model differs from this run's ({key}: "
+                f"{_short(theirs.get(key))} there, {_short(ours.get(key))} here"
+                f"{f'; {len(differ) - 1} more' if len(differ) > 1 else ''}); {start}"
+            )
+
+
+def _short(value: Any, width: int = 60) -> str:
+    """`value` as JSON, cut to `width` characters."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Backbone:

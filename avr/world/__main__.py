@@ -19,12 +19,27 @@ from rich.table import Table
 
 from avr.outputs import fresh_output_dir
 from avr.world.complexity import LEVELS, complexity
-from avr.world.geneval import score_folder, summarize, write_prompt
+from avr.world.geneval import MIN_SIDE, score_folder, summarize, write_prompt
 from avr.world.prompts import TAGS, sample_scene, sample_specs
 from avr.world.render import render
 from avr.world.spec import SpecError, iter_specs, save_specs
 from avr.world.split import SPLITS
 from avr.world.verify import VocabularyError, check_spec_vocabulary
+
+
+def at_least(low: int):
+    """An argparse type: an integer ≥ `low` (anything else: argparse's one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="{prompts,render,score}")
 
     p = sub.add_parser("prompts", help="write a GenEval-format prompt set")
-    p.add_argument("--n", type=int, required=True, help="number of prompts")
+    p.add_argument("--n", type=at_least(1), required=True, help="number of prompts")
     p.add_argument(
         "--tags", default=",".join(TAGS), help=f"comma-separated, from {', '.join(TAGS)}"
     )
@@ -135,8 +150,13 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="empty folder: OUT/00000/samples/0000.png, …"
     )
     r.add_argument("--overwrite", action="store_true", help="empty a non-empty output folder first")
-    r.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    r.add_argument("--resolution", type=int, default=64)
+    r.add_argument("--per-prompt", type=at_least(1), default=1, help="images per prompt")
+    r.add_argument(
+        "--resolution",
+        type=at_least(MIN_SIDE),
+        default=64,
+        help=f"image side in px (score reads ≥ {MIN_SIDE})",
+    )
     r.add_argument("--seed", type=int, default=0, help="seed of the scene layouts")
     r.set_defaults(run=_render)
 

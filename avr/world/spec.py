@@ -136,11 +136,22 @@ def parse_line(line: str, where: str = "<spec>") -> PromptSpec:
             seen[key] = value
         return seen
 
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > MAX_DIGITS:
+            raise SpecError(f"{where}: a number of {len(text)} digits; at most {MAX_DIGITS}")
+        return int(text)
+
     try:
-        data = json.loads(line, object_pairs_hook=unique)
+        data = json.loads(line, object_pairs_hook=unique, parse_int=integer)
     except json.JSONDecodeError as err:
         raise SpecError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise SpecError(f"{where}: JSON nested too deeply to be a prompt") from None
     return parse_spec(data, where)
+
+
+#: The most digits a number in a prompt line may have (a count, say).
+MAX_DIGITS = 9
 
 
 def iter_specs(path: str | os.PathLike) -> Iterator[tuple[str, PromptSpec]]:
@@ -170,9 +181,12 @@ def save_specs(specs: Iterable[PromptSpec], path: str | os.PathLike) -> None:
     """Write specs as JSONL, atomically (a reader never sees a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(s.to_line() + "\n" for s in specs), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own, never a user's file
+    try:
+        tmp.write_text("".join(s.to_line() + "\n" for s in specs), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _clauses(value: Any, where: str, name: str, allow_position: bool) -> tuple[Clause, ...]:

@@ -62,6 +62,13 @@ def test_a_data_fault_names_its_shard_line_and_can_be_skipped(dataset, tmp_path,
         shard.write_bytes(b"\xff" + b"".join(lines)[1:])
     else:
         shard.write_bytes(b"".join(lines[:5]))
+    if fault != "wrong_size_png":  # an edited shard fails its checksum first
+        with pytest.raises(TrajectoryError, match=r"shard-00000\.jsonl: its SHA-256 is not"):
+            _take(TrajectoryStream(broken, batch_size=12, shuffle=False), 1)
+        manifest = json.loads((broken / "manifest.json").read_text())
+        for entry in manifest["shards"]:  # as data built before checksums: read line by line
+            del entry["sha256"]
+        (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrajectoryError, match=message):
         _take(TrajectoryStream(broken, batch_size=12, shuffle=False), 1)
     (batch,) = _take(TrajectoryStream(broken, batch_size=12, shuffle=False, skip_invalid=True), 1)
@@ -88,6 +95,66 @@ def test_data_build_replaces_only_an_earlier_data_folder(tmp_path, capsys):
     assert data([*args[:2], "0", *args[3:], "-o", str(tmp_path / "none")]) == 2
     assert "--n: expected ≥ 1 trajectories, got 0" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run"]  # no staging folder left
+
+
+def test_a_shard_from_another_build_fails_its_checksum(dataset, tmp_path):
+    broken = _copy(dataset, tmp_path)
+    other = tmp_path / "other"
+    build(other, 12, parse_mix("simple=1,medium=1"), seed=6, shard_size=6)
+    shutil.copy(other / "shard-00001.jsonl", broken / "shard-00001.jsonl")  # same size, same names
+    with pytest.raises(TrajectoryError, match=r"shard-00001\.jsonl: its SHA-256 is not the one"):
+        _take(TrajectoryStream(broken, batch_size=12, shuffle=False), 1)
+    stream = TrajectoryStream(broken, batch_size=12, shuffle=False, skip_invalid=True)
+    (batch,) = _take(stream, 1)
+    assert len(batch) == 6  # the foreign shard's records skipped, none trained on
+    first, second = (json.loads((p / "manifest.json").read_text()) for p in (dataset, other))
+    assert first["build_id"] != second["build_id"]
+
+
+def test_a_checkpoint_resumes_only_its_own_module_model_and_data(dataset, tmp_path):
+    from avr.data.datamodule import ResumeError, TrajectoryDataModule
+    from avr.lit.rl import RLModule
+    from avr.lit.sft import SFTModule
+
+    checkpoint: dict = {}
+    SFTModule().on_save_checkpoint(checkpoint)
+    with pytest.raises(ResumeError, match="a SFTModule checkpoint cannot resume a RLModule run"):
+        RLModule().on_load_checkpoint(checkpoint)
+    SFTModule().on_load_checkpoint(checkpoint)  # its own kind resumes
+    config = json.loads(checkpoint["avr_backbone"]["config"])
+    checkpoint["avr_backbone"]["config"] = json.dumps({**config, "patch_size": 99})
+    with pytest.raises(ResumeError, match=r"model differs from this run's \(patch_size: 99 there"):
+        SFTModule().on_load_checkpoint(checkpoint)
+    state = TrajectoryDataModule(str(dataset)).state_dict()
+    rebuilt = tmp_path / "rebuilt"
+    build(rebuilt, 12, parse_mix("simple=1,medium=1"), seed=5, shard_size=6)  # the same command
+    TrajectoryDataModule(str(rebuilt)).load_state_dict(state)  # the same data: resumes
+    other = tmp_path / "other"
+    build(other, 12, parse_mix("simple=1,medium=1"), seed=7, shard_size=6)
+    with pytest.raises(ResumeError, match=r"trained on data build \w{16}, and \S+other now holds"):
+        TrajectoryDataModule(str(other)).load_state_dict(state)
+    TrajectoryDataModule(str(dataset)).load_state_dict(state)
+
+
+def test_fit_names_a_ckpt_path_that_is_not_a_checkpoint_of_the_run(tmp_path):
+    import subprocess
+    import sys
+
+    from avr.lit.sft import SFTModule
+
+    checkpoint: dict = {"state_dict": {}, "pytorch-lightning_version": "2.6.0"}
+    SFTModule().on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "sft.ckpt")
+    base = [sys.executable, "-m", "avr.fit", "experiments/rl.yaml", "--model.init_args.model",
+            "null", "--trainer.max_steps", "1", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    for path, message in (
+        (tmp_path / "nothing.ckpt", "nothing.ckpt: no such file"),
+        (tmp_path, "a folder; give the checkpoint file in it"),
+        (tmp_path / "sft.ckpt", "a SFTModule checkpoint cannot resume a RLModule run"),
+    ):
+        done = subprocess.run([*base, f"--ckpt_path={path}"], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 def test_skip_invalid_stops_when_every_record_is_invalid(dataset, tmp_path):
@@ -191,6 +258,39 @@ def test_evaluate_writes_only_inside_its_output_folder(tmp_path, capsys, monkeyp
     out = tmp_path / "two"
     assert evaluate(["--model", ".", "--model", f"b={model}", *args, "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["b", "shapeworld-tiny-sft"]
+
+
+def test_counts_and_sizes_below_their_minimum_are_refused(tmp_path, capsys):
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "2", "-o", str(prompts)]) == 0
+    for args, message in (
+        (["prompts", "--n", "0", "-o", str(tmp_path / "none.jsonl")], "--n: expected at least 1, got 0"),
+        (["render", str(prompts), "--per-prompt", "0", "-o", str(tmp_path / "r")], "--per-prompt: expected at least 1"),
+        (["render", str(prompts), "--resolution", "8", "-o", str(tmp_path / "r")], "--resolution: expected at least 16, got 8"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            world(args)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"a":' * 100_000 + "1" + "}" * 100_000, "JSON nested too deeply to be a prompt"),
+        ('{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": '
+         + "9" * 5000 + "}]}", "a number of 5000 digits; at most 9"),
+    ],
+)  # fmt: skip
+def test_an_unbounded_prompt_line_is_an_error_naming_it(tmp_path, capsys, line, message):
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(line + "\n")
+    assert world(["render", str(prompts), "-o", str(tmp_path / "r")]) == 2
+    assert f"bad.jsonl:1: {message}" in capsys.readouterr().err
 
 
 def test_an_empty_prompt_file_is_an_error(tmp_path, capsys):
@@ -497,6 +597,8 @@ def test_save_pretrained_replaces_an_earlier_save_and_nothing_else(tmp_path):
          r"^error: model\.init_args\.rewards\.compositional\.reward: cannot import 'my_rewards\.Nope' .*registered rewards: .*compositional \(avr\.rewards\.compositional\.CompositionalReward\)"),
         (["--model.init_args.model.path", "checkpoints/no-such-model"],
          r"not a folder .*\(a relative path is read from the working directory"),
+        (["--data.init_args.batch_size", "0"], r"^error: ValueError: data\.batch_size: expected ≥ 1 prompts, got 0"),
+        (["--model.init_args.lr", "-1"], r"^error: ValueError: model\.lr: expected > 0, got -1"),
     ],
 )  # fmt: skip
 def test_a_bad_rl_setting_stops_before_training_naming_it(override, message):
@@ -504,6 +606,48 @@ def test_a_bad_rl_setting_stops_before_training_naming_it(override, message):
 
     with pytest.raises(SystemExit, match=message):
         fit(["experiments/rl.yaml", *override])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("missing", "no such file"),
+        ("folder", "a folder; expected a YAML config file"),
+        ("list", "expected a mapping of sections (trainer, model, data), got a list"),
+        ("tab", "not valid YAML (found character that cannot start any token at line 2, column 1)"),
+        ("brace", "not valid YAML (did not find expected ',' or '}' at line 2, column 1)"),
+    ],
+)
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, config, message):
+    from avr.fit import main as fit
+
+    path = tmp_path / f"{config}.yaml"
+    if config == "folder":
+        path.mkdir()
+    elif config != "missing":
+        text = {
+            "list": "- a\n- b\n",
+            "tab": "trainer:\n\tmax_steps: 3\n",
+            "brace": "trainer: {max_steps: 3\n",
+        }
+        path.write_text(text[config])
+    with pytest.raises(SystemExit) as stop:
+        fit([str(path)])
+    assert stop.value.code == 2 and f"error: {path}: {message}" in capsys.readouterr().err
+
+
+def test_a_trajectory_longer_than_max_len_stops_fit_in_one_line(dataset, tmp_path, capsys):
+    from avr.fit import main as fit
+
+    with pytest.raises(SystemExit) as stop:
+        fit(["experiments/sft.yaml", "--model.init_args.max_len", "40", f"--data.init_args.path={dataset}",
+             "--trainer.max_steps", "1", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger", "false",
+             "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])  # fmt: skip
+    assert stop.value.code == 2
+    assert re.search(
+        r"error: trajectory \d+ takes \d+ tokens, over the maximum length 40 \(model\.init_args\.max_len\)",
+        capsys.readouterr().err,
+    )
 
 
 def test_rl_csv_logs_are_flushed_every_step_so_a_kill_loses_none():
