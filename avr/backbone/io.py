@@ -120,10 +120,23 @@ def from_pretrained(
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")
     config = read_config(directory, **overrides)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER)
+    tokenizer = read_tokenizer(directory / TOKENIZER)
     model = UnifiedModel(config, tokenizer)
     load_weights(model, directory / WEIGHTS, device)
     return model.to(device, dtype)
+
+
+def read_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer a `save_pretrained` folder holds; a missing or unreadable `tokenizer.json`
+    is a `ValueError` naming it."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (every model folder holds its tokenizer)")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    except (ValueError, OSError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable `tokenizers` file ({first})") from None
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:

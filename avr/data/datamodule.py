@@ -159,7 +159,18 @@ def read_manifest(root: Path) -> dict:
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (build the data with `python -m avr.data build`)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: not a valid manifest ({err}); rebuild the data") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path}: not a manifest (no 'shards' list); rebuild the data")
+    for shard in manifest["shards"]:
+        if not (Path(root) / str(shard.get("file"))).is_file():
+            raise FileNotFoundError(
+                f"{Path(root) / str(shard.get('file'))}: missing, though manifest.json lists it"
+            )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"

@@ -97,6 +97,24 @@ def test_data_build_replaces_only_an_earlier_data_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run"]  # no staging folder left
 
 
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("deleted_shard", r"shard-00001\.jsonl: missing, though manifest\.json lists it"),
+        ("truncated_manifest", r"manifest\.json:\d+: not a valid manifest"),
+    ],
+)
+def test_a_damaged_manifest_is_an_error_naming_it(dataset, tmp_path, fault, message):
+    broken = _copy(dataset, tmp_path)
+    if fault == "deleted_shard":
+        (broken / "shard-00001.jsonl").unlink()
+    else:
+        manifest = broken / "manifest.json"
+        manifest.write_text(manifest.read_text()[:200])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        TrajectoryStream(broken, batch_size=4)
+
+
 def test_a_shard_from_another_build_fails_its_checksum(dataset, tmp_path):
     broken = _copy(dataset, tmp_path)
     other = tmp_path / "other"
@@ -498,6 +516,10 @@ def _damaged(tmp_path, fault):
         config["lm"]["hidden_size"] = 256
     elif fault == "unknown_lm_key":
         config["lm"]["hiden_size"] = 256
+    elif fault == "garbage_tokenizer":
+        (folder / "tokenizer" / "tokenizer.json").write_text("garbage")
+    elif fault == "no_tokenizer":
+        (folder / "tokenizer" / "tokenizer.json").unlink()
     if fault in ("image_size_is_a_word", "hidden_size_changed", "unknown_lm_key"):
         (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -511,12 +533,14 @@ def _damaged(tmp_path, fault):
         ("image_size_is_a_word", r"config\.json: config key 'image_size': expected int, got 'sixty-four'"),
         ("hidden_size_changed", r"model\.safetensors: the weights do not fit .*config\.json: size mismatch for \S+: .* \(and \d+ more\)"),
         ("unknown_lm_key", r"config\.json: config key 'lm': Qwen2Config has no key 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+        ("garbage_tokenizer", r"tokenizer/tokenizer\.json: not a readable `tokenizers` file"),
+        ("no_tokenizer", r"tokenizer/tokenizer\.json: missing"),
     ],
 )  # fmt: skip
 def test_a_damaged_model_folder_is_a_clear_error(tmp_path, fault, message):
     from avr.backbone import from_pretrained
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         from_pretrained(_damaged(tmp_path, fault))
 
 
