@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import signal
 import sys
 import traceback
@@ -145,6 +146,7 @@ class AvrCLI(LightningCLI):
             if cause is None:
                 raise
             raise SystemExit(f"error: {type(cause).__name__}: {cause}") from err
+        check_root_dir(self.trainer.default_root_dir)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -293,6 +295,24 @@ def _check_reward_classes(args: list[str], config: dict) -> None:
                 f"error: model.init_args.rewards.{name}.reward: cannot import {path!r} ({err}); "
                 f"registered rewards: {known}"
             ) from None
+
+
+def check_root_dir(root: str) -> None:
+    """Stop in one line unless `trainer.default_root_dir` is, or can become, a writable folder."""
+    if "://" in str(root):
+        return  # a remote filesystem: Lightning's loggers check it themselves
+    path = Path(root)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    problem = None
+    if path.exists() and not path.is_dir():
+        problem = "a file; the run writes its logs and checkpoints into a folder"
+    elif existing is not None and not existing.is_dir():
+        problem = f"{existing} is a file, so no folder can be made there"
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        print(f"error: trainer.default_root_dir {root}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 #: `--ckpt_path` values Lightning resolves itself rather than reading a file.

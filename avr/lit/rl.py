@@ -150,9 +150,10 @@ class RLModule(BackboneModule):
         self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
         terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
         self.rewards = CompositeReward(terms)
-        if group_size < 2:
+        if not isinstance(group_size, int) or group_size < 2:
             raise ValueError(
-                f"group_size must be at least 2 (advantages are relative to the group), got {group_size}"
+                "group_size must be an integer of at least 2 (advantages are relative to the "
+                f"group), got {group_size}"
             )
         if sde_window is not None and not 0 <= sde_window[0] < sde_window[1]:
             raise ValueError(

@@ -623,6 +623,7 @@ def test_save_pretrained_replaces_an_earlier_save_and_nothing_else(tmp_path):
          r"not a folder .*\(a relative path is read from the working directory"),
         (["--data.init_args.batch_size", "0"], r"^error: ValueError: data\.batch_size: expected ≥ 1 prompts, got 0"),
         (["--model.init_args.lr", "-1"], r"^error: ValueError: model\.lr: expected > 0, got -1"),
+        (["--model.init_args.group_size", "null"], r"^error: ValueError: group_size must be an integer of at least 2 .*got None"),
     ],
 )  # fmt: skip
 def test_a_bad_rl_setting_stops_before_training_naming_it(override, message):
@@ -658,6 +659,32 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, 
     with pytest.raises(SystemExit) as stop:
         fit([str(path)])
     assert stop.value.code == 2 and f"error: {path}: {message}" in capsys.readouterr().err
+
+
+def test_a_root_dir_that_cannot_be_a_folder_stops_fit_in_one_line(tmp_path, capsys):
+    from avr.fit import main as fit
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for root, message in (
+        (a_file, "a file; the run writes"),
+        (a_file / "sub", "is a file, so no folder"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            fit(
+                [
+                    "experiments/rl.yaml",
+                    "--model.init_args.model",
+                    "null",
+                    f"--trainer.default_root_dir={root}",
+                ]
+            )
+        assert stop.value.code == 2
+        assert (
+            f"error: trainer.default_root_dir {root}: " in (err := capsys.readouterr().err)
+            and message in err
+        )
+    assert a_file.read_text() == "mine"
 
 
 def test_a_trajectory_longer_than_max_len_stops_fit_in_one_line(dataset, tmp_path, capsys):
