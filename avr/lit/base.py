@@ -37,6 +37,10 @@ def build_backbone(
     if path is None:
         config = UnifiedConfig.from_dict(overrides) if overrides else None
         return tiny_model(seed, config)
+    if Path(path).is_file() and path.endswith(".ckpt"):  # a fine-tune start from a run's weights
+        if overrides:
+            raise ValueError(f"model.overrides: not applied to a checkpoint ({path}); export it")
+        return backbone_from_checkpoint(path, _weights_prefix(path))
     if not Path(path).is_dir():
         where = (
             " (a random-init tiny model is `model: null`, on the command line "
@@ -61,7 +65,9 @@ class ModelSettings:
 
     path: str | None = None
     """An exported model folder (avr.export / save_pretrained), a BAGEL or a Janus checkpoint
-    folder; None: the tiny ShapeWorld model at random init from the module's `seed`."""
+    folder, or a run's Lightning checkpoint (`.ckpt`: its EMA weights when it keeps them, else
+    the trained ones; a fine-tune start, where `--ckpt_path` would resume the run itself); None:
+    the tiny ShapeWorld model at random init from the module's `seed`."""
     overrides: dict[str, Any] | None = None
     """`UnifiedConfig` fields on top of the loaded model's (e.g. `image_size` of a BAGEL
     checkpoint, `timestep_shift`)."""
@@ -158,8 +164,8 @@ class BackboneModule(L.LightningModule):
             raise ResumeError(f"--ckpt_path: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
         this = type(self).__name__
         start = (
-            "to start from its weights instead, export it (avr export CKPT -o DIR) and set "
-            "model.init_args.model.path DIR"
+            "to start from its weights instead, give it as --model.init_args.model.path "
+            "(a fine-tune start) and drop --ckpt_path"
         )
         if saved.get("module", this) != this:
             raise ResumeError(
@@ -181,6 +187,13 @@ def _short(value: Any, width: int = 60) -> str:
     """`value` as JSON, cut to `width` characters."""
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _weights_prefix(path: str | Path) -> str:
+    """The weights a fine-tune start takes from a checkpoint: its EMA when it keeps one (as
+    `avr export` does), else the trained weights."""
+    keys = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return "ema.module." if any(k.startswith("ema.module.") for k in keys) else "backbone."
 
 
 def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Backbone:

@@ -131,6 +131,7 @@ def test_a_shard_from_another_build_fails_its_checksum(dataset, tmp_path):
 
 def test_a_checkpoint_resumes_only_its_own_module_model_and_data(dataset, tmp_path):
     from avr.data.datamodule import ResumeError, TrajectoryDataModule
+    from avr.lit.base import ModelSettings
     from avr.lit.rl import RLModule
     from avr.lit.sft import SFTModule
 
@@ -139,6 +140,11 @@ def test_a_checkpoint_resumes_only_its_own_module_model_and_data(dataset, tmp_pa
     with pytest.raises(ResumeError, match="a SFTModule checkpoint cannot resume a RLModule run"):
         RLModule().on_load_checkpoint(checkpoint)
     SFTModule().on_load_checkpoint(checkpoint)  # its own kind resumes
+    sft = SFTModule(seed=3)  # the way to start RL from it instead: model.path names the .ckpt
+    torch.save({**checkpoint, "state_dict": sft.state_dict()}, tmp_path / "sft.ckpt")
+    rl = RLModule(model=ModelSettings(path=str(tmp_path / "sft.ckpt")))
+    trained = sft.backbone.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in rl.backbone.state_dict().items())
     config = json.loads(checkpoint["avr_backbone"]["config"])
     checkpoint["avr_backbone"]["config"] = json.dumps({**config, "patch_size": 99})
     with pytest.raises(ResumeError, match=r"model differs from this run's \(patch_size: 99 there"):
