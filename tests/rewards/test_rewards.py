@@ -285,3 +285,39 @@ def test_clip_score_reward_with_a_tiny_random_clip(tiny_clip, tmp_path):
         assert score.item() == pytest.approx(max(cosine, 0.0), abs=1e-4)
     with pytest.raises(FileNotFoundError, match="not a folder with a saved CLIPModel"):
         CLIPScoreReward(str(tmp_path / "missing"))
+
+
+def test_in_rl_yaml_an_honest_critique_pays_more_than_calling_a_wrong_draft_right():
+    """A wrong draft, in a group where another rollout succeeded at direct's cost: the honest
+    rollout says "wrong", refines, fails again and says so (twice the compute); the dishonest one
+    says "matches" and stops. Without the critique term the compute penalty pays the lie."""
+    from omegaconf import OmegaConf
+
+    from avr.data.critique import OK_IMAGE
+
+    honest = _traj("reflect")  # prompt, token, wrong draft, critique, refined, critique
+    draft = honest.segments[2]
+    honest.segments[4] = Segment(image=draft.image, role="refined")  # the refine fixed nothing
+    honest.segments[5] = Segment(text=honest.segments[3].text)  # and says so again
+    honest.meta["nfe"] = 20
+    liar = Trajectory([*honest.segments[:3], Segment(text=OK_IMAGE)], {**honest.meta, "nfe": 10})
+    success = _direct(render(SCENE), 10)
+    rollouts = Rollouts.of([honest, liar, success], groups=[0, 0, 0])
+    terms = OmegaConf.to_container(OmegaConf.load("experiments/rl.yaml"))["model"]["init_args"][
+        "rewards"
+    ]
+
+    def composite(names):
+        built = {}
+        for name in names:
+            spec = terms[name]["reward"]
+            module, _, cls = spec["class_path"].rpartition(".")
+            reward = getattr(__import__(module, fromlist=[cls]), cls)(**spec.get("init_args", {}))
+            built[name] = RewardTerm(reward, terms[name]["weight"])
+        return CompositeReward(built).score(rollouts)
+
+    assert "critique" in terms
+    with_critique = composite(terms)
+    assert with_critique[0] > with_critique[1] + 0.1
+    without = composite([n for n in terms if n != "critique"])
+    assert without[0] < without[1]  # the compute penalty alone would teach "matches"
