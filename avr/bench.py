@@ -195,9 +195,11 @@ def packing(args: argparse.Namespace, console: Console) -> str:
                     Segment(image=image, role="sketch"),
                 ]
         trajectories.append(Trajectory([*segments, Segment(image=image, role="final")]))
+    max_len = args.max_len or _fitting_row(trajectories, model)
+    console.print(f"rows of {max_len} tokens")
     rates = {}
     for name, packed in (("packed", True), ("padded", False)):
-        batch = pack(trajectories, model.tokenizer, model.geometry, args.max_len, packed=packed)
+        batch = pack(trajectories, model.tokenizer, model.geometry, max_len, packed=packed)
 
         def step(batch=batch):
             model.zero_grad()
@@ -360,6 +362,21 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
+def _fitting_row(trajectories, model) -> int:
+    """The shortest of 512, 1024, 2048 … tokens that holds the longest trajectory (the packing
+    bench's row length when `--max-len` is not given)."""
+    from avr.backbone import pack
+    from avr.backbone.packing import TrajectoryTooLong
+
+    max_len = 512
+    while True:
+        try:
+            pack(trajectories, model.tokenizer, model.geometry, max_len, packed=True)
+            return max_len
+        except TrajectoryTooLong:
+            max_len *= 2
+
+
 def _pixels(image):
     import torch
 
@@ -375,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--max-len", type=int, default=512, help="packed row length (packing)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        help="packed row length (packing; default: the shortest of 512, 1024, … that fits)",
+    )
     parser.add_argument(
         "--model",
         default="checkpoints/shapeworld-tiny-sft",

@@ -58,13 +58,13 @@ for arm in relabel control; do
 done
 # 2e. Rounds of self-improvement from the edit model (docs/self-improvement.md): each round's
 #     trajectories are drawn by the model it starts from (the teacher only judges and corrects),
-#     then that model is fine-tuned on them; round 1 is checkpoints/shapeworld-tiny-self.
+#     then that model is fine-tuned on them. Round 3 (critique views, from round 1) is
+#     checkpoints/shapeworld-tiny-self; round 2 branched off round 1 and was dropped.
 python -m avr.data build --overwrite --n 4000 --seed 31 --from-model checkpoints/shapeworld-tiny-edit \
   --mode adaptive=0.4,reflect=0.6 --balance 2 --own-refines 0 -o runs/round1-data
 python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
   --trainer.default_root_dir "$OUT/round1"
 python -m avr.export "$(last "$OUT/round1")" --weights ema -o runs/round1-ema
-mkdir -p checkpoints/shapeworld-tiny-self && cp -r runs/round1-ema/. checkpoints/shapeworld-tiny-self/  # shipped: round 1
 python -m avr.data build --overwrite --n 3000 --seed 32 --from-model runs/round1-ema --mode reflect \
   --mix simple=0.35,medium=0.4,complex=0.25 --balance 1 --own-refines 1 -o runs/round2-data
 python -m avr.data merge --overwrite runs/round1-data runs/round2-data -o runs/round2-mixed
@@ -72,6 +72,13 @@ python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays
   --trainer.default_root_dir "$OUT/round2" --trainer.max_steps 500 --seed_everything 2 \
   --model.init_args.model.path runs/round1-ema --data.init_args.path runs/round2-mixed --data.init_args.seed 2
 python -m avr.export "$(last "$OUT/round2")" --weights ema -o "$OUT/round2-ema"
+python -m avr.data build --overwrite --n 6000 --seed 33 --mix simple=0.35,medium=0.4,complex=0.25 \
+  --from-model runs/round1-ema --mode reflect=0.7,adaptive=0.3 --own-refines 2 --balance 1.5 \
+  --critique-views -o runs/critic-data
+python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
+  --trainer.default_root_dir "$OUT/critic" --trainer.max_steps 1500 \
+  --model.init_args.model.path runs/round1-ema --data.init_args.path runs/critic-data
+python -m avr.export "$(last "$OUT/critic")" --weights ema -o checkpoints/shapeworld-tiny-self  # shipped: round 3
 
 #     The 600 held-out prompts of the claims table (stage 5 uses them too).
 python -m avr.world prompts --n 600 --seed 11 --split heldout -o "$OUT/claims-prompts.jsonl"

@@ -22,6 +22,24 @@ CHECKPOINTS = Path(__file__).parents[1] / "checkpoints"
 SHIPPED = sorted(CHECKPOINTS.iterdir())
 
 
+def test_a_shipped_model_loads_by_its_name_from_any_folder(tmp_path, monkeypatch):
+    import torch
+
+    from avr.lit.base import build_backbone
+
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    by_name = from_pretrained("shapeworld-tiny-sft").state_dict()
+    by_path = from_pretrained(CHECKPOINTS / "shapeworld-tiny-sft").state_dict()
+    assert by_name.keys() == by_path.keys()
+    assert all(torch.equal(by_name[k], by_path[k]) for k in by_path)
+    assert build_backbone("shapeworld-tiny-edit", 0).config == from_pretrained(
+        CHECKPOINTS / "shapeworld-tiny-edit"
+    ).config
+    (tmp_path / "shapeworld-tiny-sft").mkdir()  # a folder of that name here is read instead
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        from_pretrained("shapeworld-tiny-sft")
+
+
 @pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
 def test_every_shipped_model_loads_with_its_recipe(folder):
     model = from_pretrained(folder)
@@ -65,23 +83,29 @@ def test_generator_rl_draws_more_simple_prompts_right_on_a_clean_canvas():
 
 @pytest.mark.slow
 def test_the_self_trained_critic_accepts_right_drafts_the_edit_model_calls_wrong():
-    """60 held-out simple prompts in `reflect` (greedy text, 10 ODE steps): the edit model's first
-    critique calls every right draft wrong (it learned that every draft has an error);
-    `shapeworld-tiny-self`, fine-tuned on critiques of its own images, accepts some of them and
-    still catches most wrong ones (docs/self-improvement.md has the figures on 300 prompts)."""
+    """60 held-out simple prompts in `reflect` (greedy text, 10 ODE steps): the edit model's
+    critic answers from the position (its first critique calls every draft wrong, its later ones
+    call every refined image right); `shapeworld-tiny-self`, fine-tuned on critiques of its own
+    images, judges the image in both positions: it accepts most right drafts, catches most wrong
+    ones, and calls most wrong refines wrong (measured: 68% / 66% / 83%; docs/self-improvement.md
+    has the figures on 300 prompts)."""
     specs = sample_specs(
         60, tags=("single_object", "two_object", "colors"), seed=5, split="heldout"
     )
     sampling = SamplingConfig(steps=10, temperature=0.0, max_text_tokens=48)
-    first = {}
+    first, later = {}, {}
     for name in ("shapeworld-tiny-edit", "shapeworld-tiny-self"):
         model = from_pretrained(CHECKPOINTS / name).eval()
         jobs = [Job(MODES.get("reflect")(), spec, i) for i, spec in enumerate(specs)]
         understanding = Understanding()
         for spec, trajectory in zip(specs, rollout(model, jobs, sampling), strict=True):
             understanding.update(trajectory, spec)
-        first[name] = understanding.summary()["critique"]["by_round"]["first"]
+        rounds = understanding.summary()["critique"]["by_round"]
+        first[name], later[name] = rounds["first"], rounds["later"]
     edit, own = first["shapeworld-tiny-edit"], first["shapeworld-tiny-self"]
     assert edit["right_images"] >= 5 and edit["false_alarm_rate"] > 0.9, first
-    assert own["right_images"] >= 5 and own["false_alarm_rate"] < 0.8, first
-    assert own["miss_rate"] < 0.4, first
+    assert own["right_images"] >= 5 and own["false_alarm_rate"] < 0.5, first
+    assert own["miss_rate"] < 0.45, first
+    edit, own = later["shapeworld-tiny-edit"], later["shapeworld-tiny-self"]
+    assert edit["wrong_images"] >= 5 and edit["miss_rate"] > 0.9, later
+    assert own["wrong_images"] >= 5 and own["miss_rate"] < 0.4, later

@@ -110,7 +110,7 @@ def from_pretrained(
     `max_seq_len` …); one that changes a shape fails the strict load, naming the key. The whole
     model is in `dtype` (float32 default; "bfloat16" where asked), whatever the folder's config
     files say (a Qwen2 `config.json` says bfloat16)."""
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     dtype = as_dtype(dtype)
     if is_bagel_dir(directory):
         return from_bagel(directory, device=device, dtype=dtype, **overrides)
@@ -137,6 +137,21 @@ def read_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     except (ValueError, OSError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable `tokenizers` file ({first})") from None
+
+
+#: The models shipped with the repository (`checkpoints/` beside the `avr` package).
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """`path` itself when it exists; else, for a bare name such as `shapeworld-tiny-sft`, the
+    shipped model of that name (`checkpoints/NAME` of the repository), so a shipped model loads by
+    its name from any working directory."""
+    given = Path(path)
+    shipped = SHIPPED / given.name
+    if not given.exists() and len(given.parts) == 1 and (shipped / CONFIG).is_file():
+        return shipped
+    return given
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from avr.backbone import UnifiedConfig, from_pretrained
+from avr.backbone.io import resolve_model_dir
 from avr.backbone.lora import LoraSettings, add_lora, merge_lora
 from avr.backbone.protocol import Backbone, backbone_class
 from avr.data.datamodule import ResumeError
@@ -41,6 +42,7 @@ def build_backbone(
         if overrides:
             raise ValueError(f"model.overrides: not applied to a checkpoint ({path}); export it")
         return backbone_from_checkpoint(path, _weights_prefix(path))
+    path = str(resolve_model_dir(path))
     if not Path(path).is_dir():
         where = (
             " (a random-init tiny model is `model: null`, on the command line "

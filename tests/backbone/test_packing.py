@@ -258,3 +258,14 @@ def test_grid_rope_is_1d_rope_for_text_and_puts_the_same_cell_of_two_images_on_o
     assert torch.equal(on_text[0], on_text[1]) and torch.equal(on_text[0], on_text[2])
     with torch.no_grad():
         assert not torch.allclose(sequence(batch).velocity, grid(batch).velocity)
+
+
+def test_the_packing_bench_runs_with_its_defaults(capsys):
+    """`python -m avr.bench packing` as a user first runs it: its plan-shaped trajectories take
+    more than 512 tokens, so the default row is the shortest power-of-two multiple of 512 that
+    holds them (it used to stop on "over the maximum length 512")."""
+    from avr.bench import main as bench
+
+    assert bench(["packing", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rows of 1024 tokens" in out and "packed vs padded" in out

@@ -290,7 +290,7 @@ def test_non_finite_rewards_skip_steps_then_stop():
 def test_rl_refuses_settings_it_cannot_train_with():
     with pytest.raises(ValueError, match="noise_level must be > 0"):
         RLModule(sampling=SamplingConfig(noise_level=0.0))
-    with pytest.raises(ValueError, match="group_size must be at least 2"):
+    with pytest.raises(ValueError, match="group_size must be an integer of at least 2"):
         RLModule(group_size=1)
     with pytest.raises(ValueError, match=r"sde_window must be \[first, last\)"):
         RLModule(sde_window=(3, 3))
