@@ -32,11 +32,12 @@ def test_a_shipped_model_loads_by_its_name_from_any_folder(tmp_path, monkeypatch
     by_path = from_pretrained(CHECKPOINTS / "shapeworld-tiny-sft").state_dict()
     assert by_name.keys() == by_path.keys()
     assert all(torch.equal(by_name[k], by_path[k]) for k in by_path)
-    assert build_backbone("shapeworld-tiny-edit", 0).config == from_pretrained(
-        CHECKPOINTS / "shapeworld-tiny-edit"
-    ).config
+    assert (
+        build_backbone("shapeworld-tiny-edit", 0).config
+        == from_pretrained(CHECKPOINTS / "shapeworld-tiny-edit").config
+    )
     (tmp_path / "shapeworld-tiny-sft").mkdir()  # a folder of that name here is read instead
-    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json: missing"):
         from_pretrained("shapeworld-tiny-sft")
 
 

@@ -3,11 +3,13 @@
 JSONL + PNG with a manifest.
 
 ```
-DIR/manifest.json          format version, seed, mix, split, mode, shard sizes, counts per
-                           mode/level/tag, the adaptive labels per level and where they came from;
-                           from a model: `from_model` (images drawn and right, critiques balanced)
+DIR/manifest.json          format version, `build_id` (a hash of the shards and images), seed, mix,
+                           split, mode, each shard's size and SHA-256, counts per mode/level/tag,
+                           the adaptive labels per level and where they came from; from a model:
+                           `from_model` (images drawn and right, critiques and views balanced)
 DIR/shard-00000.jsonl      one trajectory per line (see `avr.sequence.trajectory_to_record`)
 DIR/images/…png            their images
+DIR/.avr-output            the marker that lets `--overwrite` replace this folder later
 ```
 
 Teacher data regenerates from the seed: sample `i` uses the generator `(seed, i)`, so any record

@@ -714,3 +714,24 @@ def test_rl_csv_logs_are_flushed_every_step_so_a_kill_loses_none():
         loggers = OmegaConf.load(config).trainer.logger
         (csv,) = [lg for lg in loggers if lg.class_path.endswith("CSVLogger")]
         assert csv.init_args.flush_logs_every_n_steps == 1, config
+
+
+@pytest.mark.slow
+def test_a_data_build_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "data"
+    command = [sys.executable, "-m", "avr.data", "build", "--n", "200000", "--mode", "direct",
+               "--shard-size", "50", "-o", str(out)]  # fmt: skip
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not any((p / "images").is_dir() for p in tmp_path.glob(".data.*.tmp")):
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no output
