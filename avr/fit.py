@@ -8,7 +8,9 @@ prints the resolved config. Plugins from the `avr.modes` / `avr.rewards` entry p
 first, so their classes are known by short name too.
 
 An error raised while building the model or data (an unknown mode, a missing model folder) is
-printed first, in one line, instead of under jsonargparse's dump of the whole config. Checkpoints
+printed first, in one line, instead of under jsonargparse's dump of the whole config; so is a bad
+config file, `--ckpt_path` or `default_root_dir`, a checkpoint that does not fit the run, and a
+record the run cannot train on; each exits with status 2. Checkpoints
 are written beside their destination and renamed into place (`avr.lit.checkpointing`). When the
 run ends it prints where its logs, config and checkpoints went. SIGTERM or SIGINT saves a resumable
 `preempted.ckpt` after the step under way and exits with 128 + the signal's number
@@ -26,6 +28,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import jsonargparse
 import lightning as L
@@ -88,10 +91,27 @@ def main(argv: list[str] | None = None) -> LightningCLI:
         # (nor a DataLoader worker's, which re-raises with the worker's traceback as message).
         line = str(err).strip().splitlines()[-1]
         prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
-        print(f"error: {line.removeprefix(prefix)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"error: {line.removeprefix(prefix)}")
     end_process_group()
     return cli
+
+
+class UsageError(SystemExit):
+    """A config, command line or input that `avr fit` cannot run: exit status 2, and its one-line
+    message (already printed to stderr by `fail`) as the exception's text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str) -> NoReturn:
+    """Print `message` (one line, `error: …`) to stderr and exit with status 2."""
+    print(message, file=sys.stderr)
+    raise UsageError(message) from None
 
 
 def end_process_group() -> None:
@@ -145,7 +165,7 @@ class AvrCLI(LightningCLI):
             cause = _root_cause(err)
             if cause is None:
                 raise
-            raise SystemExit(f"error: {type(cause).__name__}: {cause}") from err
+            fail(f"error: {type(cause).__name__}: {cause}")
         check_root_dir(self.trainer.default_root_dir)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
@@ -222,8 +242,7 @@ def read_yaml(path: str) -> dict:
                 )
     if problem is None:
         return config
-    print(f"error: {path}: {problem}", file=sys.stderr)
-    raise SystemExit(2)
+    fail(f"error: {path}: {problem}")
 
 
 def check_init_args(args: list[str]) -> None:
@@ -243,9 +262,7 @@ def check_init_args(args: list[str]) -> None:
             cls = _import(class_path)
         except (ImportError, AttributeError, ValueError) as err:
             known = ", ".join(KNOWN[section])
-            raise SystemExit(
-                f"error: {section}: cannot import {class_path!r} ({err}); avr provides: {known}"
-            ) from None
+            fail(f"error: {section}: cannot import {class_path!r} ({err}); avr provides: {known}")
         valid = [
             p
             for p in inspect.signature(cls.__init__).parameters
@@ -260,7 +277,7 @@ def check_init_args(args: list[str]) -> None:
             if key not in valid:
                 hint = difflib.get_close_matches(key, valid, n=1)
                 maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise SystemExit(
+                fail(
                     f"error: {section}: {class_path} takes no argument {key!r}{maybe}; valid: {', '.join(valid)}"
                 )
     _check_reward_classes(args, config)
@@ -291,10 +308,10 @@ def _check_reward_classes(args: list[str], config: dict) -> None:
             known = ", ".join(
                 f"{e.name} ({e.cls.__module__}.{e.cls.__qualname__})" for e in REWARDS.entries()
             )
-            raise SystemExit(
+            fail(
                 f"error: model.init_args.rewards.{name}.reward: cannot import {path!r} ({err}); "
                 f"registered rewards: {known}"
-            ) from None
+            )
 
 
 def check_root_dir(root: str) -> None:
@@ -311,8 +328,7 @@ def check_root_dir(root: str) -> None:
     elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         problem = f"{existing} is not writable"
     if problem:
-        print(f"error: trainer.default_root_dir {root}: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"error: trainer.default_root_dir {root}: {problem}")
 
 
 #: `--ckpt_path` values Lightning resolves itself rather than reading a file.
@@ -331,8 +347,7 @@ def check_ckpt_path(path: str | None) -> None:
         else "no such file"
     )
     if problem:
-        print(f"error: --ckpt_path {path}: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"error: --ckpt_path {path}: {problem}")
 
 
 def _override(args: list[str], flag: str) -> str | None:

@@ -89,7 +89,7 @@ def test_an_unknown_class_names_the_known_ones():
 def test_a_failure_to_build_the_model_is_one_line_naming_the_cause(override, cause):
     with pytest.raises(SystemExit, match=cause) as raised:
         fit(["experiments/rl.yaml", *override])
-    assert "\n" not in str(raised.value)
+    assert "\n" not in str(raised.value) and raised.value.code == 2
 
 
 def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalty_and_the_anchor(
