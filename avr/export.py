@@ -11,10 +11,8 @@ import argparse
 import pickle
 import sys
 
-import torch
-
 from avr.backbone.io import CARDS, WRITTEN
-from avr.lit.base import backbone_from_checkpoint
+from avr.lit.base import load_checkpoint_backbone
 from avr.outputs import check_only_written
 
 
@@ -38,14 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        keys = torch.load(args.checkpoint, map_location="cpu", weights_only=True)[
-            "state_dict"
-        ].keys()
-        has_ema = any(k.startswith("ema.module.") for k in keys)
-        if args.weights == "ema" and not has_ema:
-            raise ValueError("--weights ema: the checkpoint keeps no EMA (set ema_decay)")
-        prefix = "ema.module." if has_ema and args.weights != "raw" else "backbone."
-        model = backbone_from_checkpoint(args.checkpoint, prefix)
+        model, prefix = load_checkpoint_backbone(args.checkpoint, args.weights)
     except (pickle.UnpicklingError, EOFError) as err:
         print(
             f"error: {args.checkpoint}: not a checkpoint that loads without pickle (empty, "

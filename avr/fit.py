@@ -46,6 +46,16 @@ from avr.lit.checkpointing import AtomicCheckpointIO
 from avr.registry import load_plugins
 from avr.sequence import TrajectoryError
 
+#: How `main` and `parse_config` build their LightningCLI: any module and data module by
+#: `class_path`, `${…}` resolved after the command line is read.
+CLI_SETTINGS = {
+    "model_class": L.LightningModule,
+    "datamodule_class": L.LightningDataModule,
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "parser_kwargs": {"parser_mode": "omegaconf+"},
+}
+
 
 def main(argv: list[str] | None = None) -> LightningCLI:
     """Parse `argv` (default: the command line) and fit."""
@@ -73,11 +83,7 @@ def main(argv: list[str] | None = None) -> LightningCLI:
             # kernel's flags), which LightningCLI warns about though it reads `args` alone.
             warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
             cli = AvrCLI(
-                L.LightningModule,
-                L.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                parser_kwargs={"parser_mode": "omegaconf+"},
+                **CLI_SETTINGS,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={"callbacks": [preemption]},
                 args=args,
@@ -135,11 +141,7 @@ def parse_config(config: str | Path, overrides: list[str] | None = None) -> dict
     load_plugins()
     _parsing_settings()
     cli = _ParseOnly(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        **CLI_SETTINGS,
         run=False,
         args=["--config", str(config), *(overrides or [])],
     )

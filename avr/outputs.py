@@ -46,8 +46,13 @@ def fresh_output_dir(
         check_replaceable(out, tool, inputs)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"tool": tool}) + "\n", encoding="utf-8")
+    mark(out, tool)
     return out
+
+
+def mark(folder: str | os.PathLike, tool: str) -> None:
+    """Write `folder`'s marker: `tool` wrote it (what `check_replaceable` reads)."""
+    (Path(folder) / MARKER).write_text(json.dumps({"tool": tool}) + "\n", encoding="utf-8")
 
 
 def check_replaceable(

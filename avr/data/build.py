@@ -34,7 +34,7 @@ import numpy as np
 
 from avr.data.self_sample import SelfSampleActor, critique_views, without_critique_loss
 from avr.data.teacher import ShapeWorldTeacher
-from avr.outputs import MARKER, check_replaceable, publish, staging_dir
+from avr.outputs import check_replaceable, mark, publish, staging_dir
 from avr.policy import SamplingConfig
 from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
@@ -250,7 +250,7 @@ def build(
                 **own.summary(),
             }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"tool": DATA_TOOL}) + "\n", encoding="utf-8")
+        mark(tmp, DATA_TOOL)
         publish(tmp, out)
         return manifest
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avr.data.build import DATA_TOOL, content_id, write_shard
 from avr.data.datamodule import read_manifest
-from avr.outputs import MARKER, check_replaceable, publish, staging_dir
+from avr.outputs import check_replaceable, mark, publish, staging_dir
 from avr.sequence import FORMAT_VERSION
 
 
@@ -48,7 +48,7 @@ def merge(
     tmp = staging_dir(out)
     try:
         merged = _write(tmp, sources, manifests, resolutions.pop())
-        (tmp / MARKER).write_text(json.dumps({"tool": DATA_TOOL}) + "\n", encoding="utf-8")
+        mark(tmp, DATA_TOOL)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

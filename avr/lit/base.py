@@ -41,7 +41,7 @@ def build_backbone(
     if Path(path).is_file() and path.endswith(".ckpt"):  # a fine-tune start from a run's weights
         if overrides:
             raise ValueError(f"model.overrides: not applied to a checkpoint ({path}); export it")
-        return backbone_from_checkpoint(path, _weights_prefix(path))
+        return backbone_from_checkpoint(path, "auto")
     path = str(resolve_model_dir(path))
     if not Path(path).is_dir():
         where = (
@@ -191,19 +191,23 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _weights_prefix(path: str | Path) -> str:
-    """The weights a fine-tune start takes from a checkpoint: its EMA when it keeps one (as
-    `avr export` does), else the trained weights."""
-    keys = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return "ema.module." if any(k.startswith("ema.module.") for k in keys) else "backbone."
-
-
-def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Backbone:
+def backbone_from_checkpoint(path: str | Path, weights: str = "raw") -> Backbone:
     """Rebuild the backbone saved in a Lightning checkpoint (weights only, no pickle); LoRA
-    adapters, when trained, are merged into the weights."""
+    adapters, when trained, are merged into the weights. `weights`: `raw` (the trained ones),
+    `ema` (its EMA; an error when it keeps none) or `auto` (the EMA when kept)."""
+    return load_checkpoint_backbone(path, weights)[0]
+
+
+def load_checkpoint_backbone(path: str | Path, weights: str = "raw") -> tuple[Backbone, str]:
+    """`backbone_from_checkpoint`, read once, with the state-dict prefix its weights came from
+    (`ema.module.` or `backbone.`)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path}: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    has_ema = any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
+    if weights == "ema" and not has_ema:
+        raise ValueError("--weights ema: the checkpoint keeps no EMA (set ema_decay)")
+    prefix = "ema.module." if has_ema and weights != "raw" else "backbone."
     saved = checkpoint[CHECKPOINT_KEY]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(saved["tokenizer"]), **json.loads(saved["special"])
@@ -218,4 +222,4 @@ def backbone_from_checkpoint(path: str | Path, prefix: str = "backbone.") -> Bac
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
     }
     model.load_state_dict(state, strict=True)
-    return merge_lora(model) if lora is not None else model
+    return (merge_lora(model) if lora is not None else model), prefix
