@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import re
+import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +43,7 @@ from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
 from avr.intervals import overall_interval, paired, wilson
-from avr.outputs import fresh_output_dir
+from avr.outputs import check_output_dir, mark, publish, staging_dir
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
@@ -52,6 +56,9 @@ from avr.world.geneval import score_folder, summarize, write_prompt
 from avr.world.split import is_held_out
 from avr.world.verify import check_spec_vocabulary
 
+#: The tool named in an evaluation folder's marker (`avr.outputs`).
+TOOL = "avr evaluate"
+
 
 def evaluate(
     models: Mapping[str, UnifiedModel],
@@ -63,6 +70,8 @@ def evaluate(
     grid_prompts: int = 8,
     workers: int = 1,
     batch: int = 32,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
@@ -71,17 +80,40 @@ def evaluate(
     models; each run's outputs land in `out/<label>/`. `workers > 1` runs that many (model, mode)
     runs at once, in processes of one thread each (their `seconds` then count time shared with the
     others); each run rolls out `batch` episodes at a time through `avr.rollout`. Returns the
-    metrics (also written to `out/metrics.json`)."""
+    metrics (also written to `out/metrics.json`).
+
+    `out` must be missing or empty; `overwrite` replaces an earlier evaluation there (never a
+    folder holding one of `inputs`: `avr.outputs.check_output_dir`). Everything is written into a
+    staging folder beside `out` and renamed into place once finished, so an evaluation that fails
+    or is stopped (SIGTERM, Ctrl-C) leaves neither a partial `out` nor its staging folder."""
     jobs = {
         (mode_name if len(models) == 1 else f"{model_name}/{mode_name}"): (model_name, mode_name)
         for model_name in models
         for mode_name in modes
     }
+    out = Path(out)
     for label in jobs:  # every path a run writes stays inside `out`
-        if Path(out).resolve() not in (Path(out) / label).resolve().parents:
-            raise ValueError(f"run {label!r}: its folder {Path(out) / label} is not inside {out}")
+        if out.resolve() not in (out / label).resolve().parents:
+            raise ValueError(f"run {label!r}: its folder {out / label} is not inside {out}")
+    check_output_dir(out, overwrite, tool=TOOL, inputs=inputs)
+    tmp = staging_dir(out)
+    try:
+        metrics = _evaluate(
+            models, modes, specs, jobs, tmp, out, sampling, seed, grid_prompts, workers, batch
+        )
+        mark(tmp, TOOL)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def _evaluate(
+    models, modes, specs, jobs, tmp: Path, out: Path, sampling, seed, grid_prompts, workers, batch
+) -> dict:
+    """`evaluate`'s work, written into `tmp` (image paths in the results named under `out`)."""
     args = {
-        label: (models[m], modes[k], specs, out / label, sampling, seed, batch)
+        label: (models[m], modes[k], specs, tmp / label, sampling, seed, batch, out / label)
         for label, (m, k) in jobs.items()
     }
     if workers > 1:
@@ -105,11 +137,11 @@ def evaluate(
     }
     for label, (model_name, mode_name) in jobs.items():
         metrics["runs"][label] = {"model": model_name, "mode": mode_name, **results[label]}
-        plot_trajectories(out / label, grid_prompts)
+        plot_trajectories(tmp / label, grid_prompts)
     metrics["paired"] = compare_runs(metrics["runs"], [spec.tag for spec in specs])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_accuracy(metrics, out)
-    (out / "report.md").write_text(report(metrics), encoding="utf-8")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_accuracy(metrics, tmp)
+    (tmp / "report.md").write_text(report(metrics), encoding="utf-8")
     return metrics
 
 
@@ -130,9 +162,17 @@ class BestOf:
 
 
 def _run(
-    model, mode, specs, folder: Path, sampling: SamplingConfig, seed: int, batch: int = 32
+    model,
+    mode,
+    specs,
+    folder: Path,
+    sampling: SamplingConfig,
+    seed: int,
+    batch: int = 32,
+    report_as: Path | None = None,
 ) -> dict:
-    """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores.
+    """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores
+    (image paths named under `report_as`, the folder `folder` will become, where given).
     Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time; a
     `BestOf`'s further samples with `episode_seed(seed, i, k)`."""
     model.eval()
@@ -186,7 +226,7 @@ def _run(
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    scored = score_folder(folder)  # one record per prompt, in prompt order
+    scored = score_folder(folder, report_as=report_as)  # one record per prompt, in order
     summary = summarize(scored)
     correct = [int(r["correct"]) for r in scored]
     tags = [r["tag"] for r in scored]
@@ -570,9 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-o", "--output", required=True, help="output folder (must be empty)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="empty a non-empty output folder first"
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier evaluation at --output (once this one has finished)",
     )
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM exits through Python,
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # cleaning up
     try:
         specs = load_specs(args.prompts)
         if not specs:
@@ -586,12 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         if not modes:
             raise ValueError(f"--modes {args.modes!r}: names no mode")
         models = _load_models(args.model)
-        fresh_output_dir(
-            args.output,
-            args.overwrite,
-            tool="avr evaluate",
-            inputs=[args.prompts, *(m.rpartition("=")[2] for m in args.model)],
-        )
+        inputs = [args.prompts, *(m.rpartition("=")[2] for m in args.model)]
+        check_output_dir(args.output, args.overwrite, tool=TOOL, inputs=inputs)
     except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -604,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         workers=args.workers,
         batch=args.batch,
+        overwrite=args.overwrite,
+        inputs=inputs,
     )
     table = Table(title=f"{args.output}: {len(specs)} prompts")
     for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):

@@ -29,25 +29,41 @@ def fresh_output_dir(
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Create `path` (and parents) if missing, mark it as `tool`'s and return it. A folder that
-    already holds files is refused (`FileExistsError` naming it and what it holds) unless
-    `overwrite`, which empties it first when `check_replaceable` allows."""
+    already holds files is refused (`check_output_dir`) unless `overwrite`, which empties it first
+    when `check_replaceable` allows."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: the output must be a folder, and this is a file")
-    if out.is_dir() and any(out.iterdir()):
-        held = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(held[:5]) + (", …" if len(held) > 5 else "")
-        if not overwrite:
-            raise FileExistsError(
-                f"{out}: the output folder is not empty ({len(held)} entries: {shown}); its "
-                "leftovers would be mixed with this run's. Pass --overwrite to empty it first, "
-                "or choose a new folder"
-            )
-        check_replaceable(out, tool, inputs)
+    if check_output_dir(out, overwrite, tool=tool, inputs=inputs):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     mark(out, tool)
     return out
+
+
+def check_output_dir(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    tool: str,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> bool:
+    """Raise unless `path` may receive `tool`'s new output: it is missing or an empty folder, or,
+    with `overwrite`, a folder `check_replaceable` lets go (`FileExistsError` naming it and what
+    it holds otherwise). Returns whether something is there to replace; touches nothing."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: the output must be a folder, and this is a file")
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    held = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(held[:5]) + (", …" if len(held) > 5 else "")
+    if not overwrite:
+        raise FileExistsError(
+            f"{out}: the output folder is not empty ({len(held)} entries: {shown}); its "
+            "leftovers would be mixed with this run's. Pass --overwrite to empty it first, "
+            "or choose a new folder"
+        )
+    check_replaceable(out, tool, inputs)
+    return True
 
 
 def mark(folder: str | os.PathLike, tool: str) -> None:

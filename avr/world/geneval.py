@@ -85,9 +85,14 @@ class Summary:
 
 
 def score_folder(
-    out: str | os.PathLike, verifier: Verifier | None = None, allow_missing: bool = False
+    out: str | os.PathLike,
+    verifier: Verifier | None = None,
+    allow_missing: bool = False,
+    report_as: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Score every image under `out`, write `out/results.jsonl`, return its records.
+    """Score every image under `out`, write `out/results.jsonl`, return its records. Each record's
+    `filename` is the image's path, under `report_as` instead of `out` where given (the folder
+    `out` is renamed to once it is finished).
 
     Every spec is checked against ShapeWorld's vocabulary before any image is scored, so a folder of
     real GenEval prompts fails at once, naming the first foreign class and where it is. A prompt
@@ -100,6 +105,7 @@ def score_folder(
     for where, spec, _ in prompts:
         check_spec_vocabulary(spec, where)
     records = []
+    named = (lambda path: Path(report_as) / Path(path).relative_to(out)) if report_as else Path
     for where, spec, samples in prompts:
         level = complexity(spec).level
         common = {"tag": spec.tag, "prompt": spec.prompt, "level": level}
@@ -114,14 +120,14 @@ def score_folder(
                 if not allow_missing:
                     raise
                 records.append(
-                    {"filename": str(path), **common, "correct": False, "reason": str(err),
+                    {"filename": str(named(path)), **common, "correct": False, "reason": str(err),
                      "score": 0.0, "missing": True}
                 )  # fmt: skip
                 continue
             verdict = verifier.verify(image, spec)
             records.append(
                 {
-                    "filename": str(path),
+                    "filename": str(named(path)),
                     **common,
                     "correct": verdict.correct,
                     "reason": verdict.reason,

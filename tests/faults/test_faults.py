@@ -735,3 +735,57 @@ def test_a_data_build_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []  # no staging folder, no output
+
+
+def test_an_evaluation_that_fails_leaves_nothing_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    import avr.evaluate
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "2", "--seed", "1", "-o", str(prompts)]) == 0
+    out = tmp_path / "eval"
+    args = ["--model", "shapeworld-tiny-sft", "--prompts", str(prompts), "--modes", "direct",
+            "--steps", "1", "-o", str(out)]  # fmt: skip
+    assert avr.evaluate.main(args) == 0
+    first = (out / "direct" / "results.jsonl").read_text()
+    assert [json.loads(r)["filename"] for r in first.splitlines()] == [
+        str(out / "direct" / f"0000{i}" / "samples" / "0000.png") for i in range(2)
+    ]  # paths of the published folder, not of the staging one
+    assert all(Path(json.loads(r)["filename"]).is_file() for r in first.splitlines())
+
+    def broken(*a, **k):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(avr.evaluate, "plot_accuracy", broken)  # after every rollout and score
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        avr.evaluate.main([*args, "--overwrite"])
+    assert (out / "direct" / "results.jsonl").read_text() == first  # the earlier one is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "p.jsonl"]  # no staging left
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        avr.evaluate.main([*args[:-1], str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_an_evaluation_stopped_by_sigterm_leaves_nothing_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "2000", "--seed", "1", "-o", str(prompts)]) == 0
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "avr.evaluate", "--model", "shapeworld-tiny-sft", "--prompts",
+               str(prompts), "--modes", "direct", "--steps", "1", "-o", str(out)]  # fmt: skip
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".eval.*.tmp")):
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]  # no staging folder, no output
