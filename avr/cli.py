@@ -10,6 +10,7 @@ import sys
 #: command → (module, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("avr.fit", "train from a YAML config (SFT or RL) through LightningCLI"),
+    "generate": ("avr.generate", "make images with a trained model, every step shown"),
     "evaluate": ("avr.evaluate", "roll out modes on a prompt file and score them"),
     "export": ("avr.export", "turn a training checkpoint into a model folder"),
     "data": ("avr.data.__main__", "build SFT trajectory data"),

@@ -72,6 +72,6 @@ def test_the_avr_command_dispatches_to_each_tool(tmp_path, capsys):
     listing = capsys.readouterr().out
     assert all(f"  {name} " in listing for name in COMMANDS)
     assert main(["evalute"]) == 2
-    assert "unknown command 'evalute'; commands: fit, evaluate" in capsys.readouterr().err
+    assert "unknown command 'evalute'; commands: fit, generate, evaluate" in capsys.readouterr().err
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name == "avr"}
     assert scripts == {"avr": "avr.cli:main"}
