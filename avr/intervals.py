@@ -63,10 +63,14 @@ def overall_interval(
     seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of GenEval's overall accuracy (stratified by tag)."""
+    """Percentile bootstrap interval of GenEval's overall accuracy (stratified by tag). Where
+    every outcome is the same (0 or n successes) every resample is too and the bootstrap collapses
+    to a point, so the interval is then Wilson's for the pooled count, which does not."""
     correct = np.asarray(correct, dtype=float)
     if not len(correct):
         return (float("nan"), float("nan"))
+    if correct.min() == correct.max():
+        return wilson(int(correct.sum()), len(correct), confidence)
     means = _tag_means(correct, tags, _resamples(tags, n_boot, seed))
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])

@@ -180,6 +180,12 @@ def test_intervals_and_paired_comparisons():
     a = [1] * 10 + [0] * 10 + [1] * 5 + [0] * 15  # overall (0.5 + 0.25) / 2
     low, high = overall_interval(a, tags)
     assert low < 0.375 < high and high - low < 0.5
+    for n in (3, 40):  # no success (or no failure) at all: Wilson's interval, never a point
+        assert overall_interval([0] * n, ["a"] * n) == pytest.approx(wilson(0, n))
+        assert overall_interval([1] * n, ["a", "b"] * (n // 2) + ["a"] * (n % 2)) == (
+            pytest.approx(wilson(n, n))
+        )
+        assert overall_interval([0] * n, ["a"] * n)[1] > 0.05
     same = paired(a, a, tags)
     assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and same["mcnemar_p"] == 1
     b = [1] * 20 + [1] * 5 + [0] * 15  # b also gets the 10 prompts a missed in tag "a"
