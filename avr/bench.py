@@ -385,11 +385,15 @@ def _pixels(image):
 
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark and print its headline last."""
-    parser = argparse.ArgumentParser(prog="python -m avr.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=sorted(BENCHES))
+    parser = argparse.ArgumentParser(
+        prog="avr bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
+    )
+    parser.add_argument("name", choices=sorted(BENCHES), help="the benchmark to run")
     parser.add_argument("--n", type=int, default=1000, help="workload size")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and models")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(

@@ -264,7 +264,8 @@ def markdown(table: list[Claim], prompts: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m avr.claims",
+        prog="avr claims",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="The papers' claims as paired comparisons over avr.evaluate runs.",
     )
     parser.add_argument("metrics", nargs="+", help="metrics.json of avr.evaluate runs")

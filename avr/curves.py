@@ -129,12 +129,16 @@ def plot(curves: list[Curve], metric: str, out: Path, window: int, title: str | 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m avr.curves", description=__doc__.split("\n")[0]
+        prog="avr curves",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
     )
     parser.add_argument("runs", nargs="+", help="run folders (trainer.default_root_dir) or CSVs")
-    parser.add_argument("--metric", default="train/reward/compositional")
+    parser.add_argument(
+        "--metric", default="train/reward/compositional", help="the logged metric to plot"
+    )
     parser.add_argument("--window", type=int, default=5, help="moving-average window (steps)")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="the plot's title (None: the metric's name)")
     parser.add_argument("-o", "--out", type=Path, default=None, help="PNG to write")
     parser.add_argument(
         "--modes",

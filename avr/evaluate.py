@@ -568,7 +568,9 @@ def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; bad input prints `error: …` and returns 2."""
     parser = argparse.ArgumentParser(
-        prog="python -m avr.evaluate", description=__doc__.split("\n")[0]
+        prog="avr evaluate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
     )
     parser.add_argument(
         "--model",
@@ -590,15 +592,19 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="denoising steps per image (default 10: every documented result uses 10)",
     )
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="classifier-free guidance weight (1: none)"
+    )
     parser.add_argument(
         "--shift",
         type=float,
         default=1.0,
         help="timestep schedule shift of the sampler (> 1: more of the steps at high noise)",
     )
-    parser.add_argument("--max-text-tokens", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-text-tokens", type=int, default=96, help="longest text one step may write"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompt i is rolled out with seed + i")
     parser.add_argument(
         "--workers", type=int, default=1, help="(model, mode) runs at once, one thread each"
     )

@@ -19,10 +19,17 @@ from avr.outputs import check_only_written
 def main(argv: list[str] | None = None) -> int:
     """Export; a bad checkpoint prints `error: …` and returns 2."""
     parser = argparse.ArgumentParser(
-        prog="python -m avr.export", description=__doc__.split("\n")[0]
+        prog="avr export",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
     )
-    parser.add_argument("checkpoint")
-    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("checkpoint", help="a .ckpt that avr fit wrote")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the model folder to write (new, or an earlier export)",
+    )
     parser.add_argument(
         "--weights",
         choices=("auto", "ema", "raw"),

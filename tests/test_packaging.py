@@ -1,3 +1,4 @@
+import argparse
 import functools
 import shutil
 import subprocess
@@ -75,3 +76,47 @@ def test_the_avr_command_dispatches_to_each_tool(tmp_path, capsys):
     assert "unknown command 'evalute'; commands: fit, generate, evaluate" in capsys.readouterr().err
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name == "avr"}
     assert scripts == {"avr": "avr.cli:main"}
+
+
+def _tool_parsers() -> dict:
+    """Every tool's argparse parser (each subcommand's apart), caught as its `main` parses."""
+    import importlib
+
+    from avr.cli import COMMANDS
+
+    class Caught(Exception):
+        pass
+
+    def catch(parser, *args, **kwargs):
+        raise Caught(parser)
+
+    found = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", catch)
+        for name, (module, _) in COMMANDS.items():
+            if name in ("fit", "registry"):  # LightningCLI's parser; registry takes no arguments
+                continue
+            with pytest.raises(Caught) as caught:
+                importlib.import_module(module).main([])
+            found[name] = caught.value.args[0]
+    parsers = {}
+    for name, parser in found.items():
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for sub, subparser in subs[0].choices.items() if subs else [("", parser)]:
+            parsers[f"{name} {sub}".strip()] = subparser
+    return parsers
+
+
+def test_every_tool_is_named_avr_tool_and_helps_every_flag_with_its_default():
+    parsers = _tool_parsers()
+    assert {"generate", "evaluate", "export", "data build", "world render", "bench"} <= set(parsers)
+    for name, parser in parsers.items():
+        assert parser.prog == f"avr {name}", name
+        bare = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
+        assert not bare, f"avr {name}: no help for {bare}"
+        text = parser.format_help()
+        with_default = [a for a in parser._actions if a.option_strings and a.default not in (None, False)]  # fmt: skip
+        for action in with_default:
+            if action.default is not argparse.SUPPRESS:
+                shown = f"(default:{action.default})".replace(" ", "")
+                assert shown in "".join(text.split()), (name, action.dest)  # wrapped anywhere

@@ -28,14 +28,22 @@ def _stop_cleanly_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Build a data set and print its counts; bad arguments print `error: …` and return 2."""
-    parser = argparse.ArgumentParser(prog="python -m avr.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="avr data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
+    )
     sub = parser.add_subparsers(required=True, metavar="{build,merge}")
-    b = sub.add_parser("build", help="write teacher trajectories as sharded JSONL + PNG")
+    b = sub.add_parser(
+        "build",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="write teacher trajectories as sharded JSONL + PNG",
+    )
     b.add_argument("--n", type=int, required=True, help="number of trajectories")
     b.add_argument(
         "--mix", default="simple=0.3,medium=0.4,complex=0.3", help="share of each complexity level"
     )
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of prompts, scenes and samples")
     b.add_argument(
         "--split",
         choices=("train", "all"),
@@ -47,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         default="adaptive",
         help="registered mode that builds every trajectory, or a mixture: adaptive=0.5,reflect=0.5",
     )
-    b.add_argument("--shard-size", type=int, default=500)
-    b.add_argument("--resolution", type=int, default=64)
+    b.add_argument("--shard-size", type=int, default=500, help="trajectories per shard file")
+    b.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     b.add_argument(
         "--sketch-error-rate", type=float, default=0.2, help="plan sketches drawn with an error"
     )
@@ -95,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--overwrite", action="store_true", help="replace an earlier data folder at --output"
     )
-    m = sub.add_parser("merge", help="one data folder from several builds")
+    m = sub.add_parser(
+        "merge",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="one data folder from several builds",
+    )
     m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
     m.add_argument("-o", "--output", required=True, help="the new folder (must not exist)")
     m.add_argument(

@@ -126,15 +126,23 @@ def _score(args, console: Console) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m avr.world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="avr world",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n")[0],
+    )
     sub = parser.add_subparsers(required=True, metavar="{prompts,render,score}")
 
-    p = sub.add_parser("prompts", help="write a GenEval-format prompt set")
+    p = sub.add_parser(
+        "prompts",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="write a GenEval-format prompt set",
+    )
     p.add_argument("--n", type=at_least(1), required=True, help="number of prompts")
     p.add_argument(
         "--tags", default=",".join(TAGS), help=f"comma-separated, from {', '.join(TAGS)}"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts drawn")
     p.add_argument(
         "--split",
         choices=SPLITS,
@@ -144,7 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="JSONL file to write")
     p.set_defaults(run=_prompts)
 
-    r = sub.add_parser("render", help="ground-truth renders in GenEval's output layout")
+    r = sub.add_parser(
+        "render",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="ground-truth renders in GenEval's output layout",
+    )
     r.add_argument("prompts", help="prompt JSONL (GenEval metadata format)")
     r.add_argument(
         "-o", "--output", required=True, help="empty folder: OUT/00000/samples/0000.png, …"
@@ -160,8 +172,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the scene layouts")
     r.set_defaults(run=_render)
 
-    s = sub.add_parser("score", help="score every image of a GenEval-layout folder")
-    s.add_argument("folder")
+    s = sub.add_parser(
+        "score",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="score every image of a GenEval-layout folder",
+    )
+    s.add_argument("folder", help="a folder in GenEval's layout (avr world render, avr evaluate)")
     s.add_argument(
         "--allow-missing",
         action="store_true",
