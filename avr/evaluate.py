@@ -30,15 +30,17 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
@@ -72,6 +74,7 @@ def evaluate(
     batch: int = 32,
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Roll out every prompt with every (model, mode), write images and trajectories, score, plot.
 
@@ -85,7 +88,9 @@ def evaluate(
     `out` must be missing or empty; `overwrite` replaces an earlier evaluation there (never a
     folder holding one of `inputs`: `avr.outputs.check_output_dir`). Everything is written into a
     staging folder beside `out` and renamed into place once finished, so an evaluation that fails
-    or is stopped (SIGTERM, Ctrl-C) leaves neither a partial `out` nor its staging folder."""
+    or is stopped (SIGTERM, Ctrl-C) leaves neither a partial `out` nor its staging folder.
+    `progress(label, done, total)` is told of the episodes each run has finished (per batch; per
+    run with `workers > 1`)."""
     jobs = {
         (mode_name if len(models) == 1 else f"{model_name}/{mode_name}"): (model_name, mode_name)
         for model_name in models
@@ -99,8 +104,9 @@ def evaluate(
     tmp = staging_dir(out)
     try:
         metrics = _evaluate(
-            models, modes, specs, jobs, tmp, out, sampling, seed, grid_prompts, workers, batch
-        )
+            models, modes, specs, jobs, tmp, out, sampling, seed, grid_prompts, workers, batch,
+            progress,
+        )  # fmt: skip
         mark(tmp, TOOL)
         publish(tmp, out)
     finally:
@@ -109,20 +115,30 @@ def evaluate(
 
 
 def _evaluate(
-    models, modes, specs, jobs, tmp: Path, out: Path, sampling, seed, grid_prompts, workers, batch
-) -> dict:
+    models, modes, specs, jobs, tmp: Path, out: Path, sampling, seed, grid_prompts, workers, batch,
+    progress=None,
+) -> dict:  # fmt: skip
     """`evaluate`'s work, written into `tmp` (image paths in the results named under `out`)."""
     args = {
         label: (models[m], modes[k], specs, tmp / label, sampling, seed, batch, out / label)
         for label, (m, k) in jobs.items()
     }
+    for label in args if progress is not None else ():
+        progress(label, 0, len(specs))
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
         with ProcessPoolExecutor(workers, context, torch.set_num_threads, (1,)) as pool:
             futures = {label: pool.submit(_run, *a) for label, a in args.items()}
-            results = {label: future.result() for label, future in futures.items()}
+            results = {}
+            for label, future in futures.items():
+                results[label] = future.result()
+                if progress is not None:
+                    progress(label, len(specs), len(specs))
     else:
-        results = {label: _run(*a) for label, a in args.items()}
+        results = {}
+        for label, a in args.items():
+            told = None if progress is None else partial(progress, label)
+            results[label] = _run(*a, progress=told)
     metrics: dict = {
         "runs": {},
         "prompts": len(specs),
@@ -170,6 +186,7 @@ def _run(
     seed: int,
     batch: int = 32,
     report_as: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores
     (image paths named under `report_as`, the folder `folder` will become, where given).
@@ -192,7 +209,11 @@ def _run(
         for k in range(n)
     ]
     start = time.perf_counter()
-    samples = rollout(model, jobs, sampling, batch)
+    samples = []
+    for first in range(0, len(jobs), batch):  # as `rollout` batches them, telling `progress`
+        samples += rollout(model, jobs[first : first + batch], sampling, batch)
+        if progress is not None:
+            progress(min(len(jobs), first + batch) // n, len(specs))
     cost["seconds"] = time.perf_counter() - start
     trajectories = []
     for i, spec in enumerate(specs):
@@ -620,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace an earlier evaluation at --output (once this one has finished)",
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():  # SIGTERM exits through Python,
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # cleaning up
@@ -641,18 +663,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = evaluate(
-        models,
-        specs,
-        modes,
-        Path(args.output),
-        sampling,
-        args.seed,
-        workers=args.workers,
-        batch=args.batch,
-        overwrite=args.overwrite,
-        inputs=inputs,
-    )
+    tasks: dict[str, int] = {}
+    columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as bar:
+
+        def told(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        metrics = evaluate(
+            models,
+            specs,
+            modes,
+            Path(args.output),
+            sampling,
+            args.seed,
+            workers=args.workers,
+            batch=args.batch,
+            overwrite=args.overwrite,
+            inputs=inputs,
+            progress=told,
+        )
     table = Table(title=f"{args.output}: {len(specs)} prompts")
     for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
         table.add_column(column, justify="right")

@@ -208,3 +208,24 @@ def test_runs_on_the_same_point_are_labelled_once_together():
         (10.0, 25.0): ["direct", "adaptive-no-plan"],
         (21.0, 30.0): ["plan"],
     }
+
+
+@pytest.mark.slow
+def test_evaluate_shows_progress_per_run_unless_quiet(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from avr.world.__main__ import main as world
+
+    prompts = tmp_path / "p.jsonl"
+    assert world(["prompts", "--n", "3", "-o", str(prompts)]) == 0
+    command = [sys.executable, "-m", "avr.evaluate", "--model", "shapeworld-tiny-sft", "--prompts",
+               str(prompts), "--modes", "direct,reflect", "--batch", "2"]  # fmt: skip
+    done = subprocess.run([*command, "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for label in ("direct", "reflect"):  # a bar per run, ending on every prompt
+        assert re.search(rf"{label} .*100% 3/3", done.stderr), done.stderr
+    quiet = [*command, "--quiet", "-o", str(tmp_path / "b")]
+    done = subprocess.run(quiet, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
