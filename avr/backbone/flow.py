@@ -31,7 +31,11 @@ def sample_timesteps(
 
 
 def schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """`steps + 1` times from 1 down to 0 (uniform, then shifted)."""
+    """`steps + 1` times from 1 down to 0 (uniform, then shifted by `shift_time`): BAGEL's grid
+    (its `generate_image` with `num_timesteps = steps + 1`). diffusers' `FlowMatchEulerDiscreteScheduler`
+    applies the same shift, but its default grid is spaced over [1, 1/1000] before a final 0 (up to
+    0.24 apart at 10 steps, shift 3); given these times unshifted as `sigmas`, it gives this grid
+    and the same Euler steps (tests/backbone/test_flow.py)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift)
