@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
+from pathlib import Path
 
-from avr.backbone.io import CARDS, WRITTEN
+from avr.backbone.io import CARDS, GENERATION_CONFIG, WRITTEN
+from avr.cards import export_card, write_generation_config
 from avr.lit.base import load_checkpoint_backbone
 from avr.outputs import check_only_written
 
@@ -42,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    info: dict = {}
     try:
-        model, prefix = load_checkpoint_backbone(args.checkpoint, args.weights)
+        model, prefix = load_checkpoint_backbone(args.checkpoint, args.weights, info)
     except (pickle.UnpicklingError, EOFError) as err:
         print(
             f"error: {args.checkpoint}: not a checkpoint that loads without pickle (empty, "
@@ -56,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
         return 2
     try:
-        model.save_pretrained(args.output)
+        out = model.save_pretrained(args.output)
+        weights = "EMA" if prefix.startswith("ema") else "trained"
+        if not (out / "README.md").is_file():  # an earlier export's card (or a shipped one) stays
+            text = export_card(out.name, Path(args.checkpoint), weights, info["step"], info["data"])
+            (out / "README.md").write_text(text, encoding="utf-8")
+        if not (out / GENERATION_CONFIG).is_file():
+            write_generation_config(out)
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

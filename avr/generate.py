@@ -36,17 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     """Generate; bad input prints `error: …` and returns 2."""
     parser = argparse.ArgumentParser(
         prog="avr generate",
-        description=__doc__.split("\n")[0].strip("`") + " — make images with a trained model",
+        description="Make images with a trained model, every plan, critique and image shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or shipped model name")
-    parser.add_argument("--mode", default="adaptive", help="registered mode (avr registry)")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps per image")
+    model_default = "; None: the model's generation_config.json, else {}"
     parser.add_argument(
-        "--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none)"
+        "--mode", help="registered mode (avr registry)" + model_default.format("adaptive")
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="text sampling (0: greedy)")
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps per image" + model_default.format(10)
+    )
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        help="classifier-free guidance (1: none)" + model_default.format(1),
+    )
+    parser.add_argument(
+        "--temperature", type=float, help="text sampling (0: greedy)" + model_default.format(0)
+    )
     parser.add_argument("--seed", type=int, default=0, help="image j (prompt-major) uses seed + j")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument(

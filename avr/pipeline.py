@@ -18,11 +18,14 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from matplotlib.figure import Figure
 from PIL import Image
 
 from avr.backbone import from_pretrained
+from avr.backbone.io import resolve_model_dir
+from avr.cards import GENERATION_DEFAULTS, read_generation_config
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
@@ -62,46 +65,62 @@ class PipelineOutput:
 
 
 class Pipeline:
-    """Generate with a trained model: `Pipeline(model)` or `Pipeline.from_pretrained(path)`."""
+    """Generate with a trained model: `Pipeline(model)` or `Pipeline.from_pretrained(path)`.
+    `defaults` are the sampler settings a call uses where it names none (`avr.cards`: the model
+    folder's `generation_config.json`, else ODE, 10 steps, greedy text, no guidance)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, defaults: dict[str, Any] | None = None) -> None:
         self.model = model.eval()
+        self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike, **kwargs) -> Pipeline:
         """Load a model folder, a shipped model by name (`shapeworld-tiny-self`) or any folder
-        `avr.backbone.from_pretrained` reads (BAGEL's layout, a Janus folder); `kwargs` go to it
-        (`dtype="bfloat16"`, say)."""
-        return cls(from_pretrained(path_or_name, **kwargs))
+        `avr.backbone.from_pretrained` reads (BAGEL's layout, a Janus folder), with its
+        `generation_config.json` as the defaults; `kwargs` go to the loader (`dtype="bfloat16"`)."""
+        folder = resolve_model_dir(path_or_name)
+        return cls(from_pretrained(folder, **kwargs), read_generation_config(folder))
 
     def __call__(
         self,
         prompt: str | Sequence[str],
-        mode: str | Mode = "adaptive",
-        num_inference_steps: int = 10,
-        guidance_scale: float = 1.0,
+        mode: str | Mode | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         num_images_per_prompt: int = 1,
-        temperature: float = 0.0,
-        max_text_tokens: int = 96,
+        temperature: float | None = None,
+        max_text_tokens: int | None = None,
+        shift: float | None = None,
         batch_size: int = 32,
     ) -> PipelineOutput:
         """Roll `mode` (a registered name or a `Mode`) out on each prompt, `num_images_per_prompt`
         times. Image `j` (prompt-major) is episode `seed + j`, so the first image of a prompt
         equals `avr evaluate`'s for that prompt at index 0 with `--seed seed`. Text is greedy at
-        `temperature` 0; images come from the ODE with `num_inference_steps` steps and
-        classifier-free guidance `guidance_scale` (1: none); `batch_size` episodes run together."""
+        `temperature` 0; images come from the ODE with `num_inference_steps` steps, time shift
+        `shift` and classifier-free guidance `guidance_scale` (1: none); `batch_size` episodes run
+        together. A setting left None is the pipeline's default (`self.defaults`)."""
+        given = {
+            "mode": mode,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "temperature": temperature,
+            "max_text_tokens": max_text_tokens,
+            "shift": shift,
+        }
+        use = {k: self.defaults[k] if v is None else v for k, v in given.items()}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError(f"prompt: expected a non-empty string or list of them, got {prompt!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: expected ≥ 1, got {num_images_per_prompt}")
-        runner = MODES.get(mode)() if isinstance(mode, str) else mode
+        runner = MODES.get(use["mode"])() if isinstance(use["mode"], str) else use["mode"]
         sampling = SamplingConfig(
-            max_text_tokens=max_text_tokens,
-            temperature=temperature,
-            steps=num_inference_steps,
-            cfg_scale=guidance_scale,
+            max_text_tokens=use["max_text_tokens"],
+            temperature=use["temperature"],
+            steps=use["num_inference_steps"],
+            cfg_scale=use["guidance_scale"],
+            shift=use["shift"],
         )
         parsed = [parse_prompt(p) for p in prompts]
         specs = [s or PromptSpec("free", p, ()) for p, s in zip(prompts, parsed, strict=True)]

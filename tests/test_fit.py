@@ -2,6 +2,7 @@
 
 import csv
 import glob
+import json
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,20 @@ def test_sft_trains_checkpoints_and_exports(tmp_path):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[f"backbone.{name}"]), name
+    from avr.cards import GENERATION_DEFAULTS, read_card, read_generation_config
+
+    meta = read_card(tmp_path / "export" / "README.md")  # a model card in the Hub's layout
+    assert meta["library_name"] == "avr" and meta["generation"] == GENERATION_DEFAULTS
+    assert meta["training"]["step"] == 3 and meta["training"]["data"] == str(data)
+    assert meta["training"]["module"] == "avr.lit.sft.SFTModule"
+    assert (
+        meta["training"]["data_build"]
+        == json.loads((data / "manifest.json").read_text())["build_id"]
+    )
+    assert read_generation_config(tmp_path / "export") == GENERATION_DEFAULTS
+    (tmp_path / "export" / "README.md").write_text("---\nlicense: mit\n---\n\nmine\n")
+    assert export([str(checkpoint), "-o", str(tmp_path / "export")]) == 0  # a re-export keeps it
+    assert (tmp_path / "export" / "README.md").read_text().endswith("mine\n")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """`avr.Pipeline` and `avr generate`: a shipped model, from a prompt to its image and trajectory."""
 
+import re
 import subprocess
 import sys
 
@@ -76,3 +77,27 @@ def test_generate_writes_the_images_their_trajectory_strips_and_refuses_to_repla
     assert "velocity evaluations" in done.stdout and "verifier: " in done.stdout
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 2 and "out_0_0.png: exists; choose another -o" in again.stderr
+
+
+def test_a_folder_s_generation_config_is_the_pipeline_s_default(tmp_path):
+    import shutil
+
+    from avr.backbone.io import SHIPPED
+    from avr.cards import read_generation_config, write_generation_config
+
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED / "shapeworld-tiny-sft", folder)
+    write_generation_config(folder, mode="direct", num_inference_steps=3)
+    pipe = Pipeline.from_pretrained(folder)
+    out = pipe("a red circle")
+    assert out.trajectories[0].segments[1].text == "<mode:direct>" and out.nfe == [3]
+    assert pipe("a red circle", num_inference_steps=4).nfe == [4]  # a call's setting wins
+    for text, message in (
+        ('{"steps": 3}', "unknown key 'steps'; expected some of mode, num_inference_steps"),
+        ('{"num_inference_steps": "3"}', "num_inference_steps must be an integer, got '3'"),
+        ("[1]", "expected a JSON object of sampler settings"),
+        ("{", "not valid JSON"),
+    ):
+        (folder / "generation_config.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_generation_config(folder)

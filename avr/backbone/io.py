@@ -35,7 +35,10 @@ from avr.outputs import check_only_written, publish, staging_dir
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer"
 #: What `save_pretrained` writes into its folder, and the model cards it keeps there.
 WRITTEN = (CONFIG, WEIGHTS, TOKENIZER)
-CARDS = ("README.md", "RECIPE.md")
+#: Files of a model folder that are not the model: its card, its recipe, its sampler settings
+#: (`avr.cards`). A new save into the folder keeps them.
+GENERATION_CONFIG = "generation_config.json"
+CARDS = ("README.md", "RECIPE.md", GENERATION_CONFIG)
 
 
 def portable_config(model: UnifiedModel) -> dict:

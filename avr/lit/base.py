@@ -198,10 +198,15 @@ def backbone_from_checkpoint(path: str | Path, weights: str = "raw") -> Backbone
     return load_checkpoint_backbone(path, weights)[0]
 
 
-def load_checkpoint_backbone(path: str | Path, weights: str = "raw") -> tuple[Backbone, str]:
+def load_checkpoint_backbone(
+    path: str | Path, weights: str = "raw", info: dict | None = None
+) -> tuple[Backbone, str]:
     """`backbone_from_checkpoint`, read once, with the state-dict prefix its weights came from
-    (`ema.module.` or `backbone.`)."""
+    (`ema.module.` or `backbone.`); `info`, where given, receives the checkpoint's `step` and its
+    data module's state (`data`: the build id it trained on)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if info is not None:
+        info.update(step=checkpoint.get("global_step"), data=checkpoint.get("TrajectoryDataModule"))
     if CHECKPOINT_KEY not in checkpoint:
         raise ValueError(f"{path}: not an avr checkpoint (no {CHECKPOINT_KEY!r} entry)")
     has_ema = any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
