@@ -165,16 +165,22 @@ def _provider(cls: type) -> str:
 
 
 def main() -> int:
-    """Print every registered mode and reward with the package that provides it."""
+    """Print every registered mode, reward and backbone with the package that provides it, class
+    paths whole (folded, never cut, on a narrow terminal)."""
     from rich.console import Console
     from rich.table import Table
 
+    import avr.backbone  # noqa: F401  (registers the built-in backbones)
+    from avr.backbone.protocol import _BACKBONES
+
     table = Table(title="avr plugins")
     for column in ("kind", "name", "class", "provided by"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for registry in (MODES, REWARDS):
         for entry in registry.entries():
             table.add_row(registry.kind, entry.name, _path(entry.cls), entry.provider)
+    for kind, cls in sorted(_BACKBONES.items()):
+        table.add_row("backbone", kind, _path(cls), cls.__module__.split(".")[0])
     Console().print(table)
     return 0
 

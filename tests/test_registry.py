@@ -195,3 +195,23 @@ def test_the_readme_plugin_registers_a_mode_used_by_name(pytestconfig, tmp_path)
         env=env, cwd=pytestconfig.rootpath, capture_output=True, text=True,
     )  # fmt: skip
     assert suite.returncode == 0, suite.stdout[-2000:]
+
+
+def test_the_registry_listing_names_every_plugin_and_backbone_whole(capsys, monkeypatch):
+    from avr.registry import main
+
+    monkeypatch.setenv("COLUMNS", "70")  # a narrow terminal folds class paths, never cuts them
+    assert main() == 0
+    cells = [line.split("│") for line in capsys.readouterr().out.splitlines() if "│" in line]
+    rows, row = [], None
+    for cell in cells:  # a folded row continues on lines whose name cell is empty
+        if cell[2].strip():
+            row = [c.strip() for c in cell]
+            rows.append(row)
+        else:
+            row[3] += cell[3].strip()
+    listed = {(r[1], r[2]): r[3] for r in rows}
+    assert listed[("backbone", "unified")] == "avr.backbone.model.UnifiedModel"
+    assert listed[("backbone", "janus")] == "avr.backbone.janus.JanusBackbone"
+    assert listed[("reward", "stepwise")] == "avr.rewards.stepwise.StepwiseReasoningReward"
+    assert listed[("mode", "adaptive")] == "avr.modes.adaptive.AdaptiveMode"

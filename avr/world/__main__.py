@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 def _prompts(args, console: Console) -> None:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     specs = sample_specs(args.n, tags, args.seed, args.split)
+    if args.output == "-":  # the lines alone on stdout, for a pipe
+        sys.stdout.writelines(spec.to_line() + "\n" for spec in specs)
+        return
     save_specs(specs, args.output)
     counts = Counter((s.tag, complexity(s).level) for s in specs)
     table = Table(title=f"{len(specs)} prompts → {args.output}")
@@ -149,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         default="all",
         help="heldout: only prompts with a combination training data never has (avr.world.split)",
     )
-    p.add_argument("-o", "--output", required=True, help="JSONL file to write")
+    p.add_argument(
+        "-o", "--output", required=True, help="JSONL file to write (-: the lines on stdout)"
+    )
     p.set_defaults(run=_prompts)
 
     r = sub.add_parser(

@@ -66,3 +66,13 @@ def test_malformed_prompt_file_names_file_and_line(tmp_path, capsys):
     )
     assert main(["render", str(bad), "-o", str(tmp_path / "out")]) == 2
     assert f"{bad}:2: missing required key 'prompt'" in capsys.readouterr().err
+
+
+def test_prompts_to_stdout_print_the_lines_alone(tmp_path, capsys, monkeypatch):
+    from avr.world.spec import parse_line
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["prompts", "--n", "3", "--seed", "2", "-o", "-"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(parse_line(line).prompt for line in lines)
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
