@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -57,8 +58,16 @@ CLI_SETTINGS = {
 }
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's tip advertising its hosted logger at every start (nothing to act on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> LightningCLI:
     """Parse `argv` (default: the command line) and fit."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisement())
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["fit"] and len(args) > 1 and not args[1].startswith("-"):
         args = args[1:]  # `avr fit CONFIG.yaml …`

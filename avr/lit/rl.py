@@ -18,12 +18,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from avr.backbone.lora import adapters_disabled
 from avr.backbone.protocol import ReplayPlan
@@ -229,6 +231,12 @@ class RLModule(BackboneModule):
         return super().load_state_dict({**state_dict, **own}, strict=strict, assign=assign)
 
     # ---- the algorithm ----------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:  # frozen and in eval mode on purpose: not worth a warning
+            warnings.filterwarnings(
+                "ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning
+            )
 
     def training_step(self, prompts: list[PromptSpec], batch_idx: int) -> torch.Tensor | None:
         if self._batch is None or self._epochs_done >= self.ppo_epochs:
