@@ -1,4 +1,4 @@
-"""`python -m avr.bench NAME`: speed measured side by side, the headline figure as the last line.
+"""`avr bench NAME [flags]` (`avr bench NAME --help`: the flags it reads): speed measured side by side, the headline figure as the last line.
 
 Benchmarks name the machine they ran on; figures in the README and closing notes come from here,
 never from timed tests.
@@ -257,8 +257,6 @@ def memory(args: argparse.Namespace, console: Console) -> str:
 
     from avr.memory import GIB, estimate, read_training_config
 
-    if args.config is None:
-        raise SystemExit("memory: needs --config, e.g. experiments/bagel/rl.yaml")
     shape = read_training_config(args.config, args.preset)
     result = estimate(shape)
     counts, act = result["counts"], result["activations"]
@@ -383,6 +381,51 @@ def _pixels(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+#: Every bench flag: (argparse arguments, the benches that read it).
+FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "--n": (dict(type=int, default=1000, help="workload size"), ("verifier", "adaptive", "ladder")),
+    "--resolution": (dict(type=int, default=64, help="image side in pixels"), ("verifier",)),
+    "--seed": (
+        dict(type=int, default=0, help="seed of prompts and models"),
+        ("verifier", "rollout", "rollouts", "packing", "adaptive", "ladder"),
+    ),
+    "--repeats": (
+        dict(type=int, default=3, help="timed repeats; the best is kept"),
+        ("rollout", "packing"),
+    ),
+    "--threads": (
+        dict(type=int, default=2, help="torch CPU threads"),
+        ("rollout", "rollouts", "packing", "adaptive", "ladder"),
+    ),
+    "--max-len": (
+        dict(type=int, help="packed row length (None: the shortest of 512, 1024, … that fits)"),
+        ("packing",),
+    ),
+    "--model": (
+        dict(default="checkpoints/shapeworld-tiny-sft", help="exported model"),
+        ("rollouts", "adaptive"),
+    ),
+    "--config": (dict(help="training YAML", required=True), ("memory",)),
+    "--preset": (
+        dict(default="bagel_7b", help="UnifiedConfig preset for a model folder that is not here"),
+        ("memory",),
+    ),
+    "--prompts": (dict(type=int, default=8, help="prompts"), ("rollouts",)),
+    "--group": (dict(type=int, default=4, help="rollouts per prompt"), ("rollouts",)),
+    "--rung": (dict(type=int, default=3, help="ladder rung"), ("ladder",)),
+    "--steps": (dict(type=int, default=300, help="training steps"), ("ladder",)),
+    "--batch": (dict(type=int, default=16, help="trajectories per step"), ("ladder",)),
+    "--lr": (dict(type=float, default=1e-3, help="learning rate"), ("ladder",)),
+    "--set": (dict(action="append", help="UnifiedConfig KEY=JSON, repeatable"), ("ladder",)),
+    "--out": (dict(help="PNG grid of the samples"), ("ladder",)),
+    "--save": (dict(help="folder to save the trained model to"), ("ladder",)),
+    "--from": (
+        dict(dest="start", help="exported model to start from instead of random init"),
+        ("ladder",),
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark and print its headline last."""
     parser = argparse.ArgumentParser(
@@ -390,40 +433,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=__doc__.split("\n")[0],
     )
-    parser.add_argument("name", choices=sorted(BENCHES), help="the benchmark to run")
-    parser.add_argument("--n", type=int, default=1000, help="workload size")
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and models")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument(
-        "--max-len",
-        type=int,
-        help="packed row length (packing; default: the shortest of 512, 1024, … that fits)",
-    )
-    parser.add_argument(
-        "--model",
-        default="checkpoints/shapeworld-tiny-sft",
-        help="exported model (adaptive, rollouts)",
-    )
-    parser.add_argument("--config", help="training YAML (memory)")
-    parser.add_argument(
-        "--preset",
-        default="bagel_7b",
-        help="UnifiedConfig preset for a model folder that is not here (memory)",
-    )
-    parser.add_argument("--prompts", type=int, default=8, help="prompts (rollouts)")
-    parser.add_argument("--group", type=int, default=4, help="rollouts per prompt (rollouts)")
-    parser.add_argument("--rung", type=int, default=3, help="ladder rung (ladder)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (ladder)")
-    parser.add_argument("--batch", type=int, default=16, help="trajectories per step (ladder)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (ladder)")
-    parser.add_argument("--set", action="append", help="UnifiedConfig KEY=JSON (ladder)")
-    parser.add_argument("--out", help="PNG grid of the samples (ladder)")
-    parser.add_argument("--save", help="folder to save the trained model to (ladder)")
-    parser.add_argument(
-        "--from", dest="start", help="exported model to start from instead of random init (ladder)"
-    )
+    sub = parser.add_subparsers(dest="name", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    for name, fn in BENCHES.items():
+        summary = " ".join((fn.__doc__ or name).split()).split(". ")[0].rstrip(".") + "."
+        bench_parser = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for flag, (kwargs, benches) in FLAGS.items():
+            if name in benches:
+                bench_parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
     console = Console()
     console.print(f"machine: {machine()}")

@@ -109,7 +109,9 @@ def _tool_parsers() -> dict:
 
 def test_every_tool_is_named_avr_tool_and_helps_every_flag_with_its_default():
     parsers = _tool_parsers()
-    assert {"generate", "evaluate", "export", "data build", "world render", "bench"} <= set(parsers)
+    assert {"generate", "evaluate", "export", "data build", "world render", "bench packing"} <= set(
+        parsers
+    )
     for name, parser in parsers.items():
         assert parser.prog == f"avr {name}", name
         bare = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
