@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,22 @@ def test_a_folder_s_generation_config_is_the_pipeline_s_default(tmp_path):
         (folder / "generation_config.json").write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
             read_generation_config(folder)
+
+
+def test_a_hub_id_loads_from_the_local_cache_and_never_downloads(tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from avr.backbone.io import SHIPPED, resolve_model_dir
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--someone--tiny-shapes"
+    shutil.copytree(SHIPPED / "shapeworld-tiny-sft", repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert resolve_model_dir("someone/tiny-shapes") == repo / "snapshots" / "0123abcd"
+    out = Pipeline.from_pretrained("someone/tiny-shapes")("a red circle", mode="direct")
+    assert len(out.images) == 1
+    assert resolve_model_dir("someone/not-cached") == Path("someone/not-cached")  # named, as given

@@ -149,11 +149,22 @@ SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """`path` itself when it exists; else, for a bare name such as `shapeworld-tiny-sft`, the
     shipped model of that name (`checkpoints/NAME` of the repository), so a shipped model loads by
-    its name from any working directory."""
+    its name from any working directory; else, for a Hub id `ORG/NAME`, its snapshot in the local
+    Hugging Face cache where one is there (never downloaded: nothing here uses the network)."""
     given = Path(path)
+    if given.exists():
+        return given
     shipped = SHIPPED / given.name
-    if not given.exists() and len(given.parts) == 1 and (shipped / CONFIG).is_file():
+    if len(given.parts) == 1 and (shipped / CONFIG).is_file():
         return shipped
+    if len(given.parts) == 2 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(path), local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError):
+            pass  # not in the cache: the caller names the missing folder
     return given
 
 
