@@ -42,10 +42,19 @@ def test_a_shipped_model_loads_by_its_name_from_any_folder(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
-def test_every_shipped_model_loads_with_its_recipe(folder):
+def test_every_shipped_model_loads_with_its_recipe_card_and_sampler_settings(folder):
+    from avr.cards import read_card, read_generation_config
+    from avr.registry import MODES
+
     model = from_pretrained(folder)
     assert (folder / "RECIPE.md").is_file()
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    meta = read_card(folder / "README.md")  # the Hub's layout: front matter, then the card
+    assert meta["library_name"] == "avr" and meta["limits"]
+    results = meta["evaluation"]["results"]
+    assert results and all(0 <= r["accuracy"] <= 1 and r["nfe"] >= 10 for r in results)
+    settings = read_generation_config(folder)
+    assert meta["generation"] == settings and settings["mode"] in MODES.names()
 
 
 def test_the_edit_model_draws_its_refine_on_its_draft_and_the_default_does_not():
