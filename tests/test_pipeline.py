@@ -121,3 +121,19 @@ def test_a_hub_id_loads_from_the_local_cache_and_never_downloads(tmp_path, monke
     out = Pipeline.from_pretrained("someone/tiny-shapes")("a red circle", mode="direct")
     assert len(out.images) == 1
     assert resolve_model_dir("someone/not-cached") == Path("someone/not-cached")  # named, as given
+
+
+def test_the_pipeline_runs_every_registered_backbone():
+    from transformers import JanusForConditionalGeneration
+
+    from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+    from avr.backbone.protocol import _BACKBONES
+    from avr.defaults import shapeworld_tokenizer
+
+    assert set(_BACKBONES) == {"unified", "janus"}  # a new backbone belongs in this test too
+    tokenizer = shapeworld_tokenizer()
+    janus = JanusForConditionalGeneration(tiny_janus_config(len(tokenizer)))  # tiny, random
+    backbone = JanusBackbone(janus, tokenizer, JanusSettings(image_size=64))
+    out = Pipeline(backbone)(["a red circle", "two squares"], mode="reflect", max_text_tokens=8)
+    assert [image.size for image in out.images] == [(64, 64), (64, 64)]
+    assert all(t.segments[1].text == "<mode:reflect>" for t in out.trajectories)
