@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from avr.outputs import fresh_output_dir
@@ -78,14 +79,16 @@ def _render(args, console: Console) -> None:
     for where, spec in entries:
         check_spec_vocabulary(spec, where)
     fresh_output_dir(args.output, args.overwrite, tool="avr world render", inputs=[args.prompts])
-    for index, (_, spec) in enumerate(entries):
-        images = [
-            render(
-                sample_scene(spec, np.random.default_rng([args.seed, index, k])), args.resolution
-            )
-            for k in range(args.per_prompt)
-        ]
-        write_prompt(args.output, index, spec, images)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        for index, (_, spec) in enumerate(bar.track(entries, description="render")):
+            images = [
+                render(
+                    sample_scene(spec, np.random.default_rng([args.seed, index, k])),
+                    args.resolution,
+                )
+                for k in range(args.per_prompt)
+            ]
+            write_prompt(args.output, index, spec, images)
     console.print(
         f"wrote {len(entries)} prompts × {args.per_prompt} ground-truth renders "
         f"({args.resolution} px) to {args.output}"
