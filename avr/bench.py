@@ -381,29 +381,121 @@ def _pixels(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def matmul_peak(dtype, threads: int, side: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of a dense `side`² matmul in `dtype` on `threads` threads: the machine's own peak
+    for the work a transformer step is made of, measured in the run that reports against it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * side**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+@bench
+def train(args: argparse.Namespace, console: Console) -> str:
+    """SFT steps of a shipped model (forward, loss, backward, AdamW) on teacher trajectories of
+    every mode: the plain float32 path against bf16 autocast, side by side in one run, with images
+    and tokens per second and the achieved GFLOP/s against the machine's dense matmul peak."""
+    import copy
+
+    import torch
+
+    from avr.backbone import from_pretrained
+    from avr.data.teacher import ShapeWorldTeacher
+    from avr.registry import MODES
+
+    torch.set_num_threads(args.threads)
+    base = from_pretrained(args.model).train()
+    specs = sample_specs(args.batch, seed=args.seed)
+    modes = ["direct", "reflect", "plan"]
+    trajectories = []
+    for i, spec in enumerate(specs):
+        rng = np.random.default_rng([args.seed, i])
+        teacher = ShapeWorldTeacher(sample_scene(spec, rng), rng, base.config.image_size)
+        trajectories.append(MODES.get(modes[i % 3])().build(teacher, spec))
+    packer = base.packer(args.max_len or 2048)
+    batch = packer(trajectories, list(range(len(trajectories))))  # fixed noise and times
+    images = sum(1 for t in trajectories for s in t.images if s.loss)
+    params = sum(p.numel() for p in base.parameters())
+    flops = 6 * params * batch.tokens  # forward and backward, matmuls only (attention apart)
+    bf16 = {"avx512_bf16", "amx_bf16"} & cpu_flags()
+    console.print(
+        f"{args.model}: {params / 1e6:.1f} M parameters; a batch of {len(trajectories)} "
+        f"trajectories, {batch.tokens} tokens, {images} trained images; CPU bf16: "
+        f"{', '.join(sorted(bf16)) or 'none (float32 only)'}"
+    )
+    peaks = {"float32": matmul_peak(torch.float32, args.threads)}
+    if bf16:
+        peaks["bfloat16"] = matmul_peak(torch.bfloat16, args.threads)
+    console.print(
+        "dense matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+    )
+    paths = {"float32": None, **({"bf16 autocast": torch.bfloat16} if bf16 else {})}
+    seconds = {}
+    for name, dtype in paths.items():
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step(model=model, optimizer=optimizer, dtype=dtype):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, _ = model.sft_loss(batch)
+            loss.backward()
+            optimizer.step()
+
+        step()  # warm-up
+        seconds[name] = min(_time(step) for _ in range(args.repeats))
+        peak = peaks["bfloat16" if dtype is not None else "float32"]
+        achieved = flops / seconds[name] / 1e9
+        console.print(
+            f"{name}: {seconds[name] * 1000:.0f} ms/step, {images / seconds[name]:.1f} images/s, "
+            f"{batch.tokens / seconds[name]:.0f} tokens/s, {achieved:.1f} GFLOP/s "
+            f"({100 * achieved / peak:.0f}% of the {peak:.0f} GFLOP/s peak)"
+        )
+    if len(seconds) == 1:
+        return "train: no bf16 on this CPU; the float32 path alone was timed"
+    ratio = seconds["float32"] / seconds["bf16 autocast"]
+    return f"train: bf16 autocast vs float32, {ratio:.2f}x SFT steps/s"
+
+
 #: Every bench flag: (argparse arguments, the benches that read it).
 FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "--n": (dict(type=int, default=1000, help="workload size"), ("verifier", "adaptive", "ladder")),
     "--resolution": (dict(type=int, default=64, help="image side in pixels"), ("verifier",)),
     "--seed": (
         dict(type=int, default=0, help="seed of prompts and models"),
-        ("verifier", "rollout", "rollouts", "packing", "adaptive", "ladder"),
+        ("verifier", "rollout", "rollouts", "packing", "adaptive", "ladder", "train"),
     ),
     "--repeats": (
         dict(type=int, default=3, help="timed repeats; the best is kept"),
-        ("rollout", "packing"),
+        ("rollout", "packing", "train"),
     ),
     "--threads": (
         dict(type=int, default=2, help="torch CPU threads"),
-        ("rollout", "rollouts", "packing", "adaptive", "ladder"),
+        ("rollout", "rollouts", "packing", "adaptive", "ladder", "train"),
     ),
     "--max-len": (
         dict(type=int, help="packed row length (None: the shortest of 512, 1024, … that fits)"),
-        ("packing",),
+        ("packing", "train"),
     ),
     "--model": (
-        dict(default="checkpoints/shapeworld-tiny-sft", help="exported model"),
-        ("rollouts", "adaptive"),
+        dict(default="shapeworld-tiny-sft", help="exported model"),
+        ("rollouts", "adaptive", "train"),
     ),
     "--config": (dict(help="training YAML", required=True), ("memory",)),
     "--preset": (
@@ -414,7 +506,7 @@ FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "--group": (dict(type=int, default=4, help="rollouts per prompt"), ("rollouts",)),
     "--rung": (dict(type=int, default=3, help="ladder rung"), ("ladder",)),
     "--steps": (dict(type=int, default=300, help="training steps"), ("ladder",)),
-    "--batch": (dict(type=int, default=16, help="trajectories per step"), ("ladder",)),
+    "--batch": (dict(type=int, default=16, help="trajectories per step"), ("ladder", "train")),
     "--lr": (dict(type=float, default=1e-3, help="learning rate"), ("ladder",)),
     "--set": (dict(action="append", help="UnifiedConfig KEY=JSON, repeatable"), ("ladder",)),
     "--out": (dict(help="PNG grid of the samples"), ("ladder",)),
