@@ -406,6 +406,38 @@ def matmul_peak(dtype, threads: int, side: int = 1024, repeats: int = 20) -> flo
     return 2 * side**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+#: Where a step's time goes, by the operators' names (`torch.profiler`, self CPU time).
+OP_KINDS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_addmm_activation", "mkldnn")),
+    ("attention", ("attention", "aten::_softmax", "aten::softmax", "flash")),
+    ("optimizer", ("Optimizer", "adamw", "_foreach", "aten::addcdiv", "aten::lerp")),
+    ("casts and copies", ("aten::to", "aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat")),
+)
+
+
+def profile_shares(step: Callable[[], None]) -> str:
+    """Run `step` once under `torch.profiler` and say which kinds of operators took its CPU time
+    (matmuls, attention, the optimizer, casts and copies, the remaining elementwise and other ops,
+    and the time outside any operator: Python and the autograd engine's own work)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = (time.perf_counter() - start) * 1e6
+    spent: dict[str, float] = {kind: 0.0 for kind, _ in OP_KINDS}
+    spent["other operators"] = 0.0
+    for event in prof.key_averages():
+        kind = next(
+            (k for k, keys in OP_KINDS if any(key.lower() in event.key.lower() for key in keys)),
+            "other operators",
+        )
+        spent[kind] += event.self_cpu_time_total
+    spent["outside operators"] = max(0.0, wall - sum(spent.values()))
+    total = sum(spent.values())
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in spent.items())
+
+
 @bench
 def train(args: argparse.Namespace, console: Console) -> str:
     """SFT steps of a shipped model (forward, loss, backward, AdamW) on teacher trajectories of
@@ -460,6 +492,8 @@ def train(args: argparse.Namespace, console: Console) -> str:
 
         step()  # warm-up
         seconds[name] = min(_time(step) for _ in range(args.repeats))
+        if args.profile:
+            console.print(f"{name}, where one step's time goes: {profile_shares(step)}")
         peak = peaks["bfloat16" if dtype is not None else "float32"]
         achieved = flops / seconds[name] / 1e9
         console.print(
@@ -505,6 +539,10 @@ FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "--prompts": (dict(type=int, default=8, help="prompts"), ("rollouts",)),
     "--group": (dict(type=int, default=4, help="rollouts per prompt"), ("rollouts",)),
     "--rung": (dict(type=int, default=3, help="ladder rung"), ("ladder",)),
+    "--profile": (
+        dict(action="store_true", help="also say where one step's time goes (torch.profiler)"),
+        ("train",),
+    ),
     "--steps": (dict(type=int, default=300, help="training steps"), ("ladder",)),
     "--batch": (dict(type=int, default=16, help="trajectories per step"), ("ladder", "train")),
     "--lr": (dict(type=float, default=1e-3, help="learning rate"), ("ladder",)),
