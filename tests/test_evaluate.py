@@ -221,7 +221,7 @@ def test_evaluate_shows_progress_per_run_unless_quiet(tmp_path):
     prompts = tmp_path / "p.jsonl"
     assert world(["prompts", "--n", "3", "-o", str(prompts)]) == 0
     command = [sys.executable, "-m", "avr.evaluate", "--model", "shapeworld-tiny-sft", "--prompts",
-               str(prompts), "--modes", "direct,reflect", "--batch", "2"]  # fmt: skip
+               str(prompts), "--modes", "direct,reflect", "--batch", "2", "--steps", "2"]  # fmt: skip
     done = subprocess.run([*command, "-o", str(tmp_path / "a")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     for label in ("direct", "reflect"):  # a bar per run, ending on every prompt

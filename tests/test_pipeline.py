@@ -64,7 +64,7 @@ def test_bad_arguments_are_named(pipe):
 def test_generate_writes_the_images_their_trajectory_strips_and_refuses_to_replace(tmp_path):
     out = tmp_path / "images" / "out.png"
     command = [sys.executable, "-m", "avr.cli", "generate", PROMPT, "--mode", "reflect",
-               "--model", "shapeworld-tiny-sft", "--num-images", "2", "-o", str(out),
+               "--model", "shapeworld-tiny-sft", "--num-images", "2", "--steps", "2", "-o", str(out),
                "--show-trajectory"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
