@@ -269,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         description="The papers' claims as paired comparisons over avr.evaluate runs.",
     )
     parser.add_argument("metrics", nargs="+", help="metrics.json of avr.evaluate runs")
-    parser.add_argument("-o", "--output", help="write the table here (Markdown) as well")
-    parser.add_argument("--json", help="write the claims as JSON here")
+    parser.add_argument(
+        "-o", "--output", help="write the table here (Markdown) as well (-: stdout alone)"
+    )
+    parser.add_argument("--json", help="write the claims as JSON here (-: on stdout, alone)")
     for field, default in vars(Roles()).items():
         parser.add_argument(
-            f"--{field.replace('_', '-')}", default=default, help=f"(default: {default})"
+            f"--{field.replace('_', '-')}",
+            default=default,
+            help=f"the run label (model/mode in metrics.json) playing {field.replace('_', ' ')}",
         )
     args = parser.parse_args(argv)
     roles = Roles(**{f: getattr(args, f) for f in vars(Roles())})
@@ -284,11 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = measure(evaluations, roles)
     text = markdown(table, len(evaluations["prompts"]["prompt"]))
+    claims = json.dumps([vars(c) for c in table], indent=2)
+    if args.json == "-":  # the JSON alone, for a pipe
+        print(claims)
+        return 0
     print(text)
-    if args.output:
+    if args.output and args.output != "-":
         Path(args.output).write_text(text, encoding="utf-8")
     if args.json:
-        Path(args.json).write_text(json.dumps([vars(c) for c in table], indent=2), encoding="utf-8")
+        Path(args.json).write_text(claims, encoding="utf-8")
     return 0
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,10 @@ def test_evaluations_on_other_prompts_are_refused_naming_the_file(tmp_path, caps
     assert "prompt 7" in capsys.readouterr().err
     assert main([str(a), "-o", str(tmp_path / "claims.md")]) == 0
     assert "| claim | measured as | verdict | numbers |" in (tmp_path / "claims.md").read_text()
+    capsys.readouterr()
+    assert main([str(a), "--json", "-"]) == 0  # the JSON alone on stdout, no file named "-"
+    assert json.loads(capsys.readouterr().out)[0]["claim"]
+    assert main([str(a), "-o", "-"]) == 0 and not (Path.cwd() / "-").exists()
 
 
 def test_the_critic_claim_reads_the_reflect_runs_critique_agreement(tmp_path):
