@@ -25,10 +25,8 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +43,13 @@ from rich.table import Table
 
 from avr.backbone import UnifiedModel, from_pretrained
 from avr.intervals import overall_interval, paired, wilson
-from avr.outputs import check_output_dir, mark, publish, staging_dir
+from avr.outputs import (
+    check_output_dir,
+    exit_cleanly_on_sigterm,
+    mark,
+    publish,
+    staging_dir,
+)
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
@@ -643,8 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():  # SIGTERM exits through Python,
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # cleaning up
+    exit_cleanly_on_sigterm()  # a stopped evaluation removes its staging folder
     try:
         specs = load_specs(args.prompts)
         if not specs:

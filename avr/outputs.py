@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,6 +104,14 @@ def check_replaceable(
             f"{refuse}: it is not an earlier output of `{tool}` (no {MARKER} naming it inside); "
             "choose a new folder, or empty this one yourself"
         )
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's preemption, `kill`) exit through Python with status 143, so a
+    command's staging folder is removed on the way out instead of left beside its output (only
+    from the main thread, where signal handlers can be set)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def staging_dir(out: str | os.PathLike) -> Path:

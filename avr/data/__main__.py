@@ -7,9 +7,7 @@ folder of several builds (a round's own samples beside the earlier rounds')."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from rich.console import Console
 from rich.progress import Progress
@@ -17,13 +15,7 @@ from rich.table import Table
 
 from avr.data.build import build, parse_mix
 from avr.data.merge import merge
-
-
-def _stop_cleanly_on_sigterm() -> None:
-    """SIGTERM (a scheduler's preemption, `kill`) exits through Python, 143, so a build's staging
-    folder is removed on the way out instead of left beside the output (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+from avr.outputs import exit_cleanly_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an earlier data folder at --output"
     )
     args = parser.parse_args(argv)
-    _stop_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     if "sources" in args:
         try:
             merged = merge(args.sources, args.output, args.overwrite)
