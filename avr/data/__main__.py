@@ -91,6 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         "alone, balanced per level, position and verdict; --balance applies to them), not from "
         "whole trajectories",
     )
+    b.add_argument(
+        "--tries",
+        type=int,
+        default=1,
+        help="with --from-model: answers the model draws for a direct prompt until the verifier "
+        "accepts one (rejection sampling on its own successes)",
+    )
+    b.add_argument(
+        "--drop-unsolved",
+        action="store_true",
+        help="with --from-model: leave out a direct prompt none of whose tries is right (instead "
+        "of training the teacher's render)",
+    )
     b.add_argument("-o", "--output", required=True, help="the new data folder")
     b.add_argument(
         "--overwrite", action="store_true", help="replace an earlier data folder at --output"
@@ -156,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch=args.batch,
                 own_refines=args.own_refines,
                 views=args.critique_views,
+                tries=args.tries,
+                drop_unsolved=args.drop_unsolved,
                 overwrite=args.overwrite,
                 progress=lambda k: bar.advance(task, k),
             )

@@ -19,6 +19,7 @@ and the model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -110,6 +111,8 @@ def build(
     batch: int = 32,
     own_refines: int = 1,
     views: bool = False,
+    tries: int = 1,
+    drop_unsolved: bool = False,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
@@ -133,10 +136,19 @@ def build(
     (`avr.data.self_sample.critique_views`: each critique of an image the model drew, alone, the
     trajectory before it read), balanced per level, position (first try or refine) and verdict;
     every whole trajectory is kept, its critiques read, not trained, and teaches the rest (mode
-    labels, plans, the images the verifier accepts, refines). `progress(k)` is called as samples
+    labels, plans, the images the verifier accepts, refines).
+
+    With `tries` > 1, the model answers a `direct` trajectory's prompt up to `tries` times (each
+    from its own seed) and the first answer the verifier accepts is kept: rejection-sampling
+    fine-tuning on the model's own successes. A prompt none of whose tries is right keeps the
+    teacher's render, or with `drop_unsolved` is left out. `progress(k)` is called as samples
     finish."""
     if model is not None and labeler is not None:
         raise ValueError("labels from a model (--label-model) with --from-model: not supported")
+    if (tries != 1 or drop_unsolved) and model is None:
+        raise ValueError("--tries and --drop-unsolved need --from-model (the model's own answers)")
+    if tries < 1:
+        raise ValueError(f"--tries: expected ≥ 1 answers per direct prompt, got {tries}")
     if views and model is None:
         raise ValueError("--critique-views needs --from-model (views of the model's own images)")
     if balance is not None and balance < 1:
@@ -195,7 +207,9 @@ def build(
                     if progress is not None:
                         progress(1)
             else:
-                drawn = _from_model(model, samples, sampling, batch, seed, own_refines, progress)
+                drawn = _from_model(
+                    model, samples, sampling, batch, seed, own_refines, progress, tries
+                )
                 if views:
                     built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
                     built += own.balance_views(
@@ -208,6 +222,8 @@ def build(
                     )
                 else:
                     built = own.balance(drawn, balance)
+                if drop_unsolved:
+                    built = [(key, t) for key, t in built if t.meta.get("solved", True)]
             lines = []
             for key, trajectory in built:
                 lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
@@ -247,6 +263,8 @@ def build(
                 "balance": balance,
                 "own_refines": own_refines,
                 "views": views,
+                "tries": tries,
+                "drop_unsolved": drop_unsolved,
                 **own.summary(),
             }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -283,23 +301,56 @@ SELF_SAMPLING = SamplingConfig(steps=10, temperature=0.0)
 
 
 def _from_model(
-    model, samples, sampling, batch, seed, own_refines, progress
-) -> list[tuple[int, Trajectory]]:
-    """Roll the samples out through the engine, the model drawing and the teacher writing."""
-    jobs = [Job(mode_obj, spec, episode_seed(seed, i, 7)) for i, spec, _, mode_obj in samples]
-    teachers = {id(job): teacher for job, (_, _, teacher, _) in zip(jobs, samples, strict=True)}
+    model, samples, sampling, batch, seed, own_refines, progress, tries=1
+) -> list[tuple[str, Trajectory]]:
+    """Roll the samples out through the engine, the model drawing and the teacher writing. A
+    `direct` sample is tried again (from a new seed, with a fresh copy of its teacher) while its
+    answer is wrong, up to `tries` times; the kept trajectory's meta counts every try's images and
+    says whether one was right (`solved`) and after how many tries (`tries`)."""
+    out: dict[int, Trajectory] = {}
+    pending = list(range(len(samples)))
+    for attempt in range(tries):
+        jobs, teachers = [], {}
+        for k in pending:
+            i, spec, teacher, mode_obj = samples[k]
+            keys = (seed, i, 7) if attempt == 0 else (seed, i, 7, attempt)
+            jobs.append(Job(mode_obj, spec, episode_seed(*keys)))
+            teachers[id(jobs[-1])] = teacher if attempt == tries - 1 else copy.deepcopy(teacher)
 
-    def actor(job, sampling, generator, open_session):
-        teacher = teachers[id(job)]
-        return SelfSampleActor(model, sampling, generator, open_session, teacher, own_refines)
+        def actor(job, sampling, generator, open_session, teachers=teachers):
+            return SelfSampleActor(
+                model, sampling, generator, open_session, teachers[id(job)], own_refines
+            )
 
-    out = []
-    for first in range(0, len(jobs), batch):
-        chunk = jobs[first : first + batch]
-        out.extend(rollout(model, chunk, sampling or SELF_SAMPLING, batch, actor=actor))
-        if progress is not None:
-            progress(len(chunk))
-    return [(f"{i:07d}", t) for (i, *_), t in zip(samples, out, strict=True)]
+        drawn = []
+        for first in range(0, len(jobs), batch):
+            chunk = jobs[first : first + batch]
+            drawn.extend(rollout(model, chunk, sampling or SELF_SAMPLING, batch, actor=actor))
+        still = []
+        for k, trajectory in zip(pending, drawn, strict=True):
+            trajectory.meta["solved"] = _solved(trajectory)
+            trajectory.meta["tries"] = attempt + 1
+            earlier = out.get(k)
+            if earlier is not None:
+                for key in ("model_images", "model_images_right"):
+                    trajectory.meta[key] += earlier.meta[key]
+            out[k] = trajectory
+            if trajectory.meta["mode"] == "direct" and not trajectory.meta["solved"]:
+                still.append(k)
+            elif progress is not None:
+                progress(1)
+        pending = still
+        if not pending:
+            break
+    if progress is not None and pending:
+        progress(len(pending))
+    return [(f"{samples[k][0]:07d}", out[k]) for k in range(len(samples))]
+
+
+def _solved(trajectory: Trajectory) -> bool:
+    """Whether the trajectory's answer (its last image) is the model's own, accepted."""
+    last = next(s for s in reversed(trajectory.segments) if s.is_image)
+    return last.meta.get("drawn_by") == "model"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 verifier judges it, and the teacher corrects it by editing what was drawn."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,33 @@ def test_critique_views_are_balanced_per_level_position_and_verdict():
 def test_critique_views_need_a_model(tmp_path):
     with pytest.raises(ValueError, match="--critique-views needs --from-model"):
         build(tmp_path / "x", 2, parse_mix("simple=1"), mode="reflect", views=True)
+
+
+def test_tries_keep_the_models_first_right_answer_or_drop_the_prompt(tmp_path):
+    """Rejection sampling on the model's own successes: a direct prompt is answered again until
+    the verifier accepts an answer; with `drop_unsolved` a prompt never answered right is left out,
+    and the manifest counts every answer drawn, kept or not."""
+    from avr.backbone import from_pretrained
+
+    model = from_pretrained(Path(__file__).parents[2] / "checkpoints/shapeworld-tiny-self").eval()
+    common = dict(mix=parse_mix("simple=1,medium=1"), seed=6, mode="direct", model=model, batch=8)
+    once = build(tmp_path / "once", 8, **common)
+    manifest = build(tmp_path / "tries", 8, tries=4, drop_unsolved=True, **common)
+    lines = (tmp_path / "tries" / "shard-00000.jsonl").read_text().splitlines()
+    kept = [record_to_trajectory(json.loads(x), tmp_path / "tries", "") for x in lines]
+    verifier, right_first = Verifier(), 0
+    for t in kept:
+        (answer,) = t.images
+        assert answer.meta["drawn_by"] == "model" and answer.loss
+        assert verifier.verify(answer.image, parse_spec(t.meta["spec"])).correct
+        assert t.meta["solved"] and 1 <= t.meta["tries"] <= 4
+        right_first += t.meta["tries"] == 1
+    own, first = manifest["from_model"], once["from_model"]
+    assert own["images_right"] == len(kept) == manifest["n"] > first["images_right"] == right_first
+    assert first["images_drawn"] == 8 and len(kept) < 8  # one prompt at least stays unsolved
+    assert own["images_drawn"] == sum(t.meta["tries"] for t in kept) + 4 * (8 - len(kept))
+
+
+def test_tries_need_a_model(tmp_path):
+    with pytest.raises(ValueError, match="--tries and --drop-unsolved need --from-model"):
+        build(tmp_path / "x", 2, parse_mix("simple=1"), mode="direct", tries=3)
