@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from avr.backbone.io import GENERATION_CONFIG
+from avr.backbone.files import GENERATION_CONFIG
 
 #: Every setting `generation_config.json` may hold, with the value used where it says nothing:
 #: those of every documented result (ODE, 10 steps, greedy text, no guidance).

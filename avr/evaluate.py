@@ -59,8 +59,8 @@ from avr.understanding import Understanding
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
 from avr.world.fidelity import OUTCOMES, BuildsOn, Fidelity, Outcomes
 from avr.world.geneval import score_folder, summarize, write_prompt
+from avr.world.spec import check_spec_vocabulary
 from avr.world.split import is_held_out
-from avr.world.verify import check_spec_vocabulary
 
 #: The tool named in an evaluation folder's marker (`avr.outputs`).
 TOOL = "avr evaluate"

@@ -12,7 +12,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from avr.backbone.io import CARDS, GENERATION_CONFIG, WRITTEN
+from avr.backbone.files import CARDS, GENERATION_CONFIG, WRITTEN
 from avr.cards import export_card, write_generation_config
 from avr.lit.base import load_checkpoint_backbone
 from avr.outputs import check_only_written

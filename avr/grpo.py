@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from avr.backbone import flow
+from avr import flow
 
 
 @dataclass(frozen=True)

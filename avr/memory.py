@@ -17,7 +17,7 @@ import yaml
 
 from avr.backbone.bagel import bagel_config, is_bagel_dir
 from avr.backbone.config import UnifiedConfig
-from avr.backbone.io import CONFIG, read_config
+from avr.backbone.files import CONFIG, read_config
 from avr.backbone.lora import LoraSettings, add_lora
 from avr.backbone.model import UnifiedModel
 from avr.defaults import shapeworld_tokenizer

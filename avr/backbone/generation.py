@@ -12,6 +12,7 @@ batch can hold sequences of different lengths.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.generation.logits_process import (
@@ -21,9 +22,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from avr.backbone import flow
-from avr.backbone.model import KVCache, UnifiedModel
+from avr import flow
+from avr.backbone.records import KVCache
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
+
+if TYPE_CHECKING:
+    from avr.backbone.model import UnifiedModel
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avr.backbone.model import UnifiedOutput
+from avr.backbone.records import UnifiedOutput
 
 
 class UnifiedLoss(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,41 +36,25 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from avr.backbone import flow, replay, rope
+from avr import flow
+from avr.backbone import files, replay, rope
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
-from avr.backbone.packing import GEN, LATENT, READ, FlowSettings, ImageGeometry, PackedBatch
+from avr.backbone.generation import Session
+from avr.backbone.loss import UnifiedLoss
+from avr.backbone.packing import (
+    GEN,
+    LATENT,
+    READ,
+    FlowSettings,
+    ImageGeometry,
+    PackedBatch,
+    Packer,
+)
 from avr.backbone.protocol import register_backbone
+from avr.backbone.records import KVCache, UnifiedOutput
 
-
-@dataclass
-class KVCache:
-    """Keys/values of everything before the current step, per layer `[B, H_kv, L, D_head]`, with
-    which cached positions may be attended (`valid`, `[B, L]`) and the next RoPE position `[B]`."""
-
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    valid: torch.Tensor | None = None
-    next_position: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        """Cached positions."""
-        return 0 if self.valid is None else self.valid.shape[1]
-
-
-@dataclass
-class UnifiedOutput:
-    """Training outputs: logits and labels of the CE targets, predicted and target velocities of
-    the generated images, and the trajectory each belongs to (for per-sample losses)."""
-
-    logits: torch.Tensor  # [T, V]
-    labels: torch.Tensor  # [T]
-    label_sample: torch.Tensor  # [T]
-    velocity: torch.Tensor  # [M, N, D_tok]
-    target: torch.Tensor  # [M, N, D_tok]
-    image_sample: torch.Tensor  # [M]
-    image_t: torch.Tensor | None = None  # [M] timestep of each noisy copy
+__all__ = ["KVCache", "UnifiedModel", "UnifiedOutput"]
 
 
 @register_backbone
@@ -156,22 +139,16 @@ class UnifiedModel(nn.Module):
 
     def session(self, batch_size: int = 1, cache: bool = True):
         """Incremental generation over a growing interleaved context (`Session`)."""
-        from avr.backbone.generation import Session
-
         return Session(self, batch_size, cache=cache)
 
     # ---- the Backbone protocol (training and files) ------------------------------------------
 
     def packer(self, max_len: int):
         """Trajectories → packed batches of `max_len` tokens per row (`Packer`)."""
-        from avr.backbone.packing import Packer
-
         return Packer(self.tokenizer, self.geometry, max_len, self.flow_settings)
 
     def sft_loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`UnifiedLoss` of the config (CE on text targets + flow loss on images)."""
-        from avr.backbone.loss import UnifiedLoss
-
         loss, stats = UnifiedLoss.for_model(self.config)(self(batch))
         return loss, {**stats, "tokens": torch.tensor(float(batch.tokens))}
 
@@ -186,19 +163,15 @@ class UnifiedModel(nn.Module):
 
     def checkpoint_config(self) -> dict:
         """The config with the LM's (and VAE's) full configs inlined (`portable_config`)."""
-        from avr.backbone.io import portable_config
-
-        return portable_config(self)
+        return files.portable_config(self)
 
     @classmethod
     def from_checkpoint_config(cls, config: dict, tokenizer) -> UnifiedModel:
         return cls(UnifiedConfig.from_dict(config), tokenizer)
 
     def save_pretrained(self, directory):
-        """`avr.backbone.io.save_pretrained`: config.json, model.safetensors, tokenizer/."""
-        from avr.backbone.io import save_pretrained
-
-        return save_pretrained(self, directory)
+        """`avr.backbone.files.save_pretrained`: config.json, model.safetensors, tokenizer/."""
+        return files.save_pretrained(self, directory)
 
     # ---- embeddings -------------------------------------------------------------------------
 

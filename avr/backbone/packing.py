@@ -26,9 +26,9 @@ import torch
 from einops import rearrange
 from transformers import PreTrainedTokenizerBase
 
-from avr.backbone.flow import sample_timesteps
 from avr.backbone.rope import image_grid
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
+from avr.flow import sample_timesteps
 from avr.sequence import Trajectory, image_to_array
 
 PAD, TEXT, GEN, READ, LATENT = 0, 1, 2, 3, 4

@@ -13,13 +13,34 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from avr.backbone import from_pretrained
 from avr.data.build import build, parse_mix
+from avr.data.labels import ModeLabeler
 from avr.data.merge import merge
 from avr.outputs import exit_cleanly_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build a data set and print its counts; bad arguments print `error: …` and return 2."""
+    args = parser().parse_args(argv)
+    exit_cleanly_on_sigterm()
+    try:
+        if "sources" in args:
+            merged = merge(args.sources, args.output, args.overwrite)
+            Console().print(
+                f"{merged['n']} trajectories from {len(args.sources)} folders → {args.output}"
+            )
+            return 0
+        manifest = _build(args)
+    except (ValueError, LookupError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_counts(manifest, args.output)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """`avr data`'s parser: the `build` and `merge` subcommands."""
     parser = argparse.ArgumentParser(
         prog="avr data",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -118,66 +139,55 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument(
         "--overwrite", action="store_true", help="replace an earlier data folder at --output"
     )
-    args = parser.parse_args(argv)
-    exit_cleanly_on_sigterm()
-    if "sources" in args:
-        try:
-            merged = merge(args.sources, args.output, args.overwrite)
-        except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        Console().print(
-            f"{merged['n']} trajectories from {len(args.sources)} folders → {args.output}"
+    return parser
+
+
+def _build(args: argparse.Namespace) -> dict:
+    """`avr data build`: the model (and labeler) its flags name, then `build` under a progress bar."""
+    model = None
+    if args.from_model:
+        model = from_pretrained(args.from_model).eval()
+    labeler, source = None, "complexity"
+    if args.label_model:
+        labeler = ModeLabeler(
+            from_pretrained(args.label_model),
+            args.label_samples,
+            args.label_threshold,
+            args.label_steps,
+            args.seed,
         )
-        return 0
-    try:
-        model = None
-        if args.from_model:
-            from avr.backbone import from_pretrained
+        source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("trajectories", total=args.n)
+        manifest = build(
+            args.output,
+            args.n,
+            parse_mix(args.mix),
+            args.seed,
+            args.mode,
+            args.shard_size,
+            args.resolution,
+            args.sketch_error_rate,
+            args.split,
+            labeler,
+            source,
+            model=model,
+            model_source=args.from_model or "",
+            balance=args.balance or None,
+            batch=args.batch,
+            own_refines=args.own_refines,
+            views=args.critique_views,
+            tries=args.tries,
+            drop_unsolved=args.drop_unsolved,
+            overwrite=args.overwrite,
+            progress=lambda k: bar.advance(task, k),
+        )
+    return manifest
 
-            model = from_pretrained(args.from_model).eval()
-        labeler, source = None, "complexity"
-        if args.label_model:
-            from avr.backbone import from_pretrained
-            from avr.data.labels import ModeLabeler
 
-            labeler = ModeLabeler(
-                from_pretrained(args.label_model),
-                args.label_samples,
-                args.label_threshold,
-                args.label_steps,
-                args.seed,
-            )
-            source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("trajectories", total=args.n)
-            manifest = build(
-                args.output,
-                args.n,
-                parse_mix(args.mix),
-                args.seed,
-                args.mode,
-                args.shard_size,
-                args.resolution,
-                args.sketch_error_rate,
-                args.split,
-                labeler,
-                source,
-                model=model,
-                model_source=args.from_model or "",
-                balance=args.balance or None,
-                batch=args.batch,
-                own_refines=args.own_refines,
-                views=args.critique_views,
-                tries=args.tries,
-                drop_unsolved=args.drop_unsolved,
-                overwrite=args.overwrite,
-                progress=lambda k: bar.advance(task, k),
-            )
-    except (ValueError, LookupError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    table = Table(title=f"{manifest['n']} trajectories → {args.output} (seed {manifest['seed']})")
+def _print_counts(manifest: dict, output: str) -> None:
+    """The table of what a build wrote, its adaptive labels and, from a model, its images."""
+    table = Table(title=f"{manifest['n']} trajectories → {output} (seed {manifest['seed']})")
     table.add_column("by")
     table.add_column("value")
     table.add_column("trajectories", justify="right")
@@ -202,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
             f"({own['accuracy']:.1%}); first critiques kept: {own['first_critiques']['kept']}; "
             f"refine targets: {own['refine_targets']}"
         )
-    return 0
 
 
 if __name__ == "__main__":

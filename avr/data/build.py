@@ -143,26 +143,10 @@ def build(
     fine-tuning on the model's own successes. A prompt none of whose tries is right keeps the
     teacher's render, or with `drop_unsolved` is left out. `progress(k)` is called as samples
     finish."""
-    if model is not None and labeler is not None:
-        raise ValueError("labels from a model (--label-model) with --from-model: not supported")
-    if (tries != 1 or drop_unsolved) and model is None:
-        raise ValueError("--tries and --drop-unsolved need --from-model (the model's own answers)")
-    if tries < 1:
-        raise ValueError(f"--tries: expected ≥ 1 answers per direct prompt, got {tries}")
-    if views and model is None:
-        raise ValueError("--critique-views needs --from-model (views of the model's own images)")
-    if balance is not None and balance < 1:
-        raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
     out = Path(out)
-    if n < 1:
-        raise ValueError(f"--n: expected ≥ 1 trajectories, got {n}")
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{out}: exists; a data build writes a new folder (--overwrite replaces an "
-                "earlier data build)"
-            )
-        check_replaceable(out, DATA_TOOL, [model_source] if model_source else [])
+    _check_request(
+        out, n, overwrite, model, model_source, labeler, views, balance, tries, drop_unsolved
+    )
     modes = parse_modes(mode)
     mode_objs = {name: MODES.get(name)() for name in modes}
     names = list(modes)
@@ -175,31 +159,27 @@ def build(
     level_of = np.random.default_rng([seed, 2**31]).choice(
         levels, size=n, p=[mix[lv] for lv in levels]
     )
+
+    def sample(i: int) -> tuple:
+        """Prompt `i`: its spec (of its level, from `split`), its teacher and its mode."""
+        rng = np.random.default_rng([seed, i])
+        tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
+        spec = draw_in_split(partial(sample_spec, tag), split, rng)
+        if complexity(spec).level != level_of[i]:
+            raise AssertionError(f"tag {spec.tag} gave level {complexity(spec).level}")
+        scene = sample_scene(spec, rng)
+        teacher = ShapeWorldTeacher(
+            scene, rng, resolution, sketch_error_rate, mode_succeeds=labeler
+        )
+        return i, spec, teacher, mode_objs[str(mode_of[i])]
+
     tmp = staging_dir(out)
     try:
-        counts: dict[str, Counter] = {"mode": Counter(), "level": Counter(), "tag": Counter()}
-        labels: dict[str, Counter] = {}  # level → mode the trajectory follows
+        tally = _Tally()
         own = SelfSampleStats() if model is not None else None
         shards = []
         for start in range(0, n, shard_size):
-            samples = []
-            for i in range(start, min(n, start + shard_size)):
-                rng = np.random.default_rng([seed, i])
-                tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
-                spec = draw_in_split(partial(sample_spec, tag), split, rng)
-                level = complexity(spec).level
-                if level != level_of[i]:
-                    raise AssertionError(
-                        f"tag {spec.tag} gave level {level}, expected {level_of[i]}"
-                    )
-                teacher = ShapeWorldTeacher(
-                    sample_scene(spec, rng),
-                    rng,
-                    resolution,
-                    sketch_error_rate,
-                    mode_succeeds=labeler,
-                )
-                samples.append((i, spec, teacher, mode_objs[str(mode_of[i])]))
+            samples = [sample(i) for i in range(start, min(n, start + shard_size))]
             if model is None:
                 built = []
                 for i, spec, teacher, mode_obj in samples:
@@ -210,34 +190,12 @@ def build(
                 drawn = _from_model(
                     model, samples, sampling, batch, seed, own_refines, progress, tries
                 )
-                if views:
-                    built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
-                    built += own.balance_views(
-                        [
-                            (f"{key}v{k}", v)
-                            for key, t in drawn
-                            for k, v in enumerate(critique_views(t))
-                        ],
-                        balance,
-                    )
-                else:
-                    built = own.balance(drawn, balance)
-                if drop_unsolved:
-                    built = [(key, t) for key, t in built if t.meta.get("solved", True)]
+                built = _kept(own, drawn, balance, views, drop_unsolved)
             lines = []
             for key, trajectory in built:
                 lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
-                level, view = trajectory.meta["level"], "view" in trajectory.meta
-                for key, value in (
-                    ("mode", "critique view" if view else trajectory.meta["mode"]),
-                    ("level", level),
-                    ("tag", trajectory.meta["spec"]["tag"]),
-                ):
-                    counts[key][value] += 1
-                if not view:
-                    labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
-            name = f"shard-{len(shards):05d}.jsonl"
-            shards.append(write_shard(tmp / name, lines))
+                tally.add(trajectory)
+            shards.append(write_shard(tmp / f"shard-{len(shards):05d}.jsonl", lines))
         manifest = {
             "format_version": FORMAT_VERSION,
             "build_id": content_id(tmp, shards),
@@ -250,11 +208,7 @@ def build(
             "resolution": resolution,
             "sketch_error_rate": sketch_error_rate,
             "shards": shards,
-            "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-            "labels": {
-                "source": label_source,
-                "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(labels.items())},
-            },
+            **tally.summary(label_source),
         }
         if own is not None:
             manifest["from_model"] = {
@@ -273,6 +227,78 @@ def build(
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_request(
+    out, n, overwrite, model, model_source, labeler, views, balance, tries, drop_unsolved
+) -> None:
+    """Refuse a build whose options contradict each other, or whose output it may not write."""
+    if model is not None and labeler is not None:
+        raise ValueError("labels from a model (--label-model) with --from-model: not supported")
+    if (tries != 1 or drop_unsolved) and model is None:
+        raise ValueError("--tries and --drop-unsolved need --from-model (the model's own answers)")
+    if tries < 1:
+        raise ValueError(f"--tries: expected ≥ 1 answers per direct prompt, got {tries}")
+    if views and model is None:
+        raise ValueError("--critique-views needs --from-model (views of the model's own images)")
+    if balance is not None and balance < 1:
+        raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
+    if n < 1:
+        raise ValueError(f"--n: expected ≥ 1 trajectories, got {n}")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{out}: exists; a data build writes a new folder (--overwrite replaces an "
+                "earlier data build)"
+            )
+        check_replaceable(out, DATA_TOOL, [model_source] if model_source else [])
+
+
+def _kept(
+    own: SelfSampleStats, drawn: list, balance: float | None, views: bool, drop_unsolved: bool
+) -> list[tuple[str, Trajectory]]:
+    """What a shard of the model's trajectories keeps: balanced whole trajectories, or (`views`)
+    every whole one with its critiques read, then the balanced critique views; without the direct
+    prompts the model never answered right where `drop_unsolved`."""
+    if views:
+        built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
+        every_view = [
+            (f"{key}v{k}", v) for key, t in drawn for k, v in enumerate(critique_views(t))
+        ]
+        built += own.balance_views(every_view, balance)
+    else:
+        built = own.balance(drawn, balance)
+    if drop_unsolved:
+        built = [(key, t) for key, t in built if t.meta.get("solved", True)]
+    return built
+
+
+@dataclass
+class _Tally:
+    """The manifest's counts of written records (per mode, level and tag; critique views count as
+    the mode "critique view") and the mode each level's whole trajectories follow."""
+
+    counts: dict[str, Counter] = field(
+        default_factory=lambda: {"mode": Counter(), "level": Counter(), "tag": Counter()}
+    )
+    labels: dict[str, Counter] = field(default_factory=dict)
+
+    def add(self, trajectory: Trajectory) -> None:
+        level, view = trajectory.meta["level"], "view" in trajectory.meta
+        self.counts["mode"]["critique view" if view else trajectory.meta["mode"]] += 1
+        self.counts["level"][level] += 1
+        self.counts["tag"][trajectory.meta["spec"]["tag"]] += 1
+        if not view:
+            self.labels.setdefault(level, Counter())[trajectory.meta["mode"]] += 1
+
+    def summary(self, label_source: str) -> dict:
+        return {
+            "counts": {k: dict(sorted(v.items())) for k, v in self.counts.items()},
+            "labels": {
+                "source": label_source,
+                "by_level": {lv: dict(sorted(c.items())) for lv, c in sorted(self.labels.items())},
+            },
+        }
 
 
 def write_shard(path: Path, lines: list[str]) -> dict:

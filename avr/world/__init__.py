@@ -18,6 +18,8 @@ from avr.world.spec import (
     Clause,
     PromptSpec,
     SpecError,
+    VocabularyError,
+    check_spec_vocabulary,
     load_specs,
     parse_line,
     parse_spec,
@@ -29,8 +31,6 @@ from avr.world.verify import (
     ProblemKind,
     Verdict,
     Verifier,
-    VocabularyError,
-    check_spec_vocabulary,
 )
 
 __all__ = [

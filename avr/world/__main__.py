@@ -23,9 +23,8 @@ from avr.world.complexity import LEVELS, complexity
 from avr.world.geneval import MIN_SIDE, score_folder, summarize, write_prompt
 from avr.world.prompts import TAGS, sample_scene, sample_specs
 from avr.world.render import render
-from avr.world.spec import SpecError, iter_specs, save_specs
+from avr.world.spec import SpecError, VocabularyError, check_spec_vocabulary, iter_specs, save_specs
 from avr.world.split import SPLITS
-from avr.world.verify import VocabularyError, check_spec_vocabulary
 
 
 def at_least(low: int):

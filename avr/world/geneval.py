@@ -28,8 +28,8 @@ from PIL import Image
 
 from avr.sequence import open_image
 from avr.world.complexity import LEVELS, complexity
-from avr.world.spec import PromptSpec, SpecError, iter_specs
-from avr.world.verify import Verifier, check_spec_vocabulary
+from avr.world.spec import PromptSpec, SpecError, check_spec_vocabulary, iter_specs
+from avr.world.verify import Verifier
 
 
 def prompt_dir(out: str | os.PathLike, index: int) -> Path:

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 
 from avr.world.scene import COLORS, RELATIONS, SHAPES, Scene, SceneObject
-from avr.world.spec import Clause, PromptSpec
+from avr.world.spec import Clause, PromptSpec, check_spec_vocabulary
 from avr.world.verify import box_relations
 
 GENEVAL_TAGS: tuple[str, ...] = (
@@ -47,7 +47,6 @@ _RELATION_WORDS = {
     "above": ("above", "higher than"),
     "below": ("below", "under", "beneath"),
 }
-MAX_OBJECTS = 8
 #: Relations in sampled scenes hold under a stricter rule than the verifier's (20% shrink, a 49° cone
 #: instead of 10% and 60°), so pixel rounding, blur and noise leave them true.
 SAMPLER_MARGIN = (0.2, 0.65)
@@ -93,8 +92,6 @@ def sample_scene(
 
     Raises `ValueError` for a spec ShapeWorld cannot draw (unknown words, too many objects).
     """
-    from avr.world.verify import check_spec_vocabulary
-
     check_spec_vocabulary(spec)
     wanted = [(i, c) for i, c in enumerate(spec.include) for _ in range(c.count)]
     for _ in range(tries):

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avr.world.scene import RELATIONS
+from avr.world.scene import COLORS, RELATIONS, SHAPES
+
+#: The most objects ShapeWorld draws in one image (prompts and scenes stay within it).
+MAX_OBJECTS = 8
 
 _CLAUSE_KEYS = frozenset({"class", "count", "color", "position"})
 _SPEC_KEYS = frozenset({"tag", "prompt", "include", "exclude"})
@@ -249,3 +252,29 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string"}.get(
         type(value), type(value).__name__
     )
+
+
+class VocabularyError(ValueError):
+    """A spec names a class or color that ShapeWorld does not draw."""
+
+
+def check_spec_vocabulary(spec: PromptSpec, where: str = "<spec>") -> None:
+    """Raise `VocabularyError` naming the first class or color outside ShapeWorld's vocabulary, or
+    a spec asking for more objects than ShapeWorld draws (`MAX_OBJECTS`)."""
+    objects = sum(clause.count for clause in spec.include)
+    if objects > MAX_OBJECTS:
+        raise VocabularyError(
+            f"{where}: asks for {objects} objects; ShapeWorld draws at most MAX_OBJECTS = "
+            f"{MAX_OBJECTS} in one image"
+        )
+    for clause in (*spec.include, *spec.exclude):
+        if clause.cls not in SHAPES:
+            raise VocabularyError(
+                f"{where}: class {clause.cls!r} is not in ShapeWorld's vocabulary "
+                f"({', '.join(SHAPES)}); the ShapeWorld verifier cannot score this spec"
+            )
+        if clause.color is not None and clause.color not in COLORS:
+            raise VocabularyError(
+                f"{where}: color {clause.color!r} is not in ShapeWorld's vocabulary "
+                f"({', '.join(COLORS)}); the ShapeWorld verifier cannot score this spec"
+            )

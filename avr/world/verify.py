@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from avr.world.render import coverage
 from avr.world.scene import BACKGROUND, COLORS, PALETTE, SHAPES
-from avr.world.spec import Clause, PromptSpec
+from avr.world.spec import Clause, PromptSpec, check_spec_vocabulary
 
 #: GenEval's POSITION_THRESHOLD: a relation must hold beyond 10% of the two boxes' summed sides.
 POSITION_THRESHOLD = 0.1
@@ -34,10 +34,6 @@ POSITION_THRESHOLD = 0.1
 _BG = np.array(BACKGROUND, dtype=np.float32)
 _DIRS = np.array([PALETTE[c] for c in COLORS], dtype=np.float32) - _BG  # [C, 3]
 _DIRS_SQ = (_DIRS**2).sum(-1)  # [C]
-
-
-class VocabularyError(ValueError):
-    """A spec names a class or color that ShapeWorld does not draw."""
 
 
 class ProblemKind(StrEnum):
@@ -100,30 +96,6 @@ class Verdict:
     def reason(self) -> str:
         """GenEval's `reason` field: one line per problem, empty when correct."""
         return "\n".join(c.message for c in self.problems)
-
-
-def check_spec_vocabulary(spec: PromptSpec, where: str = "<spec>") -> None:
-    """Raise `VocabularyError` naming the first class or color outside ShapeWorld's vocabulary, or
-    a spec asking for more objects than ShapeWorld draws (`MAX_OBJECTS`)."""
-    from avr.world.prompts import MAX_OBJECTS
-
-    objects = sum(clause.count for clause in spec.include)
-    if objects > MAX_OBJECTS:
-        raise VocabularyError(
-            f"{where}: asks for {objects} objects; ShapeWorld draws at most MAX_OBJECTS = "
-            f"{MAX_OBJECTS} in one image"
-        )
-    for clause in (*spec.include, *spec.exclude):
-        if clause.cls not in SHAPES:
-            raise VocabularyError(
-                f"{where}: class {clause.cls!r} is not in ShapeWorld's vocabulary "
-                f"({', '.join(SHAPES)}); the ShapeWorld verifier cannot score this spec"
-            )
-        if clause.color is not None and clause.color not in COLORS:
-            raise VocabularyError(
-                f"{where}: color {clause.color!r} is not in ShapeWorld's vocabulary "
-                f"({', '.join(COLORS)}); the ShapeWorld verifier cannot score this spec"
-            )
 
 
 @dataclass

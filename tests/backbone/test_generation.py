@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from avr.backbone import Session, flow, pack
+from avr import flow
+from avr.backbone import Session, pack
 from avr.backbone.packing import FlowSettings
 from avr.defaults import tiny_model
 from avr.sequence import Segment, Trajectory

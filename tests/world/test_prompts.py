@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from avr.world import LEVELS, TAGS, Clause, PromptSpec, complexity, sample_scene, sample_specs
-from avr.world.prompts import MAX_OBJECTS
+from avr.world.spec import MAX_OBJECTS
 
 EXPECTED_LEVEL = {
     "single_object": "simple",

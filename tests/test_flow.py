@@ -1,6 +1,6 @@
 """The sampler's time grid and Euler step against diffusers' `FlowMatchEulerDiscreteScheduler`.
 
-The convention (`avr.backbone.flow.schedule`) is BAGEL's: `steps + 1` times uniform from 1 down to
+The convention (`avr.flow.schedule`) is BAGEL's: `steps + 1` times uniform from 1 down to
 0, each shifted by `s·t / (1 + (s − 1)·t)`. diffusers applies the same shift, but its default grid
 runs from 1 to 1/1000 (then 0), so the two grids differ; given BAGEL's unshifted times as `sigmas`,
 diffusers must give the same shifted grid and the same Euler steps, to rounding."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from avr.backbone import flow
+from avr import flow
 
 
 @pytest.mark.parametrize(("steps", "shift"), [(1, 1.0), (10, 1.0), (10, 3.0), (25, 2.5)])
