@@ -54,7 +54,7 @@ from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
 from avr.rollout import Job, episode_seed, rollout
-from avr.sequence import trajectory_to_record
+from avr.sequence import Trajectory, trajectory_to_record
 from avr.understanding import Understanding
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
 from avr.world.fidelity import OUTCOMES, BuildsOn, Fidelity, Outcomes
@@ -197,56 +197,16 @@ def _run(
     Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time; a
     `BestOf`'s further samples with `episode_seed(seed, i, k)`."""
     model.eval()
-    cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": 0.0}
-    chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
-    records = []
     verifier = Verifier()
-    fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
-    builds_on = BuildsOn()
-    outcomes = Outcomes()
-    understanding = Understanding(verifier)
+    trajectories, cost = _roll_out(model, mode, specs, sampling, seed, batch, progress, verifier)
+    measures = _Measures(verifier)
     side = model.config.image_size
-    inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
-    jobs = [
-        Job(inner, spec, seed + i if k == 0 else episode_seed(seed, i, k))
-        for i, spec in enumerate(specs)
-        for k in range(n)
-    ]
-    start = time.perf_counter()
-    samples = []
-    for first in range(0, len(jobs), batch):  # as `rollout` batches them, telling `progress`
-        samples += rollout(model, jobs[first : first + batch], sampling, batch)
-        if progress is not None:
-            progress(min(len(jobs), first + batch) // n, len(specs))
-    cost["seconds"] = time.perf_counter() - start
-    trajectories = []
-    for i, spec in enumerate(specs):
-        candidates = samples[i * n : (i + 1) * n]
-        for trajectory in candidates:  # the compute of every sample counts
-            cost["nfe"] += trajectory.meta.get("nfe", 0)
-            cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
-        accepted = [
-            t
-            for t in candidates
-            if t.final_image is not None and verifier.verify(t.final_image, spec).correct
-        ]
-        trajectories.append((accepted or candidates)[0])
+    records = []
     for i, (spec, trajectory) in enumerate(zip(specs, trajectories, strict=True)):
-        level, picked = complexity(spec).level, trajectory.meta["mode"]
-        chosen[level][picked] = chosen[level].get(picked, 0) + 1
         final = trajectory.final_image  # a rollout that drew nothing is judged on a blank canvas
         final = final if final is not None else Image.new("RGB", (side, side), "white")
         write_prompt(folder, i, spec, [final])
-        verdict = verifier.verify(final, spec)
-        for key in ("all", "heldout" if is_held_out(spec) else "seen"):
-            fidelity[key].update(verdict, spec)
-        outcomes.update(verdict, spec, level)
-        drawn = [s.image for s in trajectory.images if s.role.generated]
-        if len(drawn) >= 2:
-            verdicts = [verifier.verify(image, spec) for image in drawn[:-1]]
-            last = drawn[-1]  # the final image as a rule, judged above
-            builds_on.update([*verdicts, verdict if last is final else verifier.verify(last, spec)])
-        understanding.update(trajectory, spec)
+        measures.update(spec, trajectory, final)
         trajectory.meta.setdefault("prompt", spec.prompt)
         records.append(trajectory_to_record(trajectory, f"{i:05d}", folder / "trajectories"))
     with open(folder / "trajectories" / "trajectories.jsonl", "w", encoding="utf-8") as f:
@@ -267,12 +227,79 @@ def _run(
         "by_tag": {t: a for t, (a, _, _) in summary.by_tag.items()},
         "by_level": {lv: a for lv, (a, _, _) in summary.by_level.items()},
         "per_prompt": {k: v / len(specs) for k, v in cost.items()},
-        "chosen_mode_by_level": {lv: c for lv, c in chosen.items() if c},
-        "fidelity": {key: f.summary() for key, f in fidelity.items() if f.images},
-        "builds_on": builds_on.summary(),
-        "outcomes": outcomes.summary(),
-        "understanding": understanding.summary(),
+        **measures.summary(),
     }
+
+
+def _roll_out(
+    model, mode, specs, sampling, seed, batch, progress, verifier
+) -> tuple[list[Trajectory], dict[str, float]]:
+    """One trajectory per prompt (a `BestOf`'s first sample the verifier accepts, else its first)
+    and the compute of every sample drawn: NFE, text tokens, seconds."""
+    inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
+    jobs = [
+        Job(inner, spec, seed + i if k == 0 else episode_seed(seed, i, k))
+        for i, spec in enumerate(specs)
+        for k in range(n)
+    ]
+    start = time.perf_counter()
+    samples = []
+    for first in range(0, len(jobs), batch):  # as `rollout` batches them, telling `progress`
+        samples += rollout(model, jobs[first : first + batch], sampling, batch)
+        if progress is not None:
+            progress(min(len(jobs), first + batch) // n, len(specs))
+    cost = {"nfe": 0.0, "text_tokens": 0.0, "seconds": time.perf_counter() - start}
+    trajectories = []
+    for i, spec in enumerate(specs):
+        candidates = samples[i * n : (i + 1) * n]
+        for trajectory in candidates:  # the compute of every sample counts
+            cost["nfe"] += trajectory.meta.get("nfe", 0)
+            cost["text_tokens"] += trajectory.meta.get("text_tokens", 0)
+        accepted = [
+            t
+            for t in candidates
+            if t.final_image is not None and verifier.verify(t.final_image, spec).correct
+        ]
+        trajectories.append((accepted or candidates)[0])
+    return trajectories, cost
+
+
+class _Measures:
+    """Everything an evaluation measures beside accuracy, one trajectory at a time: the modes
+    chosen per level, fidelity (all, seen, held-out), whether later images build on earlier ones,
+    outcomes per problem, and how the model reads its own work."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.chosen: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
+        self.fidelity = {"all": Fidelity(), "seen": Fidelity(), "heldout": Fidelity()}
+        self.builds_on, self.outcomes = BuildsOn(), Outcomes()
+        self.understanding = Understanding(verifier)
+
+    def update(self, spec, trajectory: Trajectory, final: Image.Image) -> None:
+        level, picked = complexity(spec).level, trajectory.meta["mode"]
+        self.chosen[level][picked] = self.chosen[level].get(picked, 0) + 1
+        verdict = self.verifier.verify(final, spec)
+        for key in ("all", "heldout" if is_held_out(spec) else "seen"):
+            self.fidelity[key].update(verdict, spec)
+        self.outcomes.update(verdict, spec, level)
+        drawn = [s.image for s in trajectory.images if s.role.generated]
+        if len(drawn) >= 2:
+            verdicts = [self.verifier.verify(image, spec) for image in drawn[:-1]]
+            last = drawn[-1]  # the final image as a rule, judged above
+            same = last is final
+            verdicts.append(verdict if same else self.verifier.verify(last, spec))
+            self.builds_on.update(verdicts)
+        self.understanding.update(trajectory, spec)
+
+    def summary(self) -> dict:
+        return {
+            "chosen_mode_by_level": {lv: c for lv, c in self.chosen.items() if c},
+            "fidelity": {key: f.summary() for key, f in self.fidelity.items() if f.images},
+            "builds_on": self.builds_on.summary(),
+            "outcomes": self.outcomes.summary(),
+            "understanding": self.understanding.summary(),
+        }
 
 
 def parse_mode(name: str) -> Mode | BestOf:
@@ -441,7 +468,41 @@ def report(metrics: dict) -> str:
     choices, and the plots and trajectory grids beside it."""
     runs = metrics["runs"]
     labels = list(runs)
-    header = ["| group | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    rule = "|---" * (len(labels) + 1) + "|"
+    lines = [
+        f"# ShapeWorld evaluation ({metrics['prompts']} prompts)",
+        "",
+        "Accuracy with its 95% interval (Wilson per tag and level; bootstrap over prompts, "
+        "stratified by tag, for the overall).",
+        "",
+        *_accuracy_table(runs, labels, rule),
+        *_paired_table(metrics.get("paired") or []),
+        *_compute_tables(runs, labels, rule),
+        *understanding_table(runs, labels, rule),
+        *_outcomes_table(runs, labels, rule),
+        "",
+        "Modes chosen per complexity level:",
+        "",
+    ]
+    for label, run in runs.items():
+        choices = "; ".join(
+            f"{lv}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items()))
+            for lv, c in run["chosen_mode_by_level"].items()
+        )
+        lines.append(f"- {label}: {choices}")
+    lines += [
+        "",
+        "![accuracy against compute](accuracy_vs_compute.png)",
+        "![accuracy per level](accuracy_by_level.png)",
+        "",
+        "Trajectories (first prompts, every image in order): "
+        + ", ".join(f"[{label}]({label}/trajectories.png)" for label in labels),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_table(runs: dict, labels: list[str], rule: str) -> list[str]:
+    """Accuracy per tag, per level and overall, each with its interval, one column per run."""
     tags = [t for t in TAGS if any(t in r["by_tag"] for r in runs.values())]
     rows = [(tag, [r["by_tag"].get(tag) for r in runs.values()]) for tag in tags]
     rows += [(f"level: {lv}", [r["by_level"].get(lv) for r in runs.values()]) for lv in LEVELS]
@@ -453,41 +514,44 @@ def report(metrics: dict) -> str:
         [r.get("interval", {}).get("by_level", {}).get(lv) for r in runs.values()] for lv in LEVELS
     ]
     bounds.append([r.get("interval", {}).get("overall") for r in runs.values()])
-    lines = [
-        f"# ShapeWorld evaluation ({metrics['prompts']} prompts)",
-        "",
-        "Accuracy with its 95% interval (Wilson per tag and level; bootstrap over prompts, "
-        "stratified by tag, for the overall).",
-        "",
-        *header,
-    ]
-    lines += [
+    return ["| group | " + " | ".join(labels) + " |", rule] + [
         f"| {name} | "
         + " | ".join(_pct_ci(v, b) for v, b in zip(values, bound, strict=True))
         + " |"
         for (name, values), bound in zip(rows, bounds, strict=True)
     ]
-    if metrics.get("paired"):
-        lines += [
-            "",
-            "Paired comparisons on the same prompts (b − a in overall accuracy, 95% paired "
-            "bootstrap interval; McNemar's exact p on the prompts only one run got right):",
-            "",
-            "| a | b | b − a | 95% interval | only a | only b | McNemar p |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for c in metrics["paired"]:
-            low, high = c["interval"]
-            lines.append(
-                f"| {c['a']} | {c['b']} | {100 * c['difference']:+.1f} pts | "
-                f"[{100 * low:+.1f}, {100 * high:+.1f}] | {c['only_a']} | {c['only_b']} | "
-                f"{c['mcnemar_p']:.3f} |"
-            )
-    lines += ["", "| compute per prompt | " + " | ".join(labels) + " |", header[1]]
+
+
+def _paired_table(paired: list[dict]) -> list[str]:
+    """The paired comparisons (none: no lines)."""
+    if not paired:
+        return []
+    lines = [
+        "",
+        "Paired comparisons on the same prompts (b − a in overall accuracy, 95% paired "
+        "bootstrap interval; McNemar's exact p on the prompts only one run got right):",
+        "",
+        "| a | b | b − a | 95% interval | only a | only b | McNemar p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in paired:
+        low, high = c["interval"]
+        lines.append(
+            f"| {c['a']} | {c['b']} | {100 * c['difference']:+.1f} pts | "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] | {c['only_a']} | {c['only_b']} | "
+            f"{c['mcnemar_p']:.3f} |"
+        )
+    return lines
+
+
+def _compute_tables(runs: dict, labels: list[str], rule: str) -> list[str]:
+    """Compute per prompt, prompt use of the final images, and how often images build on the
+    one before."""
+    lines = ["", "| compute per prompt | " + " | ".join(labels) + " |", rule]
     for key in ("nfe", "text_tokens", "seconds"):
         values = [f"{r['per_prompt'][key]:.1f}" for r in runs.values()]
         lines.append(f"| {key} | " + " | ".join(values) + " |")
-    lines += ["", "| prompt use (final images) | " + " | ".join(labels) + " |", header[1]]
+    lines += ["", "| prompt use (final images) | " + " | ".join(labels) + " |", rule]
     for group in ("all", "seen", "heldout"):
         for key in ("accuracy", "exact", "colour_precision", "shape_precision"):
             values = [r.get("fidelity", {}).get(group, {}).get(key) for r in runs.values()]
@@ -506,37 +570,27 @@ def report(metrics: dict) -> str:
         + " | ".join(values)
         + " |"
     )
-    lines += understanding_table(runs, labels, header[1])
+    return lines
+
+
+def _outcomes_table(runs: dict, labels: list[str], rule: str) -> list[str]:
+    """What decided each final image, per level (no lines where no run has outcomes)."""
     levels = [lv for lv in LEVELS if any(lv in r.get("outcomes", {}) for r in runs.values())]
-    if levels:
-        lines += [
-            "",
-            "What decided each final image (share of the level's images; a wrong image counts "
-            "under the first of blank, too few objects, wrong shape, colour, count, relation):",
-            "",
-            "| outcome | " + " | ".join(labels) + " |",
-            header[1],
-        ]
-        for level in levels:
-            for key in OUTCOMES:
-                values = [r.get("outcomes", {}).get(level, {}).get(key) for r in runs.values()]
-                lines.append(f"| {level}: {key} | " + " | ".join(_pct(v) for v in values) + " |")
-    lines += ["", "Modes chosen per complexity level:", ""]
-    for label, run in runs.items():
-        choices = "; ".join(
-            f"{lv}: " + ", ".join(f"{m} {n}" for m, n in sorted(c.items()))
-            for lv, c in run["chosen_mode_by_level"].items()
-        )
-        lines.append(f"- {label}: {choices}")
-    lines += [
+    if not levels:
+        return []
+    lines = [
         "",
-        "![accuracy against compute](accuracy_vs_compute.png)",
-        "![accuracy per level](accuracy_by_level.png)",
+        "What decided each final image (share of the level's images; a wrong image counts "
+        "under the first of blank, too few objects, wrong shape, colour, count, relation):",
         "",
-        "Trajectories (first prompts, every image in order): "
-        + ", ".join(f"[{label}]({label}/trajectories.png)" for label in labels),
+        "| outcome | " + " | ".join(labels) + " |",
+        rule,
     ]
-    return "\n".join(lines) + "\n"
+    for level in levels:
+        for key in OUTCOMES:
+            values = [r.get("outcomes", {}).get(level, {}).get(key) for r in runs.values()]
+            lines.append(f"| {level}: {key} | " + " | ".join(_pct(v) for v in values) + " |")
+    return lines
 
 
 def _pct_ci(value, bound) -> str:
@@ -592,6 +646,54 @@ def _load_models(entries: list[str]) -> dict[str, UnifiedModel]:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; bad input prints `error: …` and returns 2."""
+    args = parser().parse_args(argv)
+    exit_cleanly_on_sigterm()  # a stopped evaluation removes its staging folder
+    try:
+        specs, modes, models, sampling, inputs = _read_request(args)
+    except (ValueError, LookupError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tasks: dict[str, int] = {}
+    columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as bar:
+
+        def told(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        metrics = evaluate(
+            models,
+            specs,
+            modes,
+            Path(args.output),
+            sampling,
+            args.seed,
+            workers=args.workers,
+            batch=args.batch,
+            overwrite=args.overwrite,
+            inputs=inputs,
+            progress=told,
+        )
+    table = Table(title=f"{args.output}: {len(specs)} prompts")
+    for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
+        table.add_column(column, justify="right")
+    for name, m in metrics["runs"].items():
+        table.add_row(
+            name,
+            _pct(m["overall"]),
+            *(_pct(m["by_level"].get(lv)) for lv in LEVELS),
+            f"{m['per_prompt']['nfe']:.0f}",
+            f"{m['per_prompt']['text_tokens']:.0f}",
+            f"{m['per_prompt']['seconds']:.2f}",
+        )
+    Console().print(table)
+    print(f"report: {args.output}/report.md")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """`avr evaluate`'s parser."""
     parser = argparse.ArgumentParser(
         prog="avr evaluate",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -646,63 +748,27 @@ def main(argv: list[str] | None = None) -> int:
         help="replace an earlier evaluation at --output (once this one has finished)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    exit_cleanly_on_sigterm()  # a stopped evaluation removes its staging folder
-    try:
-        specs = load_specs(args.prompts)
-        if not specs:
-            raise ValueError(f"{args.prompts}: holds no prompts")
-        for i, spec in enumerate(specs):
-            check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
-        if args.batch < 1:
-            raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
-        sampling = _sampling(args)
-        modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
-        if not modes:
-            raise ValueError(f"--modes {args.modes!r}: names no mode")
-        models = _load_models(args.model)
-        inputs = [args.prompts, *(m.rpartition("=")[2] for m in args.model)]
-        check_output_dir(args.output, args.overwrite, tool=TOOL, inputs=inputs)
-    except (ValueError, LookupError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    tasks: dict[str, int] = {}
-    columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=args.quiet) as bar:
+    return parser
 
-        def told(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done)
 
-        metrics = evaluate(
-            models,
-            specs,
-            modes,
-            Path(args.output),
-            sampling,
-            args.seed,
-            workers=args.workers,
-            batch=args.batch,
-            overwrite=args.overwrite,
-            inputs=inputs,
-            progress=told,
-        )
-    table = Table(title=f"{args.output}: {len(specs)} prompts")
-    for column in ("run", "overall", *LEVELS, "NFE/prompt", "tokens/prompt", "s/prompt"):
-        table.add_column(column, justify="right")
-    for name, m in metrics["runs"].items():
-        table.add_row(
-            name,
-            _pct(m["overall"]),
-            *(_pct(m["by_level"].get(lv)) for lv in LEVELS),
-            f"{m['per_prompt']['nfe']:.0f}",
-            f"{m['per_prompt']['text_tokens']:.0f}",
-            f"{m['per_prompt']['seconds']:.2f}",
-        )
-    Console().print(table)
-    print(f"report: {args.output}/report.md")
-    return 0
+def _read_request(args: argparse.Namespace) -> tuple:
+    """The prompts, modes, models and sampler the flags name, and the inputs the output records;
+    the output folder checked. Any bad one is a `ValueError` (or `OSError`) naming it."""
+    specs = load_specs(args.prompts)
+    if not specs:
+        raise ValueError(f"{args.prompts}: holds no prompts")
+    for i, spec in enumerate(specs):
+        check_spec_vocabulary(spec, f"{args.prompts}:{i + 1}")
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected ≥ 1, got {args.batch}")
+    sampling = _sampling(args)
+    modes = {m.strip(): parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()}
+    if not modes:
+        raise ValueError(f"--modes {args.modes!r}: names no mode")
+    models = _load_models(args.model)
+    inputs = [args.prompts, *(m.rpartition("=")[2] for m in args.model)]
+    check_output_dir(args.output, args.overwrite, tool=TOOL, inputs=inputs)
+    return specs, modes, models, sampling, inputs
 
 
 if __name__ == "__main__":

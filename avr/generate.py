@@ -34,6 +34,37 @@ def output_paths(out: str, prompts: int, per_prompt: int) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Generate; bad input prints `error: …` and returns 2."""
+    args = parser().parse_args(argv)
+    from avr.pipeline import Pipeline
+
+    try:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images: expected ≥ 1, got {args.num_images}")
+        if Path(args.output).suffix.lower() != ".png":
+            raise ValueError(f"-o {args.output}: expected a .png file name")
+        paths = output_paths(args.output, len(args.prompt), args.num_images)
+        taken = [p for p in paths if p.exists()]
+        if taken:
+            raise FileExistsError(f"{taken[0]}: exists; choose another -o (nothing is replaced)")
+        pipe = Pipeline.from_pretrained(args.model)
+        out = pipe(
+            args.prompt,
+            mode=args.mode,
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg_scale,
+            seed=args.seed,
+            num_images_per_prompt=args.num_images,
+            temperature=args.temperature,
+        )
+    except (ValueError, LookupError, OSError, TrajectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _write_and_show(out, paths, args.show_trajectory)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """`avr generate`'s parser."""
     parser = argparse.ArgumentParser(
         prog="avr generate",
         description="Make images with a trained model, every plan, critique and image shown.",
@@ -69,32 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also write STEM.trajectory.png: every image of the trajectory with its text",
     )
-    args = parser.parse_args(argv)
-    console = Console(stderr=False)
-    from avr.pipeline import Pipeline, trajectory_strip
+    return parser
 
-    try:
-        if args.num_images < 1:
-            raise ValueError(f"--num-images: expected ≥ 1, got {args.num_images}")
-        if Path(args.output).suffix.lower() != ".png":
-            raise ValueError(f"-o {args.output}: expected a .png file name")
-        paths = output_paths(args.output, len(args.prompt), args.num_images)
-        taken = [p for p in paths if p.exists()]
-        if taken:
-            raise FileExistsError(f"{taken[0]}: exists; choose another -o (nothing is replaced)")
-        pipe = Pipeline.from_pretrained(args.model)
-        out = pipe(
-            args.prompt,
-            mode=args.mode,
-            num_inference_steps=args.steps,
-            guidance_scale=args.cfg_scale,
-            seed=args.seed,
-            num_images_per_prompt=args.num_images,
-            temperature=args.temperature,
-        )
-    except (ValueError, LookupError, OSError, TrajectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _write_and_show(out, paths: list[Path], show_trajectory: bool) -> None:
+    """Write each image to its path and print its trajectory's text, compute and verdict (and
+    with `show_trajectory`, write the strip of its images beside it)."""
+    from avr.pipeline import trajectory_strip
+
+    console = Console(stderr=False)
     verdicts = out.verify()
     for j, (path, trajectory) in enumerate(zip(paths, out.trajectories, strict=True)):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print("  " + escape(shown.replace("<|eos|>", "")))
         console.print(f"  {out.nfe[j]} velocity evaluations, {out.text_tokens[j]} text tokens")
         console.print(f"  verifier: {escape(judged)}")
-        if args.show_trajectory:
+        if show_trajectory:
             strip = path.with_name(f"{path.stem}.trajectory.png")
             trajectory_strip(trajectory, verdict).savefig(strip, dpi=120)
             console.print(f"  trajectory: {strip}")
-    return 0
 
 
 if __name__ == "__main__":

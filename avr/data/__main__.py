@@ -14,7 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from avr.backbone import from_pretrained
-from avr.data.build import build, parse_mix
+from avr.data.build import FromModel, build, parse_mix
 from avr.data.labels import ModeLabeler
 from avr.data.merge import merge
 from avr.outputs import exit_cleanly_on_sigterm
@@ -47,6 +47,22 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
     )
     sub = parser.add_subparsers(required=True, metavar="{build,merge}")
+    _add_build(sub)
+    m = sub.add_parser(
+        "merge",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="one data folder from several builds",
+    )
+    m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
+    m.add_argument("-o", "--output", required=True, help="the new folder (must not exist)")
+    m.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
+    )
+    return parser
+
+
+def _add_build(sub) -> None:
+    """The `build` subcommand and its flags."""
     b = sub.add_parser(
         "build",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -83,6 +99,101 @@ def parser() -> argparse.ArgumentParser:
         "--label-threshold", type=float, default=0.5, help="success rate a mode must reach"
     )
     b.add_argument("--label-steps", type=int, default=10, help="ODE steps per labelling image")
+    _add_from_model(b)
+    b.add_argument("-o", "--output", required=True, help="the new data folder")
+    b.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
+    )
+
+
+def _build(args: argparse.Namespace) -> dict:
+    """`avr data build`: the model (and labeler) its flags name, then `build` under a progress bar."""
+    own = None
+    if args.from_model:
+        own = FromModel(
+            from_pretrained(args.from_model).eval(),
+            args.from_model,
+            balance=args.balance or None,
+            batch=args.batch,
+            own_refines=args.own_refines,
+            views=args.critique_views,
+            tries=args.tries,
+            drop_unsolved=args.drop_unsolved,
+        )
+    else:
+        given = [
+            flag
+            for flag, used in (
+                ("--critique-views", args.critique_views),
+                ("--tries", args.tries != 1),
+                ("--drop-unsolved", args.drop_unsolved),
+            )
+            if used
+        ]
+        if given:
+            raise ValueError(f"{given[0]} needs --from-model (it acts on the model's own images)")
+    labeler, source = None, "complexity"
+    if args.label_model:
+        labeler = ModeLabeler(
+            from_pretrained(args.label_model),
+            args.label_samples,
+            args.label_threshold,
+            args.label_steps,
+            args.seed,
+        )
+        source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("trajectories", total=args.n)
+        manifest = build(
+            args.output,
+            args.n,
+            parse_mix(args.mix),
+            args.seed,
+            args.mode,
+            args.shard_size,
+            args.resolution,
+            args.sketch_error_rate,
+            args.split,
+            labeler,
+            source,
+            own=own,
+            overwrite=args.overwrite,
+            progress=lambda k: bar.advance(task, k),
+        )
+    return manifest
+
+
+def _print_counts(manifest: dict, output: str) -> None:
+    """The table of what a build wrote, its adaptive labels and, from a model, its images."""
+    table = Table(title=f"{manifest['n']} trajectories → {output} (seed {manifest['seed']})")
+    table.add_column("by")
+    table.add_column("value")
+    table.add_column("trajectories", justify="right")
+    for key in ("mode", "level", "tag"):
+        for value, count in manifest["counts"][key].items():
+            table.add_row(key, value, str(count))
+        table.add_section()
+    labels = Table(title=f"adaptive labels by level ({manifest['labels']['source']})")
+    labels.add_column("level")
+    labels.add_column("mode")
+    labels.add_column("trajectories", justify="right")
+    for level, modes in manifest["labels"]["by_level"].items():
+        for mode, count in modes.items():
+            labels.add_row(level, mode, str(count))
+    console = Console()
+    console.print(table)
+    console.print(labels)
+    own = manifest.get("from_model")
+    if own:
+        console.print(
+            f"the model's images: {own['images_right']} of {own['images_drawn']} right "
+            f"({own['accuracy']:.1%}); first critiques kept: {own['first_critiques']['kept']}; "
+            f"refine targets: {own['refine_targets']}"
+        )
+
+
+def _add_from_model(b) -> None:
+    """`build`'s flags for trajectories drawn by a model (`--from-model` and what it enables)."""
     b.add_argument(
         "--from-model",
         metavar="DIR",
@@ -125,93 +236,6 @@ def parser() -> argparse.ArgumentParser:
         help="with --from-model: leave out a direct prompt none of whose tries is right (instead "
         "of training the teacher's render)",
     )
-    b.add_argument("-o", "--output", required=True, help="the new data folder")
-    b.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
-    )
-    m = sub.add_parser(
-        "merge",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="one data folder from several builds",
-    )
-    m.add_argument("sources", nargs="+", metavar="DIR", help="data folders, in order")
-    m.add_argument("-o", "--output", required=True, help="the new folder (must not exist)")
-    m.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier data folder at --output"
-    )
-    return parser
-
-
-def _build(args: argparse.Namespace) -> dict:
-    """`avr data build`: the model (and labeler) its flags name, then `build` under a progress bar."""
-    model = None
-    if args.from_model:
-        model = from_pretrained(args.from_model).eval()
-    labeler, source = None, "complexity"
-    if args.label_model:
-        labeler = ModeLabeler(
-            from_pretrained(args.label_model),
-            args.label_samples,
-            args.label_threshold,
-            args.label_steps,
-            args.seed,
-        )
-        source = f"model {args.label_model} ({args.label_samples} samples, threshold {args.label_threshold})"
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("trajectories", total=args.n)
-        manifest = build(
-            args.output,
-            args.n,
-            parse_mix(args.mix),
-            args.seed,
-            args.mode,
-            args.shard_size,
-            args.resolution,
-            args.sketch_error_rate,
-            args.split,
-            labeler,
-            source,
-            model=model,
-            model_source=args.from_model or "",
-            balance=args.balance or None,
-            batch=args.batch,
-            own_refines=args.own_refines,
-            views=args.critique_views,
-            tries=args.tries,
-            drop_unsolved=args.drop_unsolved,
-            overwrite=args.overwrite,
-            progress=lambda k: bar.advance(task, k),
-        )
-    return manifest
-
-
-def _print_counts(manifest: dict, output: str) -> None:
-    """The table of what a build wrote, its adaptive labels and, from a model, its images."""
-    table = Table(title=f"{manifest['n']} trajectories → {output} (seed {manifest['seed']})")
-    table.add_column("by")
-    table.add_column("value")
-    table.add_column("trajectories", justify="right")
-    for key in ("mode", "level", "tag"):
-        for value, count in manifest["counts"][key].items():
-            table.add_row(key, value, str(count))
-        table.add_section()
-    labels = Table(title=f"adaptive labels by level ({manifest['labels']['source']})")
-    labels.add_column("level")
-    labels.add_column("mode")
-    labels.add_column("trajectories", justify="right")
-    for level, modes in manifest["labels"]["by_level"].items():
-        for mode, count in modes.items():
-            labels.add_row(level, mode, str(count))
-    console = Console()
-    console.print(table)
-    console.print(labels)
-    own = manifest.get("from_model")
-    if own:
-        console.print(
-            f"the model's images: {own['images_right']} of {own['images_drawn']} right "
-            f"({own['accuracy']:.1%}); first critiques kept: {own['first_critiques']['kept']}; "
-            f"refine targets: {own['refine_targets']}"
-        )
 
 
 if __name__ == "__main__":

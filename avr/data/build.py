@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,60 @@ def _weights(text: str, flag: str, check: Callable[[str], object]) -> dict[str, 
     return {name: w / total for name, w in weights.items()}
 
 
+@dataclass(frozen=True)
+class FromModel:
+    """How a build draws from a model (`avr data build --from-model`): every image of a trajectory
+    is `model`'s own (`avr.data.self_sample`), drawn with `sampling` (default: 10 ODE steps)
+    `batch` episodes at a time, and the teacher only judges and corrects (a reflect trajectory's
+    first `own_refines` refines are the model's too). `source` names the model in the manifest.
+
+    - `balance`: within each shard and level, trajectories whose first critique judges a right
+      image and those whose first critique judges a wrong one are balanced: the larger side keeps
+      at most `balance` times as many as the smaller (so fewer than `n` may be written; the
+      manifest counts what was drawn, kept and dropped; None keeps everything).
+    - `views`: critiques are learned from critique views instead
+      (`avr.data.self_sample.critique_views`: each critique of an image the model drew, alone, the
+      trajectory before it read), balanced per level, position (first try or refine) and verdict;
+      every whole trajectory is kept, its critiques read, not trained, and teaches the rest (mode
+      labels, plans, the images the verifier accepts, refines).
+    - `tries` > 1: the model answers a `direct` trajectory's prompt up to `tries` times (each from
+      its own seed) and the first answer the verifier accepts is kept: rejection-sampling
+      fine-tuning on the model's own successes. A prompt none of whose tries is right keeps the
+      teacher's render, or with `drop_unsolved` is left out."""
+
+    model: Any
+    source: str = ""
+    sampling: SamplingConfig | None = None
+    balance: float | None = 1.0
+    batch: int = 32
+    own_refines: int = 1
+    views: bool = False
+    tries: int = 1
+    drop_unsolved: bool = False
+
+    def __post_init__(self) -> None:
+        if self.balance is not None and self.balance < 1:
+            raise ValueError(
+                f"--balance must be ≥ 1 (the larger side over the smaller), got {self.balance}"
+            )
+        if self.tries < 1:
+            raise ValueError(f"--tries: expected ≥ 1 answers per direct prompt, got {self.tries}")
+        if self.batch < 1:
+            raise ValueError(f"--batch: expected ≥ 1 episodes at once, got {self.batch}")
+
+    def settings(self) -> dict:
+        """What the manifest's `from_model` records of these settings."""
+        return {
+            "model": self.source,
+            "sampling": vars(self.sampling or SELF_SAMPLING),
+            "balance": self.balance,
+            "own_refines": self.own_refines,
+            "views": self.views,
+            "tries": self.tries,
+            "drop_unsolved": self.drop_unsolved,
+        }
+
+
 def build(
     out: str | os.PathLike,
     n: int,
@@ -104,15 +159,7 @@ def build(
     labeler: Callable[[str, PromptSpec], bool] | None = None,
     label_source: str = "complexity",
     *,
-    model=None,
-    model_source: str = "",
-    sampling: SamplingConfig | None = None,
-    balance: float | None = 1.0,
-    batch: int = 32,
-    own_refines: int = 1,
-    views: bool = False,
-    tries: int = 1,
-    drop_unsolved: bool = False,
+    own: FromModel | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
@@ -123,74 +170,41 @@ def build(
     default: no held-out combination, `avr.world.split`). `labeler(mode, spec)` (e.g.
     `avr.data.labels.ModeLabeler`) labels adaptive trajectories with the cheapest mode that
     succeeds for a model instead of by complexity level; the manifest records the labels per level
-    and their `label_source`.
-
-    With `model`, every image of a trajectory is the model's own (`avr.data.self_sample`), drawn
-    with `sampling` (default: 10 ODE steps) `batch` episodes at a time, and the teacher only judges
-    and corrects (a reflect trajectory's first `own_refines` refines are the model's too). Within each shard and level, trajectories whose first critique judges a right
-    image and those whose first critique judges a wrong one are balanced: the larger side keeps at
-    most `balance` times as many as the smaller (so fewer than `n` may be written; the manifest
-    counts what was drawn, kept and dropped; `balance=None` keeps everything).
-
-    With `views` as well, critiques are learned from critique views instead
-    (`avr.data.self_sample.critique_views`: each critique of an image the model drew, alone, the
-    trajectory before it read), balanced per level, position (first try or refine) and verdict;
-    every whole trajectory is kept, its critiques read, not trained, and teaches the rest (mode
-    labels, plans, the images the verifier accepts, refines).
-
-    With `tries` > 1, the model answers a `direct` trajectory's prompt up to `tries` times (each
-    from its own seed) and the first answer the verifier accepts is kept: rejection-sampling
-    fine-tuning on the model's own successes. A prompt none of whose tries is right keeps the
-    teacher's render, or with `drop_unsolved` is left out. `progress(k)` is called as samples
-    finish."""
+    and their `label_source`. With `own` (`FromModel`), every image is drawn by a model and the
+    teacher only judges and corrects. `progress(k)` is called as samples finish."""
     out = Path(out)
-    _check_request(
-        out, n, overwrite, model, model_source, labeler, views, balance, tries, drop_unsolved
-    )
+    _check_request(out, n, overwrite, own, labeler)
     modes = parse_modes(mode)
-    mode_objs = {name: MODES.get(name)() for name in modes}
-    names = list(modes)
-    mode_of = (
-        names * n
-        if len(names) == 1
-        else np.random.default_rng([seed, 2**31 + 1]).choice(names, size=n, p=list(modes.values()))
+    sample = partial(
+        _sample,
+        seed=seed,
+        levels=_draws(mix, n, [seed, 2**31]),
+        modes=_draws(modes, n, [seed, 2**31 + 1]),
+        mode_objs={name: MODES.get(name)() for name in modes},
+        split=split,
+        teacher=partial(
+            ShapeWorldTeacher,
+            mode_succeeds=labeler,
+            resolution=resolution,
+            sketch_error_rate=sketch_error_rate,
+        ),
     )
-    levels = list(mix)
-    level_of = np.random.default_rng([seed, 2**31]).choice(
-        levels, size=n, p=[mix[lv] for lv in levels]
-    )
-
-    def sample(i: int) -> tuple:
-        """Prompt `i`: its spec (of its level, from `split`), its teacher and its mode."""
-        rng = np.random.default_rng([seed, i])
-        tag = str(rng.choice(LEVEL_TAGS[level_of[i]]))
-        spec = draw_in_split(partial(sample_spec, tag), split, rng)
-        if complexity(spec).level != level_of[i]:
-            raise AssertionError(f"tag {spec.tag} gave level {complexity(spec).level}")
-        scene = sample_scene(spec, rng)
-        teacher = ShapeWorldTeacher(
-            scene, rng, resolution, sketch_error_rate, mode_succeeds=labeler
-        )
-        return i, spec, teacher, mode_objs[str(mode_of[i])]
-
     tmp = staging_dir(out)
     try:
         tally = _Tally()
-        own = SelfSampleStats() if model is not None else None
+        stats = SelfSampleStats() if own is not None else None
         shards = []
         for start in range(0, n, shard_size):
             samples = [sample(i) for i in range(start, min(n, start + shard_size))]
-            if model is None:
+            if own is None:
                 built = []
                 for i, spec, teacher, mode_obj in samples:
                     built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
                     if progress is not None:
                         progress(1)
             else:
-                drawn = _from_model(
-                    model, samples, sampling, batch, seed, own_refines, progress, tries
-                )
-                built = _kept(own, drawn, balance, views, drop_unsolved)
+                drawn = _from_model(own, samples, seed, progress)
+                built = _kept(own, stats, drawn)
             lines = []
             for key, trajectory in built:
                 lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
@@ -211,16 +225,7 @@ def build(
             **tally.summary(label_source),
         }
         if own is not None:
-            manifest["from_model"] = {
-                "model": model_source,
-                "sampling": vars(sampling or SELF_SAMPLING),
-                "balance": balance,
-                "own_refines": own_refines,
-                "views": views,
-                "tries": tries,
-                "drop_unsolved": drop_unsolved,
-                **own.summary(),
-            }
+            manifest["from_model"] = {**own.settings(), **stats.summary()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         mark(tmp, DATA_TOOL)
         publish(tmp, out)
@@ -229,20 +234,31 @@ def build(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_request(
-    out, n, overwrite, model, model_source, labeler, views, balance, tries, drop_unsolved
-) -> None:
+def _draws(weights: dict[str, float], n: int, key: list[int]) -> list[str]:
+    """`n` names drawn by `weights` from the stream `key` (one name: every draw is it)."""
+    names = list(weights)
+    if len(names) == 1:
+        return names * n
+    rng = np.random.default_rng(key)
+    return [str(x) for x in rng.choice(names, size=n, p=list(weights.values()))]
+
+
+def _sample(i: int, seed, levels, modes, mode_objs, split, teacher) -> tuple:
+    """Prompt `i` of a build: its spec (of level `levels[i]`, from `split`), its teacher (from
+    the generator `(seed, i)`, which draws the spec and the scene too) and its mode object."""
+    rng = np.random.default_rng([seed, i])
+    tag = str(rng.choice(LEVEL_TAGS[levels[i]]))
+    spec = draw_in_split(partial(sample_spec, tag), split, rng)
+    if complexity(spec).level != levels[i]:
+        raise AssertionError(f"tag {spec.tag} gave level {complexity(spec).level}")
+    scene = sample_scene(spec, rng)
+    return i, spec, teacher(scene, rng), mode_objs[modes[i]]
+
+
+def _check_request(out: Path, n: int, overwrite: bool, own, labeler) -> None:
     """Refuse a build whose options contradict each other, or whose output it may not write."""
-    if model is not None and labeler is not None:
+    if own is not None and labeler is not None:
         raise ValueError("labels from a model (--label-model) with --from-model: not supported")
-    if (tries != 1 or drop_unsolved) and model is None:
-        raise ValueError("--tries and --drop-unsolved need --from-model (the model's own answers)")
-    if tries < 1:
-        raise ValueError(f"--tries: expected ≥ 1 answers per direct prompt, got {tries}")
-    if views and model is None:
-        raise ValueError("--critique-views needs --from-model (views of the model's own images)")
-    if balance is not None and balance < 1:
-        raise ValueError(f"--balance must be ≥ 1 (the larger side over the smaller), got {balance}")
     if n < 1:
         raise ValueError(f"--n: expected ≥ 1 trajectories, got {n}")
     if out.exists():
@@ -251,24 +267,22 @@ def _check_request(
                 f"{out}: exists; a data build writes a new folder (--overwrite replaces an "
                 "earlier data build)"
             )
-        check_replaceable(out, DATA_TOOL, [model_source] if model_source else [])
+        check_replaceable(out, DATA_TOOL, [own.source] if own and own.source else [])
 
 
-def _kept(
-    own: SelfSampleStats, drawn: list, balance: float | None, views: bool, drop_unsolved: bool
-) -> list[tuple[str, Trajectory]]:
+def _kept(own: FromModel, stats: SelfSampleStats, drawn: list) -> list[tuple[str, Trajectory]]:
     """What a shard of the model's trajectories keeps: balanced whole trajectories, or (`views`)
     every whole one with its critiques read, then the balanced critique views; without the direct
     prompts the model never answered right where `drop_unsolved`."""
-    if views:
-        built = [(key, without_critique_loss(t)) for key, t in own.balance(drawn, None)]
+    if own.views:
+        built = [(key, without_critique_loss(t)) for key, t in stats.balance(drawn, None)]
         every_view = [
             (f"{key}v{k}", v) for key, t in drawn for k, v in enumerate(critique_views(t))
         ]
-        built += own.balance_views(every_view, balance)
+        built += stats.balance_views(every_view, own.balance)
     else:
-        built = own.balance(drawn, balance)
-    if drop_unsolved:
+        built = stats.balance(drawn, own.balance)
+    if own.drop_unsolved:
         built = [(key, t) for key, t in built if t.meta.get("solved", True)]
     return built
 
@@ -326,13 +340,12 @@ def content_id(root: Path, shards: list[dict]) -> str:
 SELF_SAMPLING = SamplingConfig(steps=10, temperature=0.0)
 
 
-def _from_model(
-    model, samples, sampling, batch, seed, own_refines, progress, tries=1
-) -> list[tuple[str, Trajectory]]:
+def _from_model(own: FromModel, samples, seed, progress) -> list[tuple[str, Trajectory]]:
     """Roll the samples out through the engine, the model drawing and the teacher writing. A
     `direct` sample is tried again (from a new seed, with a fresh copy of its teacher) while its
-    answer is wrong, up to `tries` times; the kept trajectory's meta counts every try's images and
-    says whether one was right (`solved`) and after how many tries (`tries`)."""
+    answer is wrong, up to `own.tries` times; the kept trajectory's meta counts every try's images
+    and says whether one was right (`solved`) and after how many tries (`tries`)."""
+    model, batch, tries = own.model, own.batch, own.tries
     out: dict[int, Trajectory] = {}
     pending = list(range(len(samples)))
     for attempt in range(tries):
@@ -345,13 +358,13 @@ def _from_model(
 
         def actor(job, sampling, generator, open_session, teachers=teachers):
             return SelfSampleActor(
-                model, sampling, generator, open_session, teachers[id(job)], own_refines
+                model, sampling, generator, open_session, teachers[id(job)], own.own_refines
             )
 
         drawn = []
         for first in range(0, len(jobs), batch):
             chunk = jobs[first : first + batch]
-            drawn.extend(rollout(model, chunk, sampling or SELF_SAMPLING, batch, actor=actor))
+            drawn.extend(rollout(model, chunk, own.sampling or SELF_SAMPLING, batch, actor=actor))
         still = []
         for k, trajectory in zip(pending, drawn, strict=True):
             trajectory.meta["solved"] = _solved(trajectory)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avr.data.build import SelfSampleStats, build, parse_mix
+from avr.data.__main__ import main as data_main
+from avr.data.build import FromModel, SelfSampleStats, build, parse_mix
 from avr.data.critique import critique_text, is_verdict_ok
 from avr.data.teacher import partial_spec
 from avr.defaults import tiny_model
@@ -28,10 +29,8 @@ def built(tmp_path_factory):
         parse_mix("simple=1,medium=1,complex=1"),
         seed=3,
         mode="adaptive=0.5,reflect=0.5",
-        model=tiny_model(0).eval(),
-        model_source="tiny",
-        balance=None,  # keep everything: the untrained model draws no right image to balance with
-        batch=6,
+        # keep everything: the untrained model draws no right image to balance with
+        own=FromModel(tiny_model(0).eval(), "tiny", balance=None, batch=6),
     )
     lines = (out / "shard-00000.jsonl").read_text().splitlines()
     trajectories = [
@@ -192,11 +191,7 @@ def test_critique_views_train_one_critique_of_the_models_image_each(tmp_path):
         parse_mix("simple=1,complex=1"),
         seed=4,
         mode="reflect=0.5,adaptive=0.5",
-        model=tiny_model(0).eval(),
-        balance=None,
-        batch=8,
-        own_refines=2,
-        views=True,
+        own=FromModel(tiny_model(0).eval(), balance=None, batch=8, own_refines=2, views=True),
     )
     lines = (tmp_path / "views" / "shard-00000.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
@@ -242,9 +237,14 @@ def test_critique_views_are_balanced_per_level_position_and_verdict():
     assert SelfSampleStats().balance_views(views, None) == views
 
 
-def test_critique_views_need_a_model(tmp_path):
-    with pytest.raises(ValueError, match="--critique-views needs --from-model"):
-        build(tmp_path / "x", 2, parse_mix("simple=1"), mode="reflect", views=True)
+def test_flags_on_the_models_images_need_a_model(tmp_path, capsys):
+    for flags in (["--critique-views"], ["--tries", "3"], ["--drop-unsolved"]):
+        out = tmp_path / "x"
+        assert data_main(["build", "--n", "2", "--mode", "direct", *flags, "-o", str(out)]) == 2
+        assert f"error: {flags[0]} needs --from-model" in capsys.readouterr().err
+        assert not out.exists()
+    with pytest.raises(ValueError, match="--tries: expected ≥ 1"):
+        FromModel(None, tries=0)
 
 
 def test_tries_keep_the_models_first_right_answer_or_drop_the_prompt(tmp_path):
@@ -254,9 +254,10 @@ def test_tries_keep_the_models_first_right_answer_or_drop_the_prompt(tmp_path):
     from avr.backbone import from_pretrained
 
     model = from_pretrained(Path(__file__).parents[2] / "checkpoints/shapeworld-tiny-self").eval()
-    common = dict(mix=parse_mix("simple=1,medium=1"), seed=6, mode="direct", model=model, batch=8)
-    once = build(tmp_path / "once", 8, **common)
-    manifest = build(tmp_path / "tries", 8, tries=4, drop_unsolved=True, **common)
+    common = dict(mix=parse_mix("simple=1,medium=1"), seed=6, mode="direct")
+    once = build(tmp_path / "once", 8, own=FromModel(model, batch=8), **common)
+    tried = FromModel(model, batch=8, tries=4, drop_unsolved=True)
+    manifest = build(tmp_path / "tries", 8, own=tried, **common)
     lines = (tmp_path / "tries" / "shard-00000.jsonl").read_text().splitlines()
     kept = [record_to_trajectory(json.loads(x), tmp_path / "tries", "") for x in lines]
     verifier, right_first = Verifier(), 0
@@ -270,8 +271,3 @@ def test_tries_keep_the_models_first_right_answer_or_drop_the_prompt(tmp_path):
     assert own["images_right"] == len(kept) == manifest["n"] > first["images_right"] == right_first
     assert first["images_drawn"] == 8 and len(kept) < 8  # one prompt at least stays unsolved
     assert own["images_drawn"] == sum(t.meta["tries"] for t in kept) + 4 * (8 - len(kept))
-
-
-def test_tries_need_a_model(tmp_path):
-    with pytest.raises(ValueError, match="--tries and --drop-unsolved need --from-model"):
-        build(tmp_path / "x", 2, parse_mix("simple=1"), mode="direct", tries=3)
