@@ -88,103 +88,84 @@ def load(paths: list[str | Path]) -> dict:
     return {"runs": runs, "prompts": prompts}
 
 
+#: The paired comparisons of the claims table: (claim, how it is measured, run a, run b, the level
+#: compared or None for all prompts); `{s}`, `{r}` and `{best_of}` are the roles' run names.
+COMPARISONS = (
+    ("adaptive beats direct", "after SFT: adaptive − direct, all prompts",
+     "{s}/direct", "{s}/adaptive", None),
+    ("adaptive beats direct", "after SFT + RL: adaptive − direct, all prompts",
+     "{r}/direct", "{r}/adaptive", None),
+    ("adaptive beats direct", "RL adaptive − SFT direct (the papers' headline), all prompts",
+     "{s}/direct", "{r}/adaptive", None),
+    ("reflect helps medium prompts", "reflect − direct, medium prompts (SFT)",
+     "{s}/direct", "{s}/reflect", "medium"),
+    ("reflect helps medium prompts",
+     "reflect − compute-matched `{best_of}`, medium prompts (SFT)",
+     "{s}/{best_of}", "{s}/reflect", "medium"),
+    ("plan helps complex prompts", "plan − reflect, complex prompts (SFT)",
+     "{s}/reflect", "{s}/plan", "complex"),
+    ("plan helps complex prompts", "plan − direct, complex prompts (SFT)",
+     "{s}/direct", "{s}/plan", "complex"),
+    *(("RL improves on SFT", f"RL − SFT, {mode}", f"{{s}}/{mode}", f"{{r}}/{mode}", None)
+      for mode in ("direct", "reflect", "plan", "adaptive")),
+)  # fmt: skip
+
+
 def measure(evaluations: dict, roles: Roles = Roles()) -> list[Claim]:
     """The claims table over `load(...)`'s runs (see the module docstring)."""
     runs, prompts = evaluations["runs"], evaluations["prompts"]
     tags, levels = np.asarray(prompts["tag"]), np.asarray(prompts["level"])
-
-    def compare(claim, measured_as, a, b, level=None) -> Claim:
-        missing = [label for label in (a, b) if label not in runs]
-        if missing:
-            return Claim(claim, measured_as, "not measured", f"no run {', '.join(missing)}")
-        keep = np.ones(len(tags), bool) if level is None else levels == level
-        if not keep.any():
-            return Claim(claim, measured_as, "not measured", f"no {level} prompt")
-        ca = np.asarray(runs[a]["correct"])[keep]
-        cb = np.asarray(runs[b]["correct"])[keep]
-        result = paired(ca, cb, tags[keep])
-        low, high = result["interval"]
-        if not ca.any() and not cb.any():
-            verdict = "not resolvable at this size (both 0%)"
-        elif low > 0:
-            verdict = "confirmed"
-        elif high < 0:
-            verdict = "refuted"
-        else:
-            verdict = "not resolvable at this size"
-        where = f"{level} prompts, " if level else ""
-        numbers = (
-            f"{_pct(tag_mean(cb, tags[keep]))} vs {_pct(tag_mean(ca, tags[keep]))}: "
-            f"{100 * result['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], "
-            f"McNemar p = {result['mcnemar_p']:.2g} ({where}n = {int(keep.sum())})"
-        )
-        return Claim(claim, measured_as, verdict, numbers)
-
-    s, r = roles.sft, roles.rl
+    names = {"s": roles.sft, "r": roles.rl, "best_of": roles.best_of}
     table = [
-        compare(
-            "adaptive beats direct",
-            "after SFT: adaptive − direct, all prompts",
-            f"{s}/direct",
-            f"{s}/adaptive",
-        ),
-        compare(
-            "adaptive beats direct",
-            "after SFT + RL: adaptive − direct, all prompts",
-            f"{r}/direct",
-            f"{r}/adaptive",
-        ),
-        compare(
-            "adaptive beats direct",
-            "RL adaptive − SFT direct (the papers' headline), all prompts",
-            f"{s}/direct",
-            f"{r}/adaptive",
-        ),
-        compare(
-            "reflect helps medium prompts",
-            "reflect − direct, medium prompts (SFT)",
-            f"{s}/direct",
-            f"{s}/reflect",
-            "medium",
-        ),
-        compare(
-            "reflect helps medium prompts",
-            f"reflect − compute-matched `{roles.best_of}`, medium prompts (SFT)",
-            f"{s}/{roles.best_of}",
-            f"{s}/reflect",
-            "medium",
-        ),
-        compare(
-            "plan helps complex prompts",
-            "plan − reflect, complex prompts (SFT)",
-            f"{s}/reflect",
-            f"{s}/plan",
-            "complex",
-        ),
-        compare(
-            "plan helps complex prompts",
-            "plan − direct, complex prompts (SFT)",
-            f"{s}/direct",
-            f"{s}/plan",
-            "complex",
-        ),
-    ]
-    for mode in ("direct", "reflect", "plan", "adaptive"):
-        table.append(
-            compare("RL improves on SFT", f"RL − SFT, {mode}", f"{s}/{mode}", f"{r}/{mode}")
-        )
-    table.append(_penalty(runs, tags, f"{roles.no_penalty}/adaptive", f"{r}/adaptive"))
-    for model in (s, r):
+        _compare(runs, tags, levels, claim, how.format(**names), a.format(**names),
+                 b.format(**names), level)
+        for claim, how, a, b, level in COMPARISONS
+    ]  # fmt: skip
+    table.append(_penalty(runs, tags, f"{roles.no_penalty}/adaptive", f"{roles.rl}/adaptive"))
+    for model in (roles.sft, roles.rl):
         table.append(_critic(runs, f"{model}/reflect"))
     table.append(
-        compare(
+        _compare(
+            runs,
+            tags,
+            levels,
             "step-wise rewards help",
             "RL with − without the step-wise reward, adaptive",
             f"{roles.no_stepwise}/adaptive",
-            f"{r}/adaptive",
+            f"{roles.rl}/adaptive",
         )
     )
     return table
+
+
+def _compare(runs, tags, levels, claim, measured_as, a, b, level=None) -> Claim:
+    """Run `b` against run `a` on the same prompts (of `level`, or all): the paired difference
+    with its interval and McNemar's p, and the verdict it supports."""
+    missing = [label for label in (a, b) if label not in runs]
+    if missing:
+        return Claim(claim, measured_as, "not measured", f"no run {', '.join(missing)}")
+    keep = np.ones(len(tags), bool) if level is None else levels == level
+    if not keep.any():
+        return Claim(claim, measured_as, "not measured", f"no {level} prompt")
+    ca = np.asarray(runs[a]["correct"])[keep]
+    cb = np.asarray(runs[b]["correct"])[keep]
+    result = paired(ca, cb, tags[keep])
+    low, high = result["interval"]
+    if not ca.any() and not cb.any():
+        verdict = "not resolvable at this size (both 0%)"
+    elif low > 0:
+        verdict = "confirmed"
+    elif high < 0:
+        verdict = "refuted"
+    else:
+        verdict = "not resolvable at this size"
+    where = f"{level} prompts, " if level else ""
+    numbers = (
+        f"{_pct(tag_mean(cb, tags[keep]))} vs {_pct(tag_mean(ca, tags[keep]))}: "
+        f"{100 * result['difference']:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}], "
+        f"McNemar p = {result['mcnemar_p']:.2g} ({where}n = {int(keep.sum())})"
+    )
+    return Claim(claim, measured_as, verdict, numbers)
 
 
 def _penalty(runs: dict, tags: np.ndarray, without: str, with_: str) -> Claim:

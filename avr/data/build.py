@@ -164,14 +164,11 @@ def build(
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Write `n` trajectories of `mode` (a registered mode, or a mixture `adaptive=0.6,reflect=0.4`)
-    to the new folder `out` (written beside it and renamed into place; an existing `out` is
-    refused, or with `overwrite` replaced when it is an earlier data folder, see
-    `avr.outputs.check_replaceable`); returns the manifest. Prompts come from `split` (`train` by
-    default: no held-out combination, `avr.world.split`). `labeler(mode, spec)` (e.g.
-    `avr.data.labels.ModeLabeler`) labels adaptive trajectories with the cheapest mode that
-    succeeds for a model instead of by complexity level; the manifest records the labels per level
-    and their `label_source`. With `own` (`FromModel`), every image is drawn by a model and the
-    teacher only judges and corrects. `progress(k)` is called as samples finish."""
+    of prompts from `split` to the new folder `out` (staged beside it; `overwrite` replaces only an
+    earlier data folder); returns the manifest. `labeler(mode, spec)` (`ModeLabeler`) labels
+    adaptive trajectories with the cheapest mode that succeeds for a model instead of by level
+    (`label_source` says which). With `own` (`FromModel`) a model draws every image and the
+    teacher judges and corrects. `progress(k)` is called as samples finish."""
     out = Path(out)
     _check_request(out, n, overwrite, own, labeler)
     modes = parse_modes(mode)
@@ -191,25 +188,7 @@ def build(
     )
     tmp = staging_dir(out)
     try:
-        tally = _Tally()
-        stats = SelfSampleStats() if own is not None else None
-        shards = []
-        for start in range(0, n, shard_size):
-            samples = [sample(i) for i in range(start, min(n, start + shard_size))]
-            if own is None:
-                built = []
-                for i, spec, teacher, mode_obj in samples:
-                    built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
-                    if progress is not None:
-                        progress(1)
-            else:
-                drawn = _from_model(own, samples, seed, progress)
-                built = _kept(own, stats, drawn)
-            lines = []
-            for key, trajectory in built:
-                lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
-                tally.add(trajectory)
-            shards.append(write_shard(tmp / f"shard-{len(shards):05d}.jsonl", lines))
+        shards, tally, stats = _write_shards(tmp, n, shard_size, sample, own, seed, progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "build_id": content_id(tmp, shards),
@@ -232,6 +211,31 @@ def build(
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_shards(tmp: Path, n, shard_size, sample, own, seed, progress) -> tuple:
+    """Build and write the shards of samples `0 … n − 1` (`sample(i)`) into `tmp`: by the teacher,
+    or (`own`) drawn by the model; returns the shards' manifest entries, the tally of what they
+    hold and, from a model, what it drew."""
+    tally = _Tally()
+    stats = SelfSampleStats() if own is not None else None
+    shards = []
+    for start in range(0, n, shard_size):
+        samples = [sample(i) for i in range(start, min(n, start + shard_size))]
+        if own is None:
+            built = []
+            for i, spec, teacher, mode_obj in samples:
+                built.append((f"{i:07d}", mode_obj.build(teacher, spec)))
+                if progress is not None:
+                    progress(1)
+        else:
+            built = _kept(own, stats, _from_model(own, samples, seed, progress))
+        lines = []
+        for key, trajectory in built:
+            lines.append(json.dumps(trajectory_to_record(trajectory, key, tmp)))
+            tally.add(trajectory)
+        shards.append(write_shard(tmp / f"shard-{len(shards):05d}.jsonl", lines))
+    return shards, tally, stats
 
 
 def _draws(weights: dict[str, float], n: int, key: list[int]) -> list[str]:
