@@ -30,7 +30,7 @@ from einops import rearrange
 
 from avr.backbone import UnifiedLoss, pack
 from avr.backbone.config import UnifiedConfig
-from avr.backbone.model import UnifiedModel
+from avr.backbone.model import UnifiedModel, require_unified
 from avr.backbone.packing import FlowSettings
 from avr.backbone.tokenizer import mode_token
 from avr.sequence import ImageRole, Segment, Trajectory
@@ -79,6 +79,7 @@ def sample_direct(
 ) -> np.ndarray:
     """One image per prompt `[B, H, W, 3]` (uint8), drawn in a batch after `<mode:direct>` with
     the ODE sampler; the noise comes from `seed`."""
+    require_unified(model, "avr.conditioning.sample_direct")
     return _sample(model, specs, None, steps, seed)
 
 
@@ -92,6 +93,7 @@ def sample_copy(
     """One image per prompt `[B, H, W, 3]` (uint8) drawn after `<bos> prompt <img>input</img>
     <mode:direct>` (`copy_trajectory`'s context) with the ODE sampler; `inputs` `[B, H, W, 3]`
     uint8."""
+    require_unified(model, "avr.conditioning.sample_copy")
     return _sample(model, specs, inputs, steps, seed)
 
 
@@ -135,6 +137,7 @@ def copy_error(
     scene's input (cyclically: what an image that ignores its input scores); returns
     (own, other, images). A model that copies has own ≪ other; one that ignores its input,
     own ≈ other."""
+    require_unified(model, "avr.conditioning.copy_error")
     if len(scenes) < 2:
         raise ValueError("copy_error needs at least two scenes")
     side = model.config.image_size
@@ -153,6 +156,7 @@ def prompt_fidelity(
     batch_size: int = 32,
 ) -> tuple[dict[str, float], np.ndarray]:
     """`Fidelity` ratios of direct samples for `specs`, and the images themselves."""
+    require_unified(model, "avr.conditioning.prompt_fidelity")
     images = [
         sample_direct(model, specs[start : start + batch_size], steps, seed + start)
         for start in range(0, len(specs), batch_size)
@@ -174,6 +178,7 @@ def shuffled_loss_ratio(
 ) -> tuple[float, float]:
     """Image flow loss of direct trajectories with the right prompts and with the prompts
     shuffled (a derangement), at the same noise and timesteps; returns (right, shuffled)."""
+    require_unified(model, "avr.conditioning.shuffled_loss_ratio")
     shifted = _other_prompts(specs)
     side = model.config.image_size
     losses = [
@@ -199,6 +204,7 @@ def context_loss_ratio(
     after another trajectory's (the next one with as many, cyclically), at the same noise and
     timesteps; returns (own, other). Earlier images are read, not trained, so the loss is the last
     image's alone."""
+    require_unified(model, "avr.conditioning.context_loss_ratio")
     from avr.data.teacher import ShapeWorldTeacher
     from avr.registry import MODES
 
@@ -224,6 +230,7 @@ def swapped_input_loss(
     """Image flow loss of `copy_trajectory`s with their own input image and with the next
     scene's (cyclically; prompt and target kept), at the same noise and timesteps; returns
     (own, swapped). A model that copies what it reads has swapped ≫ own."""
+    require_unified(model, "avr.conditioning.swapped_input_loss")
     side = model.config.image_size
     own = [copy_trajectory(p, s, side) for p, s in zip(specs, scenes, strict=True)]
     swapped = _with_others_earlier_images(own, "swapped_input_loss needs two copy")

@@ -170,8 +170,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    import avr.backbone  # noqa: F401  (registers the built-in backbones)
-    from avr.backbone.protocol import _BACKBONES
+    from avr.backbone.protocol import backbones
 
     table = Table(title="avr plugins")
     for column in ("kind", "name", "class", "provided by"):
@@ -179,8 +178,8 @@ def main() -> int:
     for registry in (MODES, REWARDS):
         for entry in registry.entries():
             table.add_row(registry.kind, entry.name, _path(entry.cls), entry.provider)
-    for kind, cls in sorted(_BACKBONES.items()):
-        table.add_row("backbone", kind, _path(cls), cls.__module__.split(".")[0])
+    for kind, cls in backbones().items():
+        table.add_row("backbone", kind, _path(cls), _provider(cls))
     Console().print(table)
     return 0
 

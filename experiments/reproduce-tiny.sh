@@ -17,32 +17,28 @@ python -m avr.export "$(last "$OUT/t2i")" --weights ema -o runs/t2i-7750-ema
 
 # 1b. Text→image with complex prompts, lr 3e-4 → 3e-5: as many objects as asked.
 python -m avr.data build --overwrite --n 48000 --mode direct --mix simple=0.3,medium=0.4,complex=0.3 --seed 1 -o runs/t2i-data2
-python -m avr.fit experiments/t2i-counts.yaml --trainer.max_steps 4000 --trainer.default_root_dir "$OUT/t2i2"
+python -m avr.fit experiments/t2i.yaml --config experiments/overlays/counts.yaml --trainer.max_steps 4000 --trainer.default_root_dir "$OUT/t2i2"
 python -m avr.export "$(last "$OUT/t2i2")" --weights raw -o checkpoints/shapeworld-tiny-t2i
 
 # 2. Interleaved SFT (direct / reflect / plan, adaptive labels by complexity) from the t2i weights,
 #    then 2b, a second pass at a lower learning rate; its EMA is the embedded default.
 python -m avr.data build --overwrite --n 16000 --seed 2 -o runs/sft2-data
-python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/sft2"
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --trainer.default_root_dir "$OUT/sft2"
 python -m avr.export "$(last "$OUT/sft2")" --weights ema -o runs/sft2-900-ema
-python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/sft3" \
-  --seed_everything 1 --data.init_args.seed 1 --model.init_args.model.path runs/sft2-900-ema \
-  --model.init_args.lr 2.0e-4 --model.init_args.warmup_steps 20
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/sft-2b.yaml \
+  --trainer.default_root_dir "$OUT/sft3"
 python -m avr.export "$(last "$OUT/sft3")" --weights ema -o checkpoints/shapeworld-tiny-sft
 
 # 2c. The edit model (checkpoints/shapeworld-tiny-edit, not the default): grid RoPE for image
 #     tokens, interleaved SFT, the ladder's copy rung, interleaved SFT again (about 50 min).
 python -m avr.data build --overwrite --n 8000 --seed 3 -o runs/sft-grid-data
-python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/ft-grid" --trainer.max_steps 500 \
-  --seed_everything 3 --data.init_args.path runs/sft-grid-data --data.init_args.seed 3 \
-  --model.init_args.model.path checkpoints/shapeworld-tiny-sft --model.init_args.model.overrides '{"image_rope": "grid"}' \
-  --model.init_args.lr 2.0e-4 --model.init_args.warmup_steps 20
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/edit-grid.yaml \
+  --trainer.default_root_dir "$OUT/ft-grid"
 python -m avr.export "$(last "$OUT/ft-grid")" --weights ema -o runs/ft-grid-500-ema
 python -m avr.bench ladder --rung 7 --steps 250 --lr 3e-4 --n 48 --threads 1 --from runs/ft-grid-500-ema \
   --save runs/ft-grid-copy
-python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/ft-grid-copy-sft" --trainer.max_steps 250 \
-  --seed_everything 4 --data.init_args.path runs/sft-grid-data --data.init_args.seed 4 \
-  --model.init_args.model.path runs/ft-grid-copy --model.init_args.lr 1.0e-4 --model.init_args.warmup_steps 20
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/edit-copy.yaml \
+  --trainer.default_root_dir "$OUT/ft-grid-copy-sft"
 python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoints/shapeworld-tiny-edit
 
 # 2d. Capability-aware labels (not shipped: no measurable gain, README "A relabelled SFT round"):
@@ -51,9 +47,8 @@ python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoi
 python -m avr.data build --overwrite --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data
 python -m avr.data build --overwrite --n 2000 --seed 21 -o runs/control-data
 for arm in relabel control; do
-  python -m avr.fit experiments/sft-interleaved.yaml --trainer.default_root_dir "$OUT/$arm" --trainer.max_steps 150 \
-    --seed_everything 5 --data.init_args.path "runs/$arm-data" --data.init_args.seed 5 \
-    --model.init_args.model.path checkpoints/shapeworld-tiny-edit --model.init_args.lr 1.0e-4 --model.init_args.warmup_steps 20
+  python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/relabel.yaml \
+    --trainer.default_root_dir "$OUT/$arm" --data.init_args.path "runs/$arm-data"
   python -m avr.export "$(last "$OUT/$arm")" --weights raw -o "$OUT/$arm-model"
 done
 # 2e. Rounds of self-improvement from the edit model (docs/self-improvement.md): each round's
@@ -62,22 +57,20 @@ done
 #     checkpoints/shapeworld-tiny-self; round 2 branched off round 1 and was dropped.
 python -m avr.data build --overwrite --n 4000 --seed 31 --from-model checkpoints/shapeworld-tiny-edit \
   --mode adaptive=0.4,reflect=0.6 --balance 2 --own-refines 0 -o runs/round1-data
-python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/self-round.yaml \
   --trainer.default_root_dir "$OUT/round1"
 python -m avr.export "$(last "$OUT/round1")" --weights ema -o runs/round1-ema
 python -m avr.data build --overwrite --n 3000 --seed 32 --from-model runs/round1-ema --mode reflect \
   --mix simple=0.35,medium=0.4,complex=0.25 --balance 1 --own-refines 1 -o runs/round2-data
 python -m avr.data merge --overwrite runs/round1-data runs/round2-data -o runs/round2-mixed
-python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
-  --trainer.default_root_dir "$OUT/round2" --trainer.max_steps 500 --seed_everything 2 \
-  --model.init_args.model.path runs/round1-ema --data.init_args.path runs/round2-mixed --data.init_args.seed 2
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/self-round.yaml \
+  --config experiments/overlays/self-round2.yaml --trainer.default_root_dir "$OUT/round2"
 python -m avr.export "$(last "$OUT/round2")" --weights ema -o "$OUT/round2-ema"
 python -m avr.data build --overwrite --n 6000 --seed 33 --mix simple=0.35,medium=0.4,complex=0.25 \
   --from-model runs/round1-ema --mode reflect=0.7,adaptive=0.3 --own-refines 2 --balance 1.5 \
   --critique-views -o runs/critic-data
-python -m avr.fit experiments/sft-interleaved.yaml --config experiments/overlays/self-round.yaml \
-  --trainer.default_root_dir "$OUT/critic" --trainer.max_steps 1500 \
-  --model.init_args.model.path runs/round1-ema --data.init_args.path runs/critic-data
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/self-round.yaml \
+  --config experiments/overlays/self-round3.yaml --trainer.default_root_dir "$OUT/critic"
 python -m avr.export "$(last "$OUT/critic")" --weights ema -o checkpoints/shapeworld-tiny-self  # shipped: round 3
 
 #     The 600 held-out prompts of the claims table (stage 5 uses them too).
@@ -90,10 +83,9 @@ python -m avr.evaluate --model edit=checkpoints/shapeworld-tiny-edit --model rel
 #    default, 200 steps on a stream of new prompts (cycle 0, as the shipped model was trained);
 #    then the main job's reward curves on three seeds (its fixed set of 80 prompts).
 #    The shipped RL model and the ablations were trained with rl.yaml's earlier optimizer settings
-#    (RL_2026_11); the three seed curves use rl.yaml as it is.
-RL_2026_11=(--model.init_args.lr 1.0e-4 --model.init_args.image_weight 1 --model.init_args.rollout_seeds step)
-python -m avr.fit experiments/rl.yaml --trainer.max_steps 200 --data.init_args.cycle 0 \
-  --trainer.default_root_dir "$OUT/rl" "${RL_2026_11[@]}"
+#    (overlays/rl-2026-11.yaml); the three seed curves use rl.yaml as it is.
+python -m avr.fit experiments/rl.yaml --config experiments/overlays/rl-2026-11.yaml \
+  --trainer.default_root_dir "$OUT/rl"
 python -m avr.export "$(last "$OUT/rl")" -o checkpoints/shapeworld-tiny-rl
 for seed in 0 1 2; do
   python -m avr.fit experiments/rl.yaml --trainer.default_root_dir "$OUT/rl-seed$seed" \
@@ -122,8 +114,8 @@ python -m avr.evaluate --model sft=checkpoints/shapeworld-tiny-sft --model rl=ch
   --prompts "$OUT/claims-prompts.jsonl" --modes 'direct,direct*2,reflect,plan,adaptive' --steps 10 \
   --workers 2 -o "$OUT/claims-sft-rl"
 for ablation in no-penalty no-stepwise; do
-  python -m avr.fit experiments/rl.yaml --config "experiments/ablations/rl-$ablation.yaml" \
-    --trainer.max_steps 200 --data.init_args.cycle 0 --trainer.default_root_dir "$OUT/rl-$ablation" "${RL_2026_11[@]}"
+  python -m avr.fit experiments/rl.yaml --config experiments/overlays/rl-2026-11.yaml \
+    --config "experiments/ablations/rl-$ablation.yaml" --trainer.default_root_dir "$OUT/rl-$ablation"
   python -m avr.export "$(last "$OUT/rl-$ablation")" -o "$OUT/rl-$ablation-model"
   python -m avr.evaluate --model "rl-$ablation=$OUT/rl-$ablation-model" --modes adaptive --steps 10 \
     --prompts "$OUT/claims-prompts.jsonl" -o "$OUT/claims-rl-$ablation"

@@ -127,10 +127,10 @@ def test_the_pipeline_runs_every_registered_backbone():
     from transformers import JanusForConditionalGeneration
 
     from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
-    from avr.backbone.protocol import _BACKBONES
+    from avr.backbone.protocol import backbones
     from avr.defaults import shapeworld_tokenizer
 
-    assert set(_BACKBONES) == {"unified", "janus"}  # a new backbone belongs in this test too
+    assert set(backbones()) == {"unified", "janus"}  # a new backbone belongs in this test too
     tokenizer = shapeworld_tokenizer()
     janus = JanusForConditionalGeneration(tiny_janus_config(len(tokenizer)))  # tiny, random
     backbone = JanusBackbone(janus, tokenizer, JanusSettings(image_size=64))

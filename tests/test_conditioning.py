@@ -127,3 +127,35 @@ def test_the_ladder_bench_starts_a_rung_from_an_exported_model(tmp_path, capsys)
     flat = "".join(out.split())  # rich wraps long lines anywhere
     assert f"from{tmp_path / 'start'};" in flat and "{'image_rope':'grid'}" in flat
     assert "ladder rung 7, 1 steps x 2" in out and "copy error" in out
+
+
+def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():
+    from transformers import JanusForConditionalGeneration
+
+    import avr.conditioning as conditioning
+    from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+    from avr.defaults import shapeworld_tokenizer
+    from avr.world import sample_scene, sample_spec
+
+    tokenizer = shapeworld_tokenizer()
+    janus = JanusBackbone(
+        JanusForConditionalGeneration(tiny_janus_config(len(tokenizer))),
+        tokenizer,
+        JanusSettings(image_size=64),
+    )
+    rng = np.random.default_rng(0)
+    specs = [sample_spec("two_object", rng) for _ in range(2)]
+    scenes = [sample_scene(s, rng) for s in specs]
+    inputs = np.zeros((2, 64, 64, 3), np.uint8)
+    calls = {
+        "sample_direct": (specs,),
+        "sample_copy": (specs, inputs),
+        "copy_error": (specs, scenes),
+        "prompt_fidelity": (specs,),
+        "shuffled_loss_ratio": (specs, scenes),
+        "context_loss_ratio": (specs, scenes),
+        "swapped_input_loss": (specs, scenes),
+    }
+    for name, args in calls.items():
+        with pytest.raises(TypeError, match=rf"avr\.conditioning\.{name} needs a UnifiedModel"):
+            getattr(conditioning, name)(janus, *args)

@@ -119,7 +119,9 @@ def test_the_self_round_overlay_fine_tunes_the_edit_model_on_its_own_samples(cap
     with pytest.raises(SystemExit):
         fit(
             [
-                "experiments/sft-interleaved.yaml",
+                "experiments/sft.yaml",
+                "--config",
+                "experiments/overlays/interleaved.yaml",
                 "--config",
                 "experiments/overlays/self-round.yaml",
                 "--print_config",

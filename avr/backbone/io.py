@@ -25,8 +25,8 @@ from avr.backbone.files import (
     read_tokenizer,
     save_pretrained,
 )
-from avr.backbone.janus import JanusBackbone, is_janus_dir
 from avr.backbone.model import UnifiedModel
+from avr.backbone.protocol import Backbone, folder_reader
 
 __all__ = ["SHIPPED", "from_pretrained", "resolve_model_dir", "save_pretrained"]
 
@@ -36,10 +36,10 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     **overrides: Any,
-) -> UnifiedModel | JanusBackbone:
+) -> Backbone:
     """Load a model written by `save_pretrained`, a checkpoint in BAGEL's published layout (see
-    `avr.backbone.bagel`) or a transformers Janus folder (a `JanusBackbone`, see
-    `avr.backbone.janus`), strictly and without pickle. `overrides` replace `UnifiedConfig`
+    `avr.backbone.bagel`), or a folder a registered backbone class reads (`reads_folder`: a
+    transformers Janus folder gives a `JanusBackbone`, see `avr.backbone.janus`), strictly and without pickle. `overrides` replace `UnifiedConfig`
     fields that leave the weights' shapes alone (`image_size` of a BAGEL model, `attention`,
     `max_seq_len` …); one that changes a shape fails the strict load, naming the key. The whole
     model is in `dtype` (float32 default; "bfloat16" where asked), whatever the folder's config
@@ -48,8 +48,9 @@ def from_pretrained(
     dtype = as_dtype(dtype)
     if is_bagel_dir(directory):
         return from_bagel(directory, device=device, dtype=dtype, **overrides)
-    if is_janus_dir(directory):
-        return JanusBackbone.from_pretrained(directory, device=device, **overrides)
+    reader = folder_reader(directory)
+    if reader is not None:  # Janus, a user's backbone: the class that says it reads the folder
+        return reader.from_pretrained(directory, device=device, **overrides)
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")

@@ -127,6 +127,8 @@ class JanusBackbone(torch.nn.Module):
     tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
 
     kind = "janus"
+    #: `from_pretrained` reads a folder this says it reads (`avr.backbone.protocol.folder_reader`).
+    reads_folder = staticmethod(lambda directory: is_janus_dir(directory))
     #: Sequences one session holds: the rollout engine runs Janus episodes one at a time.
     session_rows = 1
     ce_weight = 1.0  # text CE weight beside the image-token CE in `sft_loss`

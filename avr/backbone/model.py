@@ -54,7 +54,7 @@ from avr.backbone.packing import (
 from avr.backbone.protocol import register_backbone
 from avr.backbone.records import KVCache, UnifiedOutput
 
-__all__ = ["KVCache", "UnifiedModel", "UnifiedOutput"]
+__all__ = ["KVCache", "UnifiedModel", "UnifiedOutput", "require_unified"]
 
 
 @register_backbone
@@ -489,3 +489,13 @@ def _build_codec(config: UnifiedConfig) -> LatentCodec:
     else:
         raise ValueError("config key 'vae': codec 'vae' needs a 'vae' config or a 'vae_path'")
     return VaeCodec(vae, config.image_size, config.patch_size, config.latent_channels_last)
+
+
+def require_unified(model, what: str) -> None:
+    """A diagnostic built on `UnifiedModel`'s internals (its continuous latents, packed forward
+    and config) refuses any other backbone at once, naming itself, instead of failing deep."""
+    if not isinstance(model, UnifiedModel):
+        raise TypeError(
+            f"{what} needs a UnifiedModel (continuous image latents, BAGEL's layout); "
+            f"got {type(model).__name__}"
+        )

@@ -1,9 +1,11 @@
 """`Backbone`: what trainers, CLIs and the rollout engine need from a model, and nothing more.
 
 `UnifiedModel` (continuous image latents, BAGEL's layout) and `JanusBackbone` (discrete image
-tokens) both implement it; so does a user's backbone, registered by its `kind` with
-`register_backbone` so that checkpoints naming it rebuild it. Nothing outside `avr.backbone`
-tells backbones apart by name: it calls these methods.
+tokens) both implement it; so does a user's backbone. Backbones are provided through the
+entry-point group `avr.backbones` (`kind = package.module:Class`), the built-ins as any user's
+package, so a checkpoint naming a kind rebuilds it and `from_pretrained` reads the folders a class
+says it reads (`reads_folder`), with no edit of avr; `register_backbone` registers a class in code.
+Nothing outside `avr.backbone` tells backbones apart by name: it calls these methods.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -102,7 +105,21 @@ class Backbone(Protocol):
         """Write an exported model folder (weights, config, tokenizer) atomically."""
 
 
+#: The entry-point group through which a package provides a backbone class.
+GROUP = "avr.backbones"
+#: What a backbone class must have (besides instances' `tokenizer`).
+REQUIRED = (
+    "kind",
+    "session",
+    "packer",
+    "sft_loss",
+    "policy_terms",
+    "checkpoint_config",
+    "from_checkpoint_config",
+    "save_pretrained",
+)
 _BACKBONES: dict[str, type] = {}
+_loaded: set[str] = set()
 
 
 def register_backbone(cls: type) -> type:
@@ -114,9 +131,54 @@ def register_backbone(cls: type) -> type:
     return cls
 
 
+def load_backbones() -> None:
+    """Import every entry point of the `avr.backbones` group once and register the class it
+    names; one that does not load, or names anything but a backbone class, is a `ValueError`
+    naming the entry point and its distribution (a backbone is never silently absent)."""
+    for ep in entry_points(group=GROUP):
+        key = f"{ep.name}={ep.value}"
+        if key in _loaded:
+            continue
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        where = f"entry point {ep.name!r} = {ep.value!r} in group {GROUP} (distribution {dist})"
+        try:
+            target = ep.load()
+        except Exception as err:
+            raise ValueError(f"{where} does not load: {type(err).__name__}: {err}") from err
+        if not isinstance(target, type):
+            raise ValueError(f"{where} names {type(target).__name__} {ep.value}; expected a class")
+        missing = [name for name in REQUIRED if not hasattr(target, name)]
+        if missing:
+            raise ValueError(
+                f"{where} names {target.__qualname__}, which lacks {', '.join(missing)}"
+            )
+        if target.kind != ep.name:
+            raise ValueError(f"{where}: the class's kind is {target.kind!r}, not {ep.name!r}")
+        register_backbone(target)
+        _loaded.add(key)
+
+
+def backbones() -> dict[str, type]:
+    """Every registered backbone class by kind (entry points loaded first)."""
+    load_backbones()
+    return dict(sorted(_BACKBONES.items()))
+
+
 def backbone_class(kind: str) -> type:
     """The class registered for `kind`; unknown kinds list the known ones."""
-    if kind not in _BACKBONES:
-        known = ", ".join(sorted(_BACKBONES)) or "none"
-        raise ValueError(f"unknown backbone kind {kind!r}; registered: {known}")
-    return _BACKBONES[kind]
+    known = backbones()
+    if kind not in known:
+        raise ValueError(
+            f"unknown backbone kind {kind!r}; registered: {', '.join(known) or 'none'}"
+        )
+    return known[kind]
+
+
+def folder_reader(directory: str | os.PathLike) -> type | None:
+    """The registered backbone class whose `reads_folder(directory)` says it reads that folder
+    (Janus' transformers folders, a user's own layout), or None."""
+    for cls in backbones().values():
+        reads = getattr(cls, "reads_folder", None)
+        if reads is not None and reads(Path(directory)):
+            return cls
+    return None
