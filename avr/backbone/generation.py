@@ -62,95 +62,37 @@ def _multinomial(
     return token
 
 
-class Session:
-    """Incremental generation for a batch of `batch_size` sequences on one model."""
+class TextSession:
+    """What every backbone's session shares: text appended (`append_text`) and sampled
+    (`sample_text`) through the backbone's own `append_tokens`, which keeps `last_logits` `[B, V]`
+    at each row's last token. A backbone's session subclasses it and adds `append_tokens`,
+    `append_image` and `generate_image` (`avr.backbone.protocol.BackboneSession`)."""
 
-    def __init__(self, model: UnifiedModel, batch_size: int, cache: bool = True) -> None:
-        self.model, self.batch_size, self.use_cache = model, batch_size, cache
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.cache = KVCache()
-        self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+    def __init__(self, model, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.batch_size = model, batch_size
+        self.device, self.dtype = device, dtype
+        self.use_cache = True
         self.last_logits: torch.Tensor | None = None  # [B, V] at each row's last valid token
-        # Without a cache, the history of inputs is kept and re-run at every call.
-        self._history: list[
-            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]
-        ] = []
         tok = model.tokenizer
         self.image_start, self.image_end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
-    # ---- batching sessions ------------------------------------------------------------------
-
     @classmethod
-    def merge(cls, sessions: list[Session]) -> Session:
-        """One session whose rows are `sessions`' rows (cached, on one model): each row's cache is
-        padded at the end with positions nothing attends to. The cache is a set of keys/values
-        with their positions already applied, so padding changes no row's result (up to float
-        rounding). Undo with `split`; a single session is returned as it is."""
-        if len(sessions) == 1:
-            return sessions[0]
-        first = sessions[0]
-        if any(s.model is not first.model or not s.use_cache for s in sessions):
-            raise ValueError("merge needs cached sessions of one model")
-        merged = cls(first.model, sum(s.batch_size for s in sessions))
-        merged.position = torch.cat([s.position for s in sessions])
-        filled = [s for s in sessions if s.cache.length]
-        if not filled:  # nothing read yet (the first call of a batch of episodes)
-            return merged
-        length = max(s.cache.length for s in sessions)
-        template = filled[0].cache
+    def merge(cls, sessions: list[TextSession]) -> TextSession:
+        """One session of `sessions`' rows; here only one session (returned as it is): a backbone
+        whose sessions batch rows (`session_rows` not 1) overrides it, and `split`."""
+        if len(sessions) != 1:
+            raise ValueError(f"a {cls.__name__} does not merge sessions (got {len(sessions)})")
+        return sessions[0]
 
-        def padded(tensor: torch.Tensor | None, like: torch.Tensor, dim: int, value=0):
-            if tensor is None:  # an empty session: zero width
-                shape = list(like.shape)
-                shape[0], shape[dim] = 1, 0
-                tensor = like.new_full(shape, value)
-            pad = [0, 0] * (tensor.ndim - 1 - dim) + [0, length - tensor.shape[dim]]
-            return torch.nn.functional.pad(tensor, pad, value=value)
+    def split(self) -> list[TextSession]:
+        """One session per row (here the one row)."""
+        if self.batch_size != 1:
+            raise ValueError(f"a {type(self).__name__} of {self.batch_size} rows does not split")
+        return [self]
 
-        def layer(s: Session, kind: str, i: int) -> torch.Tensor:
-            like = getattr(template, kind)[i]
-            return padded(getattr(s.cache, kind)[i] if s.cache.length else None, like, 2)
-
-        for kind in ("keys", "values"):
-            stacked = [
-                torch.cat([layer(s, kind, i) for s in sessions]) for i in range(len(template.keys))
-            ]
-            setattr(merged.cache, kind, stacked)
-        merged.cache.valid = torch.cat(
-            [padded(s.cache.valid, template.valid, 1, False) for s in sessions]
-        )
-        logits = next(s.last_logits for s in filled)
-        merged.last_logits = torch.cat(
-            [
-                s.last_logits if s.last_logits is not None else torch.zeros_like(logits)
-                for s in sessions
-            ]
-        )
-        return merged
-
-    def split(self) -> list[Session]:
-        """One session per row, each cache holding only its row's attended positions."""
-        if self.batch_size == 1:
-            return [self]
-        rows = []
-        for b in range(self.batch_size):
-            row = type(self)(self.model, 1)
-            row.position = self.position[b : b + 1].clone()
-            if not self.cache.length:
-                rows.append(row)
-                continue
-            keep = torch.nonzero(self.cache.valid[b]).flatten()
-            row.cache.keys = [k[b : b + 1, :, keep] for k in self.cache.keys]
-            row.cache.values = [v[b : b + 1, :, keep] for v in self.cache.values]
-            row.cache.valid = self.cache.valid[b : b + 1, keep]
-            row.last_logits = None if self.last_logits is None else self.last_logits[b : b + 1]
-            if not len(keep):  # this row has read nothing
-                row.cache, row.last_logits = KVCache(), None
-            rows.append(row)
-        return rows
-
-    # ---- appending context ------------------------------------------------------------------
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        """Append token ids per row (the backbone's own)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def append_text(self, texts: list[str]) -> None:
@@ -158,45 +100,6 @@ class Session:
         tok = self.model.tokenizer
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         self.append_tokens(ids)
-
-    @torch.no_grad()
-    def append_tokens(self, ids: list[list[int]]) -> None:
-        """Append token ids per row (an empty list appends nothing to that row)."""
-        if len(ids) != self.batch_size:
-            raise ValueError(f"got {len(ids)} rows for a batch of {self.batch_size}")
-        width = max(1, max(len(r) for r in ids))
-        tokens = torch.full(
-            (self.batch_size, width), self.model.tokenizer.pad_token_id, dtype=torch.long
-        )
-        valid = torch.zeros(self.batch_size, width, dtype=torch.bool)
-        for b, row in enumerate(ids):
-            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            valid[b, : len(row)] = True
-        tokens, valid = tokens.to(self.device), valid.to(self.device)
-        if not valid.any():
-            return
-        hidden = self._run(
-            self.model.decoder.embed_tokens(tokens), valid, gen=False, full=False, store=True
-        )
-        last = valid.sum(1) - 1
-        rows = torch.arange(self.batch_size, device=self.device)
-        logits = self.model.logits(hidden[rows, last.clamp(min=0)]).float()  # [B, V]
-        has = valid.any(1)
-        self.last_logits = (
-            logits
-            if self.last_logits is None
-            else torch.where(has[:, None], logits, self.last_logits)
-        )
-
-    @torch.no_grad()
-    def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
-        """Read images `[B, 3, H, W]` (an input image, or one just drawn): `<img>`, its clean
-        copies, `</img>`."""
-        active = self._active(active)
-        self._append_marker(self.image_start, active)
-        self._append_clean(pixels, active)
-
-    # ---- text -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sample_text(
@@ -273,6 +176,146 @@ class Session:
             stopped = [r and t in row for r, t, row in zip(running, tokens, stop_ids, strict=True)]
             active &= ~torch.tensor(stopped, device=self.device)
         return TextSample(ids, logps, [tok.decode(r) for r in ids])
+
+    def _take(self, rows: list[int]) -> TextSession:
+        """A session of `rows` alone (their caches taken out); only backbones that batch rows."""
+        raise NotImplementedError
+
+    def _put(self, rows: list[int], sub: TextSession) -> None:
+        """Put `_take`'s session back into `rows`."""
+        raise NotImplementedError
+
+    def _active(self, active: torch.Tensor | None) -> torch.Tensor:
+        if active is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        return active.to(self.device)
+
+
+class Session(TextSession):
+    """Incremental generation for a batch of `batch_size` sequences on one `UnifiedModel`."""
+
+    def __init__(self, model: UnifiedModel, batch_size: int, cache: bool = True) -> None:
+        param = next(model.parameters())
+        super().__init__(model, batch_size, param.device, param.dtype)
+        self.use_cache = cache
+        self.cache = KVCache()
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        # Without a cache, the history of inputs is kept and re-run at every call.
+        self._history: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]
+        ] = []
+
+    # ---- batching sessions ------------------------------------------------------------------
+
+    @classmethod
+    def merge(cls, sessions: list[Session]) -> Session:
+        """One session whose rows are `sessions`' rows (cached, on one model): each row's cache is
+        padded at the end with positions nothing attends to. The cache is a set of keys/values
+        with their positions already applied, so padding changes no row's result (up to float
+        rounding). Undo with `split`; a single session is returned as it is."""
+        if len(sessions) == 1:
+            return sessions[0]
+        first = sessions[0]
+        if any(s.model is not first.model or not s.use_cache for s in sessions):
+            raise ValueError("merge needs cached sessions of one model")
+        merged = cls(first.model, sum(s.batch_size for s in sessions))
+        merged.position = torch.cat([s.position for s in sessions])
+        filled = [s for s in sessions if s.cache.length]
+        if not filled:  # nothing read yet (the first call of a batch of episodes)
+            return merged
+        length = max(s.cache.length for s in sessions)
+        template = filled[0].cache
+
+        def padded(tensor: torch.Tensor | None, like: torch.Tensor, dim: int, value=0):
+            if tensor is None:  # an empty session: zero width
+                shape = list(like.shape)
+                shape[0], shape[dim] = 1, 0
+                tensor = like.new_full(shape, value)
+            pad = [0, 0] * (tensor.ndim - 1 - dim) + [0, length - tensor.shape[dim]]
+            return torch.nn.functional.pad(tensor, pad, value=value)
+
+        def layer(s: Session, kind: str, i: int) -> torch.Tensor:
+            like = getattr(template, kind)[i]
+            return padded(getattr(s.cache, kind)[i] if s.cache.length else None, like, 2)
+
+        for kind in ("keys", "values"):
+            stacked = [
+                torch.cat([layer(s, kind, i) for s in sessions]) for i in range(len(template.keys))
+            ]
+            setattr(merged.cache, kind, stacked)
+        merged.cache.valid = torch.cat(
+            [padded(s.cache.valid, template.valid, 1, False) for s in sessions]
+        )
+        logits = next(s.last_logits for s in filled)
+        merged.last_logits = torch.cat(
+            [
+                s.last_logits if s.last_logits is not None else torch.zeros_like(logits)
+                for s in sessions
+            ]
+        )
+        return merged
+
+    def split(self) -> list[Session]:
+        """One session per row, each cache holding only its row's attended positions."""
+        if self.batch_size == 1:
+            return [self]
+        rows = []
+        for b in range(self.batch_size):
+            row = type(self)(self.model, 1)
+            row.position = self.position[b : b + 1].clone()
+            if not self.cache.length:
+                rows.append(row)
+                continue
+            keep = torch.nonzero(self.cache.valid[b]).flatten()
+            row.cache.keys = [k[b : b + 1, :, keep] for k in self.cache.keys]
+            row.cache.values = [v[b : b + 1, :, keep] for v in self.cache.values]
+            row.cache.valid = self.cache.valid[b : b + 1, keep]
+            row.last_logits = None if self.last_logits is None else self.last_logits[b : b + 1]
+            if not len(keep):  # this row has read nothing
+                row.cache, row.last_logits = KVCache(), None
+            rows.append(row)
+        return rows
+
+    # ---- appending context ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        """Append token ids per row (an empty list appends nothing to that row)."""
+        if len(ids) != self.batch_size:
+            raise ValueError(f"got {len(ids)} rows for a batch of {self.batch_size}")
+        width = max(1, max(len(r) for r in ids))
+        tokens = torch.full(
+            (self.batch_size, width), self.model.tokenizer.pad_token_id, dtype=torch.long
+        )
+        valid = torch.zeros(self.batch_size, width, dtype=torch.bool)
+        for b, row in enumerate(ids):
+            tokens[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            valid[b, : len(row)] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        if not valid.any():
+            return
+        hidden = self._run(
+            self.model.decoder.embed_tokens(tokens), valid, gen=False, full=False, store=True
+        )
+        last = valid.sum(1) - 1
+        rows = torch.arange(self.batch_size, device=self.device)
+        logits = self.model.logits(hidden[rows, last.clamp(min=0)]).float()  # [B, V]
+        has = valid.any(1)
+        self.last_logits = (
+            logits
+            if self.last_logits is None
+            else torch.where(has[:, None], logits, self.last_logits)
+        )
+
+    @torch.no_grad()
+    def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Read images `[B, 3, H, W]` (an input image, or one just drawn): `<img>`, its clean
+        copies, `</img>`."""
+        active = self._active(active)
+        self._append_marker(self.image_start, active)
+        self._append_clean(pixels, active)
+
+    # ---- text -------------------------------------------------------------------------------
 
     # ---- images -----------------------------------------------------------------------------
 
@@ -383,11 +426,6 @@ class Session:
         self.position[index] = sub.position
         self.last_logits = self.last_logits.clone()
         self.last_logits[index] = sub.last_logits
-
-    def _active(self, active: torch.Tensor | None) -> torch.Tensor:
-        if active is None:
-            return torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
-        return active.to(self.device)
 
     def _append_marker(self, token: int, active: torch.Tensor) -> None:
         self.append_tokens([[token] if a else [] for a in active.tolist()])

@@ -39,7 +39,7 @@ from transformers import (
 )
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
 
-from avr.backbone.generation import ImageSample, Session
+from avr.backbone.generation import ImageSample, TextSession
 from avr.backbone.protocol import PolicyTerms, register_backbone
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
 from avr.grpo import k3
@@ -501,20 +501,17 @@ def is_janus_dir(directory: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("model_type") == "janus"
 
 
-class JanusSession(Session):
-    """`Session` for `JanusBackbone`: the same text sampling; images as codebook tokens."""
+class JanusSession(TextSession):
+    """The session of `JanusBackbone` (`BackboneSession`): the same text sampling as the unified
+    model's `Session`; images as codebook tokens; one sequence."""
 
     def __init__(self, model: JanusBackbone, batch_size: int = 1) -> None:
         if batch_size != 1:
             raise ValueError(f"a Janus session holds one sequence, got batch_size={batch_size}")
-        self.model, self.batch_size, self.use_cache = model, 1, True
         param = model.janus.get_input_embeddings().weight
-        self.device, self.dtype = param.device, param.dtype
+        super().__init__(model, 1, param.device, param.dtype)
         self.cache = DynamicCache()
-        self.last_logits: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
-        tok = model.tokenizer
-        self.image_start, self.image_end = tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
 
     def _extend(self, embeds: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
         """Run `embeds` after the context (or after `cache`'s); the last hidden state `[1, D]`,

@@ -62,6 +62,45 @@ class PolicyTerms:
 
 
 @runtime_checkable
+class BackboneSession(Protocol):
+    """What the policy and the rollout engine call on a backbone's `session()`: incremental
+    generation over a growing interleaved context of `batch_size` sequences. The unified model's
+    `Session` and Janus' `JanusSession` implement it, both on `avr.backbone.generation.TextSession`
+    (text appending and sampling, and `merge`/`split` of a single row); a backbone whose sessions
+    batch rows (`session_rows` not 1) overrides `merge` and `split` as `Session` does."""
+
+    batch_size: int
+    last_logits: torch.Tensor | None
+    """`[B, V]` logits at each row's last token (None before anything is appended)."""
+
+    def append_text(self, texts: list[str]) -> None:
+        """Append one text per row."""
+
+    def append_tokens(self, ids: list[list[int]]) -> None:
+        """Append token ids per row (an empty list appends nothing to that row)."""
+
+    def append_image(self, pixels: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Read images `[B, 3, H, W]`, `<img>` … `</img>`."""
+
+    def sample_text(
+        self,
+        max_new_tokens: int,
+        stop=None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator=None,
+        active=None,
+    ) -> Any:
+        """Decode until a stop token or `max_new_tokens`: a `TextSample` (ids, log-probs, text)."""
+
+    def generate_image(
+        self, steps: int = 25, cfg_scale: float = 1.0, noise_level: float = 0.0, **kwargs: Any
+    ) -> Any:
+        """Draw one image per row after the context: an `ImageSample`."""
+
+
+@runtime_checkable
 class Backbone(Protocol):
     """A unified model as avr uses it (an `nn.Module`)."""
 
@@ -71,8 +110,8 @@ class Backbone(Protocol):
     """Most sequences one `session` holds (None: any number); the rollout engine batches up to it."""
     tokenizer: PreTrainedTokenizerBase
 
-    def session(self, batch_size: int = 1) -> Any:
-        """A `Session` (KV-cached incremental generation) over `batch_size` sequences."""
+    def session(self, batch_size: int = 1) -> BackboneSession:
+        """KV-cached incremental generation over `batch_size` sequences (`BackboneSession`)."""
 
     def packer(self, max_len: int) -> Any:
         """How SFT batches are built from trajectories: a picklable collate function (e.g.

@@ -118,3 +118,26 @@ def test_a_broken_backbone_entry_point_is_an_error_naming_it(backbone_points, na
         backbone_class("unified")
     with pytest.raises(ValueError, match=message):
         backbone_class("unified")
+
+
+def test_both_sessions_implement_the_session_protocol_and_share_text_sampling():
+    from transformers import JanusForConditionalGeneration
+
+    from avr.backbone.generation import Session, TextSession
+    from avr.backbone.janus import JanusSettings, tiny_janus_config
+    from avr.backbone.protocol import BackboneSession
+    from avr.defaults import shapeworld_tokenizer
+
+    tokenizer = shapeworld_tokenizer()
+    janus = JanusBackbone(
+        JanusForConditionalGeneration(tiny_janus_config(len(tokenizer))),
+        tokenizer,
+        JanusSettings(image_size=64),
+    )
+    for session in (tiny_model(0).session(1), janus.session(1)):
+        assert isinstance(session, BackboneSession) and isinstance(session, TextSession)
+        session.append_tokens([[tokenizer.bos_token_id]])
+        session.append_text(["a red circle"])
+        text = session.sample_text(4, temperature=0.0)
+        assert len(text.ids[0]) == len(text.logprobs[0]) and 1 <= len(text.ids[0]) <= 4
+    assert not isinstance(janus.session(1), Session)  # not the unified model's, half set up
