@@ -24,3 +24,16 @@ def tiny_model(seed: int = 0, config: UnifiedConfig | None = None) -> UnifiedMod
     tokenizer = shapeworld_tokenizer(modes=config.modes)
     torch.manual_seed(seed)
     return UnifiedModel(config, tokenizer)
+
+
+def tiny_janus(seed: int = 0):
+    """A randomly initialised tiny `JanusBackbone` (64 px) on the ShapeWorld tokenizer, the same for
+    the same `seed`: the discrete-token backbone, as small as `tiny_model`, for tests."""
+    from transformers import JanusForConditionalGeneration
+
+    from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+
+    tokenizer = shapeworld_tokenizer()
+    torch.manual_seed(seed)
+    janus = JanusForConditionalGeneration(tiny_janus_config(len(tokenizer)))
+    return JanusBackbone(janus, tokenizer, JanusSettings(image_size=64)).eval()

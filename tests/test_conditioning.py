@@ -130,19 +130,11 @@ def test_the_ladder_bench_starts_a_rung_from_an_exported_model(tmp_path, capsys)
 
 
 def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():
-    from transformers import JanusForConditionalGeneration
-
     import avr.conditioning as conditioning
-    from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
-    from avr.defaults import shapeworld_tokenizer
+    from avr.defaults import tiny_janus
     from avr.world import sample_scene, sample_spec
 
-    tokenizer = shapeworld_tokenizer()
-    janus = JanusBackbone(
-        JanusForConditionalGeneration(tiny_janus_config(len(tokenizer))),
-        tokenizer,
-        JanusSettings(image_size=64),
-    )
+    janus = tiny_janus(0)
     rng = np.random.default_rng(0)
     specs = [sample_spec("two_object", rng) for _ in range(2)]
     scenes = [sample_scene(s, rng) for s in specs]

@@ -127,8 +127,6 @@ class JanusBackbone(torch.nn.Module):
     tokenizer, settings)` or `JanusBackbone.from_pretrained(dir)`."""
 
     kind = "janus"
-    #: `from_pretrained` reads a folder this says it reads (`avr.backbone.protocol.folder_reader`).
-    reads_folder = staticmethod(lambda directory: is_janus_dir(directory))
     #: Sequences one session holds: the rollout engine runs Janus episodes one at a time.
     session_rows = 1
     ce_weight = 1.0  # text CE weight beside the image-token CE in `sft_loss`
@@ -398,6 +396,12 @@ class JanusBackbone(torch.nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
+
+    @staticmethod
+    def reads_folder(directory: str | os.PathLike) -> bool:
+        """Whether `from_pretrained` reads `directory` (a transformers Janus folder; see
+        `avr.backbone.protocol.folder_reader`)."""
+        return is_janus_dir(directory)
 
     @classmethod
     def from_pretrained(

@@ -13,9 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
 
 from avr.backbone import from_pretrained
-from avr.backbone.janus import JanusBackbone, JanusSettings, tiny_janus_config
+from avr.backbone.janus import JanusBackbone, tiny_janus_config
 from avr.backbone.protocol import Backbone
-from avr.defaults import shapeworld_tokenizer
+from avr.defaults import tiny_janus
 from avr.export import main as export
 from avr.fit import main as fit
 from avr.policy import PolicyActor, SamplingConfig
@@ -24,16 +24,9 @@ from avr.rollout import Job, rollout
 from avr.world import sample_specs
 
 
-def _tiny(seed: int = 0) -> JanusBackbone:
-    tokenizer = shapeworld_tokenizer()
-    torch.manual_seed(seed)
-    janus = JanusForConditionalGeneration(tiny_janus_config(len(tokenizer)))
-    return JanusBackbone(janus, tokenizer, JanusSettings(image_size=64)).eval()
-
-
 @pytest.fixture(scope="module")
 def janus_dir(tmp_path_factory):
-    return _tiny().save_pretrained(tmp_path_factory.mktemp("janus") / "janus-tiny")
+    return tiny_janus().save_pretrained(tmp_path_factory.mktemp("janus") / "janus-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def janus(janus_dir):
 def test_the_folder_round_trips_through_from_pretrained(janus):
     assert isinstance(janus, JanusBackbone) and janus.kind == "janus"
     assert isinstance(janus, Backbone)
-    fresh = _tiny()
+    fresh = tiny_janus()
     assert janus.state_dict().keys() == fresh.state_dict().keys()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, janus.state_dict()[name]), name
@@ -92,7 +85,7 @@ def test_greedy_drawing_is_deterministic_and_cfg_doubles_the_passes(janus):
 
 
 def test_replay_trains_the_language_model_and_both_image_paths(janus):
-    model = _tiny()
+    model = tiny_janus()
     actor = PolicyActor(
         model, SamplingConfig(noise_level=1.0, max_text_tokens=8), torch.Generator().manual_seed(0)
     )
@@ -128,7 +121,7 @@ def test_a_plain_transformers_janus_folder_gets_avr_tokens(tmp_path):
 
 
 def test_sft_loss_targets_text_markers_and_vq_tokens_of_teacher_images(make_trajectories):
-    model = _tiny().train()
+    model = tiny_janus().train()
     trajectories = make_trajectories(2)  # a direct one, and draft → critique → refined
     layout = model.layout(trajectories[1], teacher=True)
     start, end = model.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])

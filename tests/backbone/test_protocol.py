@@ -121,19 +121,12 @@ def test_a_broken_backbone_entry_point_is_an_error_naming_it(backbone_points, na
 
 
 def test_both_sessions_implement_the_session_protocol_and_share_text_sampling():
-    from transformers import JanusForConditionalGeneration
-
     from avr.backbone.generation import Session, TextSession
-    from avr.backbone.janus import JanusSettings, tiny_janus_config
     from avr.backbone.protocol import BackboneSession
-    from avr.defaults import shapeworld_tokenizer
+    from avr.defaults import tiny_janus
 
-    tokenizer = shapeworld_tokenizer()
-    janus = JanusBackbone(
-        JanusForConditionalGeneration(tiny_janus_config(len(tokenizer))),
-        tokenizer,
-        JanusSettings(image_size=64),
-    )
+    janus = tiny_janus(0)
+    tokenizer = janus.tokenizer
     for session in (tiny_model(0).session(1), janus.session(1)):
         assert isinstance(session, BackboneSession) and isinstance(session, TextSession)
         session.append_tokens([[tokenizer.bos_token_id]])
