@@ -1,4 +1,5 @@
-"""`avr bench train`: the float32 and bf16-autocast SFT paths timed side by side."""
+"""`avr bench train`: the dense-mask, per-trajectory and bf16-autocast SFT paths timed side by
+side."""
 
 import re
 
@@ -16,11 +17,15 @@ def test_the_train_bench_times_each_path_against_the_machine_peak(flags, capsys,
     headline = out.strip().splitlines()[-1]
     out = " ".join(out.split())  # rich wraps long lines at the console's width
     assert out.startswith("machine: ") and "3 trajectories" in out
-    assert re.search(r"float32: \d+ ms/step, [\d.]+ images/s, \d+ tokens/s", out)
+    for path in ("float32, dense mask", "float32, per trajectory"):
+        assert re.search(path + r": \d+ ms/step, [\d.]+ images/s, \d+ tokens/s", out)
     assert re.search(r"\(\d+% of the \d+ GFLOP/s peak\)", out)
+    ratios = (
+        r"train: SFT steps/s against the float32 dense-mask path: float32, per trajectory [\d.]+x"
+    )
     if flags:
-        assert "bf16 autocast: " in out and "bfloat16" in out
-        assert re.fullmatch(r"train: bf16 autocast vs float32, [\d.]+x SFT steps/s", headline)
+        assert "bf16 autocast, per trajectory: " in out and "bfloat16" in out
+        assert re.fullmatch(ratios + r", bf16 autocast, per trajectory [\d.]+x", headline)
     else:
         assert "bf16 autocast" not in out
-        assert headline == "train: no bf16 on this CPU; the float32 path alone was timed"
+        assert re.fullmatch(ratios, headline)

@@ -146,17 +146,20 @@ class UnifiedConfig:
     model edit?"): from the text→image weights, 250 steps, `grid` copies more closely than
     `sequence`."""
     attention: str = "auto"
-    """Attention kernel: `flex` (FlexAttention block masks), `sdpa` (dense boolean mask) or `auto`
-    (flex on CUDA; sdpa on CPU, where PyTorch's FlexAttention has no backward)."""
+    """Training attention over packed rows: `flex` (FlexAttention block masks), `trajectory` (SDPA
+    one trajectory at a time, `avr.backbone.attention`), `sdpa` (one dense boolean mask per row)
+    or `auto` (flex on CUDA; trajectory elsewhere, where PyTorch's FlexAttention has no
+    backward)."""
 
     def __post_init__(self) -> None:
         self.modes = tuple(self.modes)
         _check_scalar_types(self)
         if self.codec not in ("pixel", "vae"):
             raise ValueError(f"config key 'codec': expected 'pixel' or 'vae', got {self.codec!r}")
-        if self.attention not in ("auto", "flex", "sdpa"):
+        if self.attention not in ("auto", "flex", "trajectory", "sdpa"):
             raise ValueError(
-                f"config key 'attention': expected 'auto', 'flex' or 'sdpa', got {self.attention!r}"
+                "config key 'attention': expected 'auto', 'flex', 'trajectory' or 'sdpa', "
+                f"got {self.attention!r}"
             )
         if self.image_context not in ("vit", "latent", "both"):
             raise ValueError(

@@ -38,6 +38,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from avr import flow
 from avr.backbone import files, replay, rope
+from avr.backbone.attention import TrajectoryAttention
 from avr.backbone.codec import LatentCodec, PixelCodec, VaeCodec
 from avr.backbone.config import UnifiedConfig
 from avr.backbone.generation import Session
@@ -273,8 +274,8 @@ class UnifiedModel(nn.Module):
         """Run the decoder over `x` `[B, L, D]` at RoPE positions `position` (`[B, L]`, or
         `[3, B, L]` from `rope_positions`); returns final-norm hidden states.
 
-        Attention: `block_mask` (FlexAttention) or `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
-        cached keys followed by this step's. With `store`, this step's keys/values are appended to
+        Attention: `block_mask` (FlexAttention), `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
+        cached keys followed by this step's, or a `TrajectoryAttention` (training, no cache). With `store`, this step's keys/values are appended to
         `cache` (prefill, decoding); without, the cache is only read (denoising steps). With
         `activation_checkpointing` (training, no cache), each layer is recomputed in the backward
         pass.
@@ -337,21 +338,21 @@ class UnifiedModel(nn.Module):
         return rearrange(routed, "b l h d -> b h l d")
 
     def _attend(self, q, k, v, mask, block_mask):
+        gqa = self.num_kv_heads != self.num_heads
+        if isinstance(mask, TrajectoryAttention):
+            return mask(q, k, v, enable_gqa=gqa)
         if block_mask is not None:
             # Compiled on CUDA (a fused kernel); eager elsewhere, which materializes the scores.
             kernel = _compiled_flex() if q.is_cuda else flex_attention
-            return kernel(
-                q, k, v, block_mask=block_mask, enable_gqa=self.num_kv_heads != self.num_heads
-            )
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+            return kernel(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
-    def use_flex(self, device: torch.device) -> bool:
-        """Whether training attention runs on FlexAttention (see `UnifiedConfig.attention`)."""
+    def attention_kernel(self, device: torch.device) -> str:
+        """How training attention runs on `device`: `flex`, `trajectory` or `sdpa` (see
+        `UnifiedConfig.attention`)."""
         if self.config.attention == "auto":
-            return device.type == "cuda"
-        return self.config.attention == "flex"
+            return "flex" if device.type == "cuda" else "trajectory"
+        return self.config.attention
 
     # ---- training forward -------------------------------------------------------------------
 
@@ -384,12 +385,16 @@ class UnifiedModel(nn.Module):
             )
         latent = gen_mask | clean_mask  # codec tokens, noisy or clean: the generation expert's
         position = self.rope_positions(batch.position, batch.grid)
-        if self.use_flex(x.device):
+        kernel = self.attention_kernel(x.device)
+        if kernel == "flex":
             rows, _ = batch.token_type.shape
             block_mask = create_block_mask(
                 batch.mask_mod(), rows, None, length, length, device=x.device
             )
             hidden = self.run_layers(x, position, latent, block_mask=block_mask)
+        elif kernel == "trajectory":
+            mask = TrajectoryAttention.of(batch)
+            hidden = self.run_layers(x, position, latent, mask=mask)
         else:
             hidden = self.run_layers(x, position, latent, mask=batch.attention_mask())
         labelled = batch.labels != -100  # text positions, and the last clean token before </img>

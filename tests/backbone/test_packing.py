@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from avr.backbone import FlowSettings, UnifiedLoss, pack
+from avr.backbone.attention import TrajectoryAttention
 from avr.backbone.packing import GEN, LATENT, READ, TEXT
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
 from avr.defaults import tiny_model
@@ -116,11 +117,58 @@ def test_flex_block_mask_matches_dense_mask(trajectories):
     batch = _pack(model, trajectories, [1, 2, 3, 4], max_len=400)
     assert batch.input_ids.shape[0] > 1  # several rows, with padding
     with torch.no_grad():
+        model.config.attention = "sdpa"
         dense = model(batch)
         model.config.attention = "flex"
         flex = model(batch)
     torch.testing.assert_close(flex.logits, dense.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(flex.velocity, dense.velocity, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("expert", [False, True], ids=["dense", "generation-expert"])
+def test_trajectory_attention_matches_dense_mask(trajectories, expert):
+    """Attention one trajectory at a time (the CPU default) gives the dense mask's loss and
+    gradients: rows with padding, trajectories of different lengths in one group, CFG-dropped
+    images."""
+    config = dataclasses.replace(tiny_model(0).config, generation_expert=expert)
+    model = tiny_model(0, config)
+    batch = _pack(model, trajectories * 2, list(range(8)), max_len=400)
+    assert batch.input_ids.shape[0] > 1 and bool((batch.sample < 0).any())
+    assert bool(batch.uncond.any())
+    results = {}
+    for kernel in ("sdpa", "trajectory"):
+        model.config.attention = kernel
+        model.zero_grad()
+        out = model(batch)
+        loss, _ = UnifiedLoss(model.config.ce_weight)(out)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[kernel] = (out, loss, grads)
+    (dense, dense_loss, dense_grads), (ours, loss, grads) = results["sdpa"], results["trajectory"]
+    torch.testing.assert_close(ours.logits, dense.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.velocity, dense.velocity, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, dense_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == dense_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trajectory_attention_groups_by_length(model, trajectories):
+    """Every trajectory token is in exactly one group; a group spans lengths within `spread`."""
+    batch = _pack(model, trajectories * 3, list(range(12)), max_len=600)
+    attention = TrajectoryAttention.of(batch, spread=0.8)
+    tokens = int((batch.sample >= 0).sum())
+    assert (
+        sorted(attention.scatter.tolist())
+        == torch.nonzero(batch.sample.reshape(-1) >= 0).flatten().tolist()
+    )
+    assert len(attention.scatter) == tokens
+    for group in attention.groups:
+        lengths = group.valid.sum(1)
+        assert int(lengths.min()) >= 0.8 * group.valid.shape[1]
+        assert int(lengths.max()) == group.valid.shape[1]
+    with pytest.raises(ValueError, match="spread"):
+        TrajectoryAttention.of(batch, spread=0)
 
 
 def test_layout_of_one_trajectory(model, trajectories):
