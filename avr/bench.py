@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from rich.console import Console
 
+from avr.machine import cpu_bf16, describe
 from avr.world import Verifier, degrade, render, sample_scene, sample_specs
 
 BENCHES: dict[str, Callable[[argparse.Namespace, Console], str]] = {}
@@ -27,17 +27,6 @@ def bench(fn: Callable[[argparse.Namespace, Console], str]):
         raise ValueError(f"benchmark {fn.__name__!r} is already registered")
     BENCHES[fn.__name__] = fn
     return fn
-
-
-def machine() -> str:
-    """One line naming the machine: CPU model, cores available, Python."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} core(s), Python {platform.python_version()}"
 
 
 @bench
@@ -381,16 +370,6 @@ def _pixels(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            line = next(line for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
 def matmul_peak(dtype, threads: int, side: int = 1024, repeats: int = 20) -> float:
     """GFLOP/s of a dense `side`² matmul in `dtype` on `threads` threads: the machine's own peak
     for the work a transformer step is made of, measured in the run that reports against it."""
@@ -467,7 +446,7 @@ def train(args: argparse.Namespace, console: Console) -> str:
     images = sum(1 for t in trajectories for s in t.images if s.loss)
     params = sum(p.numel() for p in base.parameters())
     flops = 6 * params * batch.tokens  # forward and backward, matmuls only (attention apart)
-    bf16 = {"avx512_bf16", "amx_bf16"} & cpu_flags()
+    bf16 = cpu_bf16()
     console.print(
         f"{args.model}: {params / 1e6:.1f} M parameters; a batch of {len(trajectories)} "
         f"trajectories, {batch.tokens} tokens, {images} trained images; CPU bf16: "
@@ -583,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench_parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
     console = Console()
-    console.print(f"machine: {machine()}")
+    console.print(f"machine: {describe()}")
     headline = BENCHES[args.name](args, console)
     print(headline)  # unwrapped: the headline is one line
     return 0

@@ -44,6 +44,7 @@ from avr.backbone.packing import TrajectoryTooLong
 from avr.data.datamodule import ResumeError
 from avr.lit.callbacks import Preemption
 from avr.lit.checkpointing import AtomicCheckpointIO
+from avr.machine import cpu_bf16
 from avr.registry import load_plugins
 from avr.sequence import TrajectoryError
 
@@ -167,7 +168,21 @@ def _parsing_settings() -> None:
 
 
 class AvrCLI(LightningCLI):
-    """LightningCLI that names the cause of a failed instantiation and says where a run's outputs went."""
+    """LightningCLI that names the cause of a failed instantiation, picks the precision the CPU
+    trains fastest in where the config leaves it open, and says where a run's outputs went."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("precision") is None:
+            chosen = cpu_precision(trainer.get("accelerator"))
+            if chosen is not None:
+                trainer["precision"] = chosen
+                Console(stderr=True).print(
+                    f"precision: {chosen} (this CPU has {', '.join(sorted(cpu_bf16()))}; "
+                    "--trainer.precision 32-true trains in float32)",
+                    highlight=False,
+                )
 
     def instantiate_classes(self) -> None:
         try:
@@ -196,6 +211,18 @@ class AvrCLI(LightningCLI):
         if any(type(logger).__name__ == "TensorBoardLogger" for logger in trainer.loggers):
             lines.append(f"view:        tensorboard --logdir {trainer.loggers[0].save_dir}")
         Console(stderr=True).print("\n".join(["run finished; outputs:", *lines]), highlight=False)
+
+
+def cpu_precision(accelerator: str | None) -> str | None:
+    """`bf16-mixed` for a run on a CPU with fast bf16 matmuls (`avr.machine.BF16_FLAGS`), whose
+    SFT steps and RL updates it speeds 1.5x or more (docs/performance.md); None (Lightning's
+    float32) on other CPUs and on GPUs, where a config names its precision itself."""
+    import torch
+
+    on_cpu = accelerator == "cpu" or (
+        accelerator in (None, "auto") and not torch.cuda.is_available()
+    )
+    return "bf16-mixed" if on_cpu and cpu_bf16() else None
 
 
 class _ParseOnly(LightningCLI):

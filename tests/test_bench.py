@@ -11,7 +11,7 @@ from avr.bench import main as bench
 
 @pytest.mark.parametrize("flags", [{"avx512_bf16"}, set()], ids=["bf16", "float32-only"])
 def test_the_train_bench_times_each_path_against_the_machine_peak(flags, capsys, monkeypatch):
-    monkeypatch.setattr(avr.bench, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(avr.bench, "cpu_bf16", lambda: flags)
     assert bench(["train", "--batch", "3", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     headline = out.strip().splitlines()[-1]

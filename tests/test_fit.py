@@ -199,6 +199,36 @@ def test_sft_trains_checkpoints_and_exports(tmp_path):
     assert (tmp_path / "export" / "README.md").read_text().endswith("mine\n")
 
 
+def test_a_cpu_with_fast_bf16_trains_in_bf16_mixed_unless_the_config_says(
+    tmp_path, monkeypatch, capsys
+):
+    import avr.fit
+
+    assert avr.fit.cpu_precision("cpu") is None  # the suite's pin: no bf16 flags
+    monkeypatch.setattr(avr.fit, "cpu_bf16", lambda: {"avx512_bf16"})
+    assert avr.fit.cpu_precision("cpu") == "bf16-mixed"
+    assert avr.fit.cpu_precision("gpu") is None  # a GPU config names its precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert avr.fit.cpu_precision("auto") is None
+    monkeypatch.undo()
+    monkeypatch.setattr(avr.fit, "cpu_bf16", lambda: {"amx_bf16"})
+    data = tmp_path / "data"
+    build(data, 4, parse_mix("simple=1"), seed=0)
+    common = ["experiments/sft.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+              "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+              "--data.init_args.path", str(data), "--data.init_args.num_workers", "0",
+              "--data.init_args.batch_size", "2", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    cli = fit(common)
+    assert cli.trainer.precision == "bf16-mixed"
+    assert "precision: bf16-mixed (this CPU has amx_bf16; --trainer.precision 32-true" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    cli = fit([*common, "--trainer.precision", "32-true"])
+    assert cli.trainer.precision == "32-true"
+    assert "precision:" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_rl_trains_and_logs_every_component(tmp_path, recwarn, caplog):
     fit(

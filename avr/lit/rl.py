@@ -127,7 +127,10 @@ class RLModule(BackboneModule):
                 group-normalised, so a text-only reward does not move the generator (False: both
                 from the composite).
             ppo_epochs: optimizer steps per rollout batch; later ones reuse it with the
-                sampling-time log-probs as π_old, so the clip acts.
+                sampling-time log-probs as π_old, so the clip acts. The rollouts sample in
+                float32; under `bf16-mixed` the replay's log-probs differ from theirs by bf16's
+                error (up to about 0.5 nats on a rare token), which later epochs' ratios carry:
+                train ppo_epochs > 1 with `--trainer.precision 32-true`.
             text_weight: weight of the text term (GRPO on sampled tokens) in the loss; 0 trains
                 the image generator alone (a diagnostic).
             image_weight: weight of the image term (Flow-GRPO on SDE steps, or a discrete
@@ -297,7 +300,9 @@ class RLModule(BackboneModule):
 
     @torch.no_grad()
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
-        """`group_size` rollouts of each prompt with the current policy (eval mode, SDE)."""
+        """`group_size` rollouts of each prompt with the current policy (eval mode, SDE), in the
+        model's own precision whatever the trainer's: under `bf16-mixed` only the update runs in
+        bf16, and the samples and their recorded log-probs are the float32 path's."""
         self.backbone.eval()
         keys = [self._rollout_key(spec) for spec in prompts]
         jobs = [
@@ -310,7 +315,9 @@ class RLModule(BackboneModule):
             for p, (spec, key) in enumerate(zip(prompts, keys, strict=True))
             for g in range(self.group_size)
         ]
-        trajectories = rollout(self.backbone, jobs, self.sampling, self.rollout_batch)
+        device = next(self.backbone.parameters()).device.type
+        with torch.autocast(device, enabled=False):
+            trajectories = rollout(self.backbone, jobs, self.sampling, self.rollout_batch)
         for job, trajectory in zip(jobs, trajectories, strict=True):
             trajectory.meta.update(spec=job.spec.to_json(), level=complexity(job.spec).level)
         specs = [job.spec for job in jobs]

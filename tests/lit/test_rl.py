@@ -182,6 +182,20 @@ def test_cfg_rollouts_are_replayed_with_the_guided_velocity():
     assert module.backbone.velocity_out.weight.grad.abs().sum() > 0
 
 
+def test_rollouts_under_bf16_mixed_are_the_float32_rollouts():
+    """Lightning's `bf16-mixed` wraps the whole training step in autocast; the rollouts inside
+    it leave autocast off, so their samples and recorded log-probs are the float32 path's."""
+    specs = sample_specs(2, seed=3)
+    plain, _, _ = _module(mode="adaptive").rollout(specs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _, _ = _module(mode="adaptive").rollout(specs)
+    for a, b in zip(plain, mixed, strict=True):
+        assert [g.text for g in a.segments] == [g.text for g in b.segments]
+        for x, y in zip(a.images, b.images, strict=True):
+            assert x.sample.latents.dtype == torch.float32
+            assert torch.equal(x.sample.latents, y.sample.latents)
+
+
 def test_a_group_can_share_its_starting_noise():
     sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7)
     shared = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",

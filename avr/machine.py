@@ -1,0 +1,35 @@
+"""The machine a run is on: its CPU (name, feature flags, bf16 support) and the training precision
+that suits it. A leaf: imports nothing from `avr`."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+#: CPU flags that make bf16 matmuls fast (AVX512-BF16, Intel AMX).
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first `key : value` line of /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_bf16() -> set[str]:
+    """Which of `BF16_FLAGS` the CPU has (empty: float32 only)."""
+    return BF16_FLAGS & cpu_flags()
+
+
+def describe() -> str:
+    """One line naming the machine: CPU model, cores available, Python."""
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"{cpu}, {len(os.sched_getaffinity(0))} core(s), Python {platform.python_version()}"
