@@ -203,6 +203,85 @@ def token_count(
     return len(_layout(trajectory, 0, tokenizer, geometry, 0, FlowSettings(), rl)["ids"])
 
 
+class _Layout:
+    """One trajectory's tokens as they are laid out (see the module docstring), built segment by
+    segment: per token its id, kind, RoPE position, whether it is trained, its image copy and grid
+    cell; per image copy its pixels."""
+
+    def __init__(self, tokenizer, geometry: ImageGeometry, rl: bool) -> None:
+        self.tokenizer, self.geometry, self.rl = tokenizer, geometry, rl
+        self.ids, self.kind, self.pos, self.train = [tokenizer.bos_token_id], [TEXT], [0], [False]
+        self.cells: list[tuple[int, int]] = [(-1, -1)]  # (row, col) in an image copy, else −1
+        self.copies = [-1]  # which image copy of this trajectory a token belongs to (-1: text)
+        self.gen_cells = image_grid(geometry.gen_tokens, geometry.gen_tokens).tolist()
+        self.read_cells = image_grid(geometry.read_tokens, geometry.gen_tokens).tolist()
+        self.gen_pixels: list[torch.Tensor] = []
+        self.read_pixels: list[torch.Tensor] = []
+        self.clean_pixels: list[torch.Tensor] = []
+        self.gen_states: list[tuple[torch.Tensor, float]] = []  # RL: one per noisy block
+        self.p, self.copy, self.generated_images = 1, 0, 0
+        self.start, self.end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
+
+    def add(self, token, k, position, trained, block=-1, cell=(-1, -1)) -> None:
+        self.ids.append(token)
+        self.kind.append(k)
+        self.pos.append(position)
+        self.train.append(trained)
+        self.copies.append(block)
+        self.cells.append(cell)
+
+    def text(self, seg) -> None:
+        """A text segment: the sampled ids where RL replays them, else the tokenized text."""
+        sampled = getattr(seg.sample, "ids", None)
+        tokens = (
+            sampled[0]
+            if self.rl and sampled
+            else self.tokenizer.encode(seg.text, add_special_tokens=False)
+        )
+        for token in tokens:
+            self.add(token, TEXT, self.p, seg.logprobs is not None if self.rl else seg.loss)
+            self.p += 1
+
+    def image(self, seg, later: bool, states) -> None:
+        """An image segment: `<img>`, a noisy copy per state where the model generates it, its
+        clean copies where anything follows it (or it is read), `</img>`."""
+        geometry, pad = self.geometry, self.tokenizer.pad_token_id
+        pixels = rearrange(
+            torch.from_numpy(image_to_array(seg.image, geometry.image_size)), "h w c -> c h w"
+        )
+        # An image the model drew but must not learn to draw (`loss=False`: a draft the verifier
+        # rejected, kept as context for the critique that follows) is laid out as read, like an input.
+        generated = seg.role.generated and (self.rl or seg.loss)
+        p = self.p
+        if self.rl and self.ids[-1] == self.start:  # the model wrote <img> itself
+            p -= 1
+        else:
+            self.add(self.start, TEXT, p, generated and not self.rl)
+        if generated:
+            for state in [None] if states is None else states[self.generated_images]:
+                for cell in self.gen_cells:
+                    self.add(pad, GEN, p + 1, False, self.copy, cell)
+                self.gen_pixels.append(pixels)
+                if state is not None:
+                    self.gen_states.append(state)
+                self.copy += 1
+            self.generated_images += 1
+        if generated and not later:
+            self.p = p + 2
+            return
+        for wanted, kind, cells, store in (
+            (geometry.latent_context, LATENT, self.gen_cells, self.clean_pixels),
+            (geometry.vit_context, READ, self.read_cells, self.read_pixels),
+        ):
+            if wanted:
+                for cell in cells:
+                    self.add(pad, kind, p + 1, False, self.copy, cell)
+                store.append(pixels)
+                self.copy += 1
+        self.add(self.end, TEXT, p + 2, generated and not self.rl)
+        self.p = p + 3
+
+
 def _layout(
     traj: Trajectory,
     index: int,
@@ -213,13 +292,6 @@ def _layout(
     rl: bool = False,
     states: Sequence[Sequence[tuple[torch.Tensor, float]]] | None = None,
 ):
-    ids, kind, pos, train = [tokenizer.bos_token_id], [TEXT], [0], [False]
-    cells: list[tuple[int, int]] = [(-1, -1)]  # per token: (row, col) in an image copy, else −1
-    gen_cells = image_grid(geometry.gen_tokens, geometry.gen_tokens).tolist()
-    read_cells = image_grid(geometry.read_tokens, geometry.gen_tokens).tolist()
-    copies = [-1]  # per token: which image copy of this trajectory it belongs to (-1: text)
-    gen_pixels, read_pixels, clean_pixels = [], [], []
-    gen_states: list[tuple[torch.Tensor, float]] = []  # RL: one per noisy block
     if states is not None:
         images = sum(seg.is_image and seg.role.generated for seg in traj.segments)
         if len(states) != images or not all(states):
@@ -227,87 +299,35 @@ def _layout(
                 f"trajectory {index}: states for {len(states)} images ({[len(s) for s in states]}"
                 f" each) for {images} generated images (each needs ≥ 1)"
             )
-    p, copy, generated_images = 1, 0, 0
-    start, end = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
-
-    def add(token, k, position, trained, block=-1, cell=(-1, -1)):
-        ids.append(token)
-        kind.append(k)
-        pos.append(position)
-        train.append(trained)
-        copies.append(block)
-        cells.append(cell)
-
+    laid = _Layout(tokenizer, geometry, rl)
     segments = traj.segments
     for s, seg in enumerate(segments):
-        if not seg.is_image:
-            sampled = getattr(seg.sample, "ids", None)
-            tokens = (
-                sampled[0]
-                if rl and sampled
-                else tokenizer.encode(seg.text, add_special_tokens=False)
-            )
-            for token in tokens:
-                add(token, TEXT, p, seg.logprobs is not None if rl else seg.loss)
-                p += 1
-            continue
-        pixels = rearrange(
-            torch.from_numpy(image_to_array(seg.image, geometry.image_size)), "h w c -> c h w"
-        )
-        # An image the model drew but must not learn to draw (`loss=False`: a draft the verifier
-        # rejected, kept as context for the critique that follows) is laid out as read, like an input.
-        generated = seg.role.generated and (rl or seg.loss)
-        later = s < len(segments) - 1
-        if rl and ids[-1] == start:  # the model wrote <img> itself, at the end of its text
-            p -= 1
+        if seg.is_image:
+            laid.image(seg, later=s < len(segments) - 1, states=states)
         else:
-            add(start, TEXT, p, generated and not rl)
-        if generated:
-            for state in [None] if states is None else states[generated_images]:
-                for cell in gen_cells:
-                    add(tokenizer.pad_token_id, GEN, p + 1, False, copy, cell)
-                gen_pixels.append(pixels)
-                if state is not None:
-                    gen_states.append(state)
-                copy += 1
-            generated_images += 1
-        if not generated or later:
-            if geometry.latent_context:
-                for cell in gen_cells:
-                    add(tokenizer.pad_token_id, LATENT, p + 1, False, copy, cell)
-                clean_pixels.append(pixels)
-                copy += 1
-            if geometry.vit_context:
-                for cell in read_cells:
-                    add(tokenizer.pad_token_id, READ, p + 1, False, copy, cell)
-                read_pixels.append(pixels)
-                copy += 1
-            add(end, TEXT, p + 2, generated and not rl)
-            p += 3
-        else:
-            p += 2
+            laid.text(seg)
     if not rl and segments and not segments[-1].is_image and segments[-1].loss:
-        add(tokenizer.eos_token_id, TEXT, p, True)
+        laid.add(tokenizer.eos_token_id, TEXT, laid.p, True)
     g = torch.Generator().manual_seed(int(seed))
-    n_gen = len(gen_pixels)
+    n_gen = len(laid.gen_pixels)
     noise = torch.randn((n_gen, geometry.gen_tokens, geometry.token_dim), generator=g)
     t = sample_timesteps(n_gen, flow.timestep_mean, flow.timestep_std, flow.timestep_shift, g)
     uncond = torch.rand(n_gen, generator=g) < flow.cfg_dropout
     xt = None
     if states is not None:
-        xt = torch.stack([x for x, _ in gen_states]) if gen_states else noise[:0]
-        t = torch.tensor([float(time) for _, time in gen_states], dtype=t.dtype)
+        xt = torch.stack([x for x, _ in laid.gen_states]) if laid.gen_states else noise[:0]
+        t = torch.tensor([float(time) for _, time in laid.gen_states], dtype=t.dtype)
     return {
         "index": index,
-        "ids": ids,
-        "kind": kind,
-        "pos": pos,
-        "train": train,
-        "copy": copies,
-        "grid": cells,
-        "gen_pixels": gen_pixels,
-        "read_pixels": read_pixels,
-        "clean_pixels": clean_pixels,
+        "ids": laid.ids,
+        "kind": laid.kind,
+        "pos": laid.pos,
+        "train": laid.train,
+        "copy": laid.copies,
+        "grid": laid.cells,
+        "gen_pixels": laid.gen_pixels,
+        "read_pixels": laid.read_pixels,
+        "clean_pixels": laid.clean_pixels,
         "noise": noise,
         "t": t,
         "uncond": uncond,
