@@ -153,6 +153,15 @@ def test_trajectory_attention_matches_dense_mask(trajectories, expert):
         torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_attends_per_trajectory_on_cpu_and_with_flex_on_cuda():
+    model = tiny_model(0)
+    assert model.config.attention == "auto"
+    assert model.attention_kernel(torch.device("cpu")) == "trajectory"
+    assert model.attention_kernel(torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="config key 'attention': expected 'auto', 'flex', "):
+        dataclasses.replace(model.config, attention="dense")
+
+
 def test_trajectory_attention_groups_by_length(model, trajectories):
     """Every trajectory token is in exactly one group; a group spans lengths within `spread`."""
     batch = _pack(model, trajectories * 3, list(range(12)), max_len=600)
