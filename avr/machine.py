@@ -1,5 +1,5 @@
-"""The machine a run is on: its CPU (name, feature flags, bf16 support) and the training precision
-that suits it. A leaf: imports nothing from `avr`."""
+"""The machine a run is on: its CPU's name, feature flags and bf16 support (which `avr.fit` reads to
+choose the training precision, and `avr.bench` prints). A leaf: imports nothing from `avr`."""
 
 from __future__ import annotations
 

@@ -266,7 +266,7 @@ class UnifiedModel(nn.Module):
         x: torch.Tensor,
         position: torch.Tensor,
         is_gen: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | TrajectoryAttention | None = None,
         block_mask=None,
         cache: KVCache | None = None,
         store: bool = False,
@@ -275,8 +275,9 @@ class UnifiedModel(nn.Module):
         `[3, B, L]` from `rope_positions`); returns final-norm hidden states.
 
         Attention: `block_mask` (FlexAttention), `mask` `[B, 1, L, L_cache + L]` (SDPA) over the
-        cached keys followed by this step's, or a `TrajectoryAttention` (training, no cache). With `store`, this step's keys/values are appended to
-        `cache` (prefill, decoding); without, the cache is only read (denoising steps). With
+        cached keys followed by this step's, or `mask` a `TrajectoryAttention` (training, no
+        cache). With `store`, this step's keys/values are appended to `cache` (prefill,
+        decoding); without, the cache is only read (denoising steps). With
         `activation_checkpointing` (training, no cache), each layer is recomputed in the backward
         pass.
         """
