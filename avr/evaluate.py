@@ -442,6 +442,8 @@ def understanding_table(runs: dict, labels: list[str], rule: str) -> list[str]:
         rows.append((name, values))
     for name, group, key in (
         ("plan steps equal to the teacher's", "plan_steps", "accuracy"),
+        ("descriptions equal to the verifier's reading", "descriptions", "accuracy"),
+        ("descriptions naming the right objects", "descriptions", "object_accuracy"),
         ("refines that fix a wrong image", "refines", "fix_rate"),
         ("refines that break a right image", "refines", "break_rate"),
     ):

@@ -10,6 +10,10 @@
   step (`avr.data.teacher.plan_instruction`), exact match.
 - **Refines**: of refines that start from a wrong image, how many end right (fixed); of those that
   start from a right one, how many end wrong (broken).
+- **Descriptions**: a critique that opens with `<des>…</des>` (data built with
+  `--describe-critiques`) against what the verifier sees on the canvas it follows
+  (`avr.data.critique.read_canvas`): exact text, and the same objects (colour and shape, as many of
+  each) wherever they are.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from avr.data.critique import is_verdict_ok
+from avr.data.critique import description, is_verdict_ok, read_canvas
 from avr.data.teacher import partial_spec, plan_instruction
 from avr.sequence import Trajectory
 from avr.world import PromptSpec, Verifier, complexity
@@ -70,6 +74,7 @@ class Understanding:
     by_problem: dict[str, _Tally] = field(default_factory=dict)
     plan_steps: Counter = field(default_factory=Counter)
     refines: Counter = field(default_factory=Counter)
+    descriptions: Counter = field(default_factory=Counter)
     trajectories: int = 0
     critiques_written: int = 0
 
@@ -79,6 +84,7 @@ class Understanding:
         self.trajectories += 1
         step = -1  # the plan step the images belong to (-1: no plan)
         verdict = None  # the verifier's judgement of the last image
+        seen = ""  # what the verifier sees on the last image
         first = True  # whether the next critique is the first one of its draft or step
         text = ""  # what was written since the last image
         for segment in [*trajectory.segments[1:], None]:
@@ -88,6 +94,7 @@ class Understanding:
             critique = text.split("<ins>", 1)[0]
             if verdict is not None and critique.strip():
                 self._critique(verdict, is_verdict_ok(critique), level, first)
+                self._description(description(critique), seen)
                 first = False
             instructions = _INS.findall(text)
             for instruction in instructions:
@@ -106,6 +113,7 @@ class Understanding:
                 self.refines["broken"] += start_right and not judged.correct
                 self.refines["fixed"] += not start_right and judged.correct
             verdict, text = judged, ""
+            seen = read_canvas(judged.detections, segment.image.width)
         if step >= 0:
             self.plan_steps["asked"] += len(spec.include)
 
@@ -120,6 +128,13 @@ class Understanding:
         if not verdict.correct:
             kind = str(verdict.problems[0].problem or "extra")
             self.by_problem.setdefault(kind, _Tally()).add(False, said_right)
+
+    def _description(self, written: str | None, seen: str) -> None:
+        if written is None:
+            return
+        self.descriptions["written"] += 1
+        self.descriptions["exact"] += written == seen
+        self.descriptions["objects"] += _objects(written) == _objects(seen)
 
     def summary(self) -> dict:
         """Plain numbers for `metrics.json`."""
@@ -141,6 +156,13 @@ class Understanding:
                 "exact": self.plan_steps["exact"],
                 "accuracy": self.plan_steps["exact"] / written if written else None,
             },
+            "descriptions": {
+                "written": (described := self.descriptions["written"]),
+                "exact": self.descriptions["exact"],
+                "objects": self.descriptions["objects"],
+                "accuracy": self.descriptions["exact"] / described if described else None,
+                "object_accuracy": self.descriptions["objects"] / described if described else None,
+            },
             "refines": {
                 "from_wrong": wrong,
                 "fixed": self.refines["fixed"],
@@ -150,3 +172,9 @@ class Understanding:
                 "break_rate": self.refines["broken"] / right if right else None,
             },
         }
+
+
+def _objects(text: str) -> Counter:
+    """The objects a description names (`a red circle at the top left, …`), where they are
+    dropped: colour and shape, with how many of each."""
+    return Counter(part.split(" at ")[0].strip() for part in text.split(",") if part.strip())

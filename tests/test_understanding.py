@@ -62,3 +62,28 @@ def test_a_plan_step_that_differs_from_the_teachers_is_counted_wrong():
     understanding.update(trajectory, spec)
     steps = understanding.summary()["plan_steps"]
     assert steps["written"] == len(spec.include) and steps["exact"] == len(spec.include) - 1
+
+
+def test_described_critiques_read_the_canvas_and_a_wrong_reading_is_counted():
+    understanding = Understanding()
+    trajectories = [(_built("reflect", s, describe_critiques=True), s) for s in SPECS]
+    for trajectory, spec in trajectories:
+        critiques = [s.text for s in trajectory.segments[1:] if not s.is_image][1:]
+        assert critiques and all(c.startswith("<des>") for c in critiques)
+        understanding.update(trajectory, spec)
+    summary = understanding.summary()
+    assert summary["critique"]["agreement"] == 1.0  # the verdict still follows the image
+    described = summary["descriptions"]
+    assert described["written"] == summary["critique"]["critiques"]
+    assert described["accuracy"] == described["object_accuracy"] == 1.0
+    trajectory, spec = trajectories[0]
+    critique = next(s for s in trajectory.segments[2:] if not s.is_image)
+    first, _, rest = critique.text.removeprefix("<des>").partition("</des>")
+    moved = f"{first} at the top"  # the same objects, read with a place: not the exact text
+    for text in (moved, f"{first}, a red circle"):
+        understanding = Understanding()
+        critique.text = f"<des>{text}</des>{rest}"
+        understanding.update(trajectory, spec)
+        described = understanding.summary()["descriptions"]
+        assert described["exact"] == described["written"] - 1
+        assert described["objects"] == described["written"] - (text is not moved)

@@ -90,6 +90,11 @@ def _add_build(sub) -> None:
         "--sketch-error-rate", type=float, default=0.2, help="plan sketches drawn with an error"
     )
     b.add_argument(
+        "--describe-critiques",
+        action="store_true",
+        help="every critique opens with <des>what the verifier sees on the canvas</des>",
+    )
+    b.add_argument(
         "--label-model",
         metavar="DIR",
         help="label adaptive trajectories with the cheapest mode that succeeds for this model",
@@ -156,6 +161,7 @@ def _build(args: argparse.Namespace) -> dict:
             args.split,
             labeler,
             source,
+            describe_critiques=args.describe_critiques,
             own=own,
             overwrite=args.overwrite,
             progress=lambda k: bar.advance(task, k),

@@ -159,6 +159,7 @@ def build(
     labeler: Callable[[str, PromptSpec], bool] | None = None,
     label_source: str = "complexity",
     *,
+    describe_critiques: bool = False,
     own: FromModel | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -167,8 +168,9 @@ def build(
     of prompts from `split` to the new folder `out` (staged beside it; `overwrite` replaces only an
     earlier data folder); returns the manifest. `labeler(mode, spec)` (`ModeLabeler`) labels
     adaptive trajectories with the cheapest mode that succeeds for a model instead of by level
-    (`label_source` says which). With `own` (`FromModel`) a model draws every image and the
-    teacher judges and corrects. `progress(k)` is called as samples finish."""
+    (`label_source` says which). `describe_critiques`: every critique opens with a `<des>` of what
+    the verifier sees on the canvas (`avr.data.critique.read_canvas`). With `own` (`FromModel`) a
+    model draws every image and the teacher judges and corrects. `progress(k)` is called as samples finish."""
     out = Path(out)
     _check_request(out, n, overwrite, own, labeler)
     modes = parse_modes(mode)
@@ -184,6 +186,7 @@ def build(
             mode_succeeds=labeler,
             resolution=resolution,
             sketch_error_rate=sketch_error_rate,
+            describe_critiques=describe_critiques,
         ),
     )
     tmp = staging_dir(out)
@@ -200,6 +203,7 @@ def build(
             "mode": mode if len(modes) == 1 else modes,
             "resolution": resolution,
             "sketch_error_rate": sketch_error_rate,
+            "describe_critiques": describe_critiques,
             "shards": shards,
             **tally.summary(label_source),
         }

@@ -2,13 +2,18 @@
 
 A right image gets a verdict sentence; a wrong one gets what is wrong, then `<refine>edits</refine>`.
 `is_verdict_ok` reads a critique back (the policy's too): it is right exactly when it holds no
-`<refine>`.
+`<refine>`. `read_canvas` says what is on a canvas (a critique's optional `<des>`), `describe`
+what a scene holds (a plan step's `<des>`).
 """
 
 from __future__ import annotations
 
+import re
+
+from avr.world.edit import detected_scene
+from avr.world.scene import Scene, SceneObject
 from avr.world.spec import Clause, PromptSpec
-from avr.world.verify import ClauseResult, ProblemKind, Verdict
+from avr.world.verify import ClauseResult, Detection, ProblemKind, Verdict
 
 OK_IMAGE = "the image matches the prompt."
 OK_STEP = "this step is done."
@@ -23,6 +28,44 @@ def critique_text(verdict: Verdict, spec: PromptSpec, ok_text: str = OK_IMAGE) -
     said = "; ".join(dict.fromkeys(text for text, _ in problems))
     edits = "; ".join(dict.fromkeys(edit for _, edit in problems))
     return f"{said}. <refine>{edits}</refine>"
+
+
+EMPTY_CANVAS = "nothing"
+_DESCRIPTION = re.compile(r"<des>(.*?)</des>", re.S)
+
+
+def describe(scene: Scene) -> str:
+    """Where everything is, in the scene's order: ``a red circle at the top left, a blue square at
+    the bottom right`` (`EMPTY_CANVAS` for no object)."""
+
+    def place(o: SceneObject) -> str:
+        row, col = _THIRDS[0][_third(o.y)], _THIRDS[1][_third(o.x)]
+        return "the center" if (row, col) == ("middle", "center") else f"the {row} {col}"
+
+    return ", ".join(f"a {o.color} {o.shape} at {place(o)}" for o in scene.objects) or EMPTY_CANVAS
+
+
+def read_canvas(detections: tuple[Detection, ...] | list[Detection], side: int) -> str:
+    """What the verifier sees in a `side`-pixel image (its `detections`): one phrase per object (so a
+    count is as many phrases), in reading order (top to bottom by the third of the canvas its
+    centre is in, then left to right), without places, to keep a critique short: ``a red circle, a
+    red circle, a blue square`` (`EMPTY_CANVAS` for none)."""
+    objects = detected_scene(detections, side).objects
+    ordered = sorted(objects, key=lambda o: (_third(o.y), o.x))
+    return ", ".join(f"a {o.color} {o.shape}" for o in ordered) or EMPTY_CANVAS
+
+
+_THIRDS = (("top", "middle", "bottom"), ("left", "center", "right"))
+
+
+def _third(coordinate: float) -> int:
+    return 0 if coordinate < 0.38 else 2 if coordinate > 0.62 else 1
+
+
+def description(critique: str) -> str | None:
+    """The `<des>` a critique opens with (stripped), or None where it has none."""
+    found = _DESCRIPTION.search(critique)
+    return found.group(1).strip() if found else None
 
 
 def is_verdict_ok(text: str) -> bool:

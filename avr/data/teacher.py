@@ -6,7 +6,8 @@
   wrong color, missing or extra object, swapped relation), of the plan's partial scene (sketch, with
   an injected error at rate `sketch_error_rate`); or, with `draft_model`, an image the model draws
   itself (self-sampling, as the process-driven paper does);
-- `reflect`: the verifier's judgement of the current image, as a critique;
+- `reflect`: the verifier's judgement of the current image, as a critique (with
+  `describe_critiques`, after a `<des>` of what the verifier sees on the canvas: `read_canvas`);
 - `refine`: the render of what the critique asked for (the target, or the plan's partial scene).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from avr.backbone.tokenizer import mode_token
-from avr.data.critique import OK_IMAGE, OK_STEP, critique_text, name
+from avr.data.critique import OK_IMAGE, OK_STEP, critique_text, describe, name, read_canvas
 from avr.protocol import Critique, Episode
 from avr.registry import MODES
 from avr.sequence import ImageRole, Segment
@@ -41,15 +42,19 @@ class ShapeWorldTeacher:
         draft_model: Callable[[PromptSpec], Image.Image] | None = None,
         mode_succeeds: Callable[[str, PromptSpec], bool] | None = None,
         verifier: Verifier | None = None,
+        describe_critiques: bool = False,
     ) -> None:
         """`draft_model` draws reflect drafts instead of corrupted renders (self-sampling);
         `mode_succeeds(mode, spec)` labels adaptive trajectories with the cheapest mode that
-        succeeds for a model, instead of by complexity level."""
+        succeeds for a model, instead of by complexity level; `describe_critiques` opens every
+        critique with `<des>` and what the verifier sees on the canvas, so the verdict follows a
+        reading of the image."""
         self.scene, self.rng, self.resolution = scene, rng, resolution
         self.sketch_error_rate = sketch_error_rate
         self.draft_model = draft_model
         self.mode_succeeds = mode_succeeds
         self.verifier = verifier or Verifier()
+        self.describe_critiques = describe_critiques
 
     def begin(self, episode: Episode) -> None:
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
@@ -99,6 +104,8 @@ class ShapeWorldTeacher:
         spec = step_spec or episode.spec
         verdict = self.verifier.verify(episode.image, spec)
         text = critique_text(verdict, spec, OK_STEP if step_spec else OK_IMAGE)
+        if self.describe_critiques:
+            text = f"<des>{read_canvas(verdict.detections, episode.image.width)}</des>{text}"
         episode.add_text(text)
         return Critique(text, verdict.correct)
 
@@ -122,17 +129,6 @@ class ShapeWorldTeacher:
             if wrong is not None and not self.verifier.verify(self._render(wrong), spec).correct:
                 return wrong
         return scene.remove(int(self.rng.integers(len(scene))))  # a missing object always shows
-
-
-def describe(scene: Scene) -> str:
-    """Where everything is: ``a red circle at the top left, a blue square at the bottom right``."""
-
-    def place(o: SceneObject) -> str:
-        row = "top" if o.y < 0.38 else "bottom" if o.y > 0.62 else "middle"
-        col = "left" if o.x < 0.38 else "right" if o.x > 0.62 else "center"
-        return "the center" if (row, col) == ("middle", "center") else f"the {row} {col}"
-
-    return ", ".join(f"a {o.color} {o.shape} at {place(o)}" for o in scene.objects)
 
 
 def plan_instruction(spec: PromptSpec, step: int) -> str:

@@ -225,7 +225,7 @@ class SelfUnderstanding(L.Callback):
 
         was_training = backbone.training
         backbone.eval()
-        sampling = SamplingConfig(steps=self.steps, temperature=0.0, max_text_tokens=48)
+        sampling = SamplingConfig(steps=self.steps, temperature=0.0, max_text_tokens=96)
         understanding, verifier, out = Understanding(), Verifier(), {}
         try:
             for mode in ("reflect", "plan"):
@@ -248,6 +248,7 @@ class SelfUnderstanding(L.Callback):
             miss_rate=critique["miss_rate"],
             first_critique_agreement=critique["by_round"].get("first", {}).get("agreement"),
             plan_step_accuracy=summary["plan_steps"]["accuracy"],
+            description_accuracy=summary["descriptions"]["accuracy"],
             refine_fix_rate=summary["refines"]["fix_rate"],
         )
         return {k: float(v) for k, v in out.items() if v is not None}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from avr.data.__main__ import main as data_main
 from avr.data.build import FromModel, SelfSampleStats, build, parse_mix
-from avr.data.critique import critique_text, is_verdict_ok
+from avr.data.critique import critique_text, description, is_verdict_ok, read_canvas
 from avr.data.teacher import partial_spec
 from avr.defaults import tiny_model
 from avr.sequence import Trajectory, record_to_trajectory
@@ -271,3 +271,43 @@ def test_tries_keep_the_models_first_right_answer_or_drop_the_prompt(tmp_path):
     assert own["images_right"] == len(kept) == manifest["n"] > first["images_right"] == right_first
     assert first["images_drawn"] == 8 and len(kept) < 8  # one prompt at least stays unsolved
     assert own["images_drawn"] == sum(t.meta["tries"] for t in kept) + 4 * (8 - len(kept))
+
+
+def test_read_canvas_lists_what_the_verifier_sees_in_reading_order():
+    scene = Scene(
+        (
+            SceneObject("square", "blue", 0.8, 0.8, 0.2),
+            SceneObject("circle", "red", 0.2, 0.2, 0.2),
+            SceneObject("circle", "red", 0.8, 0.2, 0.2),
+        )
+    )
+    seen = read_canvas(Verifier().detect(render(scene, 64)), 64)
+    assert seen == "a red circle, a red circle, a blue square"
+    assert read_canvas([], 64) == "nothing"
+
+
+def test_described_critiques_open_with_the_verifiers_reading_of_the_models_image(tmp_path):
+    manifest = build(
+        tmp_path / "des",
+        6,
+        parse_mix("simple=1,medium=1"),
+        seed=5,
+        mode="reflect",
+        describe_critiques=True,
+        own=FromModel(tiny_model(0).eval(), balance=None, batch=6, own_refines=1),
+    )
+    assert manifest["describe_critiques"] is True
+    lines = (tmp_path / "des" / "shard-00000.jsonl").read_text().splitlines()
+    verifier, checked = Verifier(), 0
+    for k, line in enumerate(lines):
+        trajectory = record_to_trajectory(json.loads(line), tmp_path / "des", f"line {k}")
+        image = None
+        for segment in trajectory.segments[2:]:
+            if segment.is_image:
+                image = segment.image
+                continue
+            seen = read_canvas(verifier.detect(image), image.width)
+            assert description(segment.text) == seen
+            assert segment.text.startswith(f"<des>{seen}</des>")
+            checked += 1
+    assert checked >= 6
