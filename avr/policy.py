@@ -108,6 +108,14 @@ class PolicyActor:
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
         episode.state.update(session=session, opened=None, steps=None, nfe=0, text_tokens=0)
 
+    def restart(self, episode: Episode) -> None:
+        """A fresh session holding the prompt alone; the compute so far keeps counting."""
+        session = self.open_session()
+        session.append_tokens([[self.model.tokenizer.bos_token_id]])
+        session.append_text([episode.spec.prompt])
+        episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
+        episode.state.update(session=session, opened=None, steps=None)
+
     def choose(self, episode: Episode, modes: list[str]) -> str:
         """Sample a mode token, restricted to `modes`' tokens. Its log-prob is the full policy's
         (at the text temperature, as the trainer computes it); with a `mode_temperature`, the

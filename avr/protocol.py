@@ -14,7 +14,8 @@ Each step appends segments to an `Episode` and returns what the control flow bra
 Lifecycle of a trajectory: `begin` (the prompt) → `announce` (the mode token of a mode run
 directly; `adaptive` lets the actor `choose` one instead) → `run` → `finish`. The default `run`,
 which `direct` and `reflect` use: `plan` (nothing by default) → `draft` → up to `rounds` ×
-(`reflect` → stop if right → `refine`).
+(`reflect` → stop if right → `refine`). A mode may `restart` the context for another try (`retry`):
+the actor opens a fresh context holding only the prompt, and the trajectory keeps every try.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class Actor(Protocol):
     def refine(self, episode: Episode, role: ImageRole) -> None:
         """Draw the edited image the last critique's `<refine>` asks for."""
 
+    def restart(self, episode: Episode) -> None:
+        """Open a fresh context for another try: the prompt again (`Segment.restart`), and nothing
+        of the tries before it in what the model sees; the trajectory keeps them all."""
+
     def finish(self, episode: Episode) -> None:
         """End the trajectory (record its compute, say)."""
 
@@ -114,6 +119,9 @@ class Mode(ABC):
     #: Whether a trajectory of this mode starts with its mode token (`Actor.announce`) when the mode
     #: is run directly; a mode that picks another one (adaptive) writes the chosen token instead.
     announced: ClassVar[bool] = True
+    #: The mode token its trajectories open with, where not its own name (a mode that lays each
+    #: try out as another mode's trajectory: `retry` as `reflect`'s).
+    token: ClassVar[str | None] = None
 
     def __init__(self, rounds: int = 0) -> None:
         """`rounds`: how many reflect → refine rounds the default `run` allows."""
@@ -135,7 +143,7 @@ class Mode(ABC):
         episode = Episode(spec)
         actor.begin(episode)
         if self.announced:
-            actor.announce(episode, self.name)
+            actor.announce(episode, self.token or self.name)
         self.run(actor, episode)
         actor.finish(episode)
         episode.trajectory.meta.setdefault("mode", self.name)

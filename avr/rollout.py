@@ -145,6 +145,14 @@ class _Batch:
 
     # -- the episodes' side
 
+    def open(self, row: int) -> _Row:
+        """A fresh one-row session for `row` (its episode begins, or restarts for another try).
+        Called from the episode's thread while the scheduler waits for it, so no batched call is
+        using the row's session."""
+        with self.lock:
+            self.sessions[row] = self.model.session(batch_size=1)
+        return _Row(self, row)
+
     def call(self, row: int, kind: str, **kwargs) -> Any:
         """Post a call for `row` and block until the scheduler has run it."""
         call = _Call(row, kind, kwargs)
@@ -161,7 +169,7 @@ class _Batch:
 
     def _episode(self, row: int) -> None:
         job = self.jobs[row]
-        actor = self.actor(job, self.sampling, self.generators[row], lambda: _Row(self, row))
+        actor = self.actor(job, self.sampling, self.generators[row], lambda: self.open(row))
         try:
             self.results[row] = job.mode.rollout(actor, job.spec)
         except BaseException as error:  # re-raised on the caller's thread

@@ -4,11 +4,17 @@ A `Trajectory` is an ordered list of `Segment`s, each text or image. Text segmen
 model is trained to write them (`loss`); image segments carry their role: an `input` image is only
 read, every other role (`draft`, `sketch`, `refined`, `final`) is something the model drew, so in
 training it is a generation target. Sampled segments may carry the log-probs RL needs.
+
+A trajectory may hold several **tries**, each in a fresh context (a `retry` rollout): a try after the
+first opens with the prompt again (`Segment.restart`), and the model drawing it saw nothing of the
+tries before. `tries` splits such a trajectory into one trajectory per context; training lays out
+one context at a time.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import warnings
@@ -28,6 +34,7 @@ TAG_PAIRS: tuple[tuple[str, str], ...] = (
 )
 _TAG = re.compile(r"</?(?:ins|des|refine)>")
 FORMAT_VERSION = 1
+RESTART = "restart"  # a segment's meta key: it opens a fresh context (`tries`)
 
 
 class TrajectoryError(ValueError):
@@ -89,6 +96,16 @@ class Segment:
         """A text segment the model reads but is not trained to write."""
         return cls(text=text, loss=False)
 
+    @classmethod
+    def restart(cls, text: str) -> Segment:
+        """The prompt again, opening another try in a fresh context (see `tries`)."""
+        return cls(text=text, loss=False, meta={RESTART: True})
+
+    @property
+    def restarts(self) -> bool:
+        """Whether this segment opens a fresh context."""
+        return bool(self.meta.get(RESTART))
+
 
 @dataclass
 class Trajectory:
@@ -107,6 +124,19 @@ class Trajectory:
         """The last image the trajectory holds (the answer), or None."""
         images = self.images
         return images[-1].image if images else None
+
+
+def tries(trajectory: Trajectory) -> list[Trajectory]:
+    """`trajectory` split where a segment `restarts` the context: one trajectory per try, each
+    with the whole trajectory's meta (a trajectory of one context gives itself back)."""
+    starts = [k for k, s in enumerate(trajectory.segments) if k and s.restarts]
+    if not starts:
+        return [trajectory]
+    bounds = [0, *starts, len(trajectory.segments)]
+    return [
+        Trajectory(trajectory.segments[a:b], dict(trajectory.meta))
+        for a, b in itertools.pairwise(bounds)
+    ]
 
 
 def check_tags(text: str) -> None:

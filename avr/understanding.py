@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from avr.data.critique import description, is_verdict_ok, read_canvas
 from avr.data.teacher import partial_spec, plan_instruction
-from avr.sequence import Trajectory
+from avr.sequence import Trajectory, tries
 from avr.world import PromptSpec, Verifier, complexity
 
 _INS = re.compile(r"<ins>(.*?)</ins>", re.S)
@@ -79,9 +79,13 @@ class Understanding:
     critiques_written: int = 0
 
     def update(self, trajectory: Trajectory, spec: PromptSpec) -> None:
-        """Score one rollout of `spec`."""
-        level = complexity(spec).level
+        """Score one rollout of `spec` (each of its tries in its own context: `tries`)."""
         self.trajectories += 1
+        for context in tries(trajectory):
+            self._context(context, spec)
+
+    def _context(self, trajectory: Trajectory, spec: PromptSpec) -> None:
+        level = complexity(spec).level
         step = -1  # the plan step the images belong to (-1: no plan)
         verdict = None  # the verifier's judgement of the last image
         seen = ""  # what the verifier sees on the last image

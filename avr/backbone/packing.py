@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from avr.backbone.rope import image_grid
 from avr.backbone.tokenizer import IMAGE_END, IMAGE_START
 from avr.flow import sample_timesteps
-from avr.sequence import Trajectory, image_to_array
+from avr.sequence import Trajectory, TrajectoryError, image_to_array
 
 PAD, TEXT, GEN, READ, LATENT = 0, 1, 2, 3, 4
 
@@ -299,6 +299,12 @@ def _layout(
                 f"trajectory {index}: states for {len(states)} images ({[len(s) for s in states]}"
                 f" each) for {images} generated images (each needs ≥ 1)"
             )
+    restarts = sum(seg.restarts for seg in traj.segments[1:])
+    if restarts:
+        raise TrajectoryError(
+            f"trajectory {index} holds {restarts + 1} tries, each in a fresh context (a `retry` "
+            "rollout): lay out one context at a time (avr.sequence.tries)"
+        )
     laid = _Layout(tokenizer, geometry, rl)
     segments = traj.segments
     for s, seg in enumerate(segments):

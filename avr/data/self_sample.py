@@ -62,6 +62,10 @@ class SelfSampleActor(PolicyActor):
             model_images=0, model_images_right=0, critiques=[], refine_targets=[]
         )
 
+    def restart(self, episode: Episode) -> None:
+        super().restart(episode)
+        episode.state.update(target=self.teacher.scene, step_spec=None)
+
     def choose(self, episode: Episode, modes: list[str]) -> str:
         mode = self.teacher.choose(episode, modes)
         self._read_text(episode)

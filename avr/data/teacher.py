@@ -60,6 +60,10 @@ class ShapeWorldTeacher:
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
         episode.state.update(target=self.scene, spec=episode.spec, step_spec=None)
 
+    def restart(self, episode: Episode) -> None:
+        episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
+        episode.state.update(target=self.scene, step_spec=None)
+
     def choose(self, episode: Episode, modes: list[str]) -> str:
         mode = LEVEL_MODES[complexity(episode.spec).level]
         if self.mode_succeeds is not None:

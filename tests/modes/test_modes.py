@@ -5,13 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
+from avr.backbone.packing import pack
 from avr.data.critique import is_verdict_ok
 from avr.data.teacher import ShapeWorldTeacher
 from avr.defaults import tiny_model
 from avr.policy import PolicyActor, SamplingConfig
+from avr.protocol import Critique
 from avr.registry import MODES, list_modes
-from avr.sequence import ImageRole
-from avr.world import Verifier, sample_scene, sample_specs
+from avr.rollout import Job, rollout
+from avr.sequence import ImageRole, TrajectoryError, tries
+from avr.world import Verifier, render, sample_scene, sample_specs
 
 SPECS = {
     tag: sample_specs(1, [tag], seed=5)[0]
@@ -125,7 +128,12 @@ def test_policy_rollouts_carry_log_probs_and_compute(policy_model, mode):
 
 
 #: What a trajectory of each built-in mode holds right after its mode token.
-OPENING = {"direct": ImageRole.FINAL, "reflect": ImageRole.DRAFT, "plan": "<ins>"}
+OPENING = {
+    "direct": ImageRole.FINAL,
+    "reflect": ImageRole.DRAFT,
+    "retry": ImageRole.DRAFT,
+    "plan": "<ins>",
+}
 
 
 @pytest.mark.parametrize("mode", list_modes())
@@ -140,14 +148,77 @@ def test_every_mode_rolls_out_as_it_was_trained(policy_model, mode):
         PolicyActor(policy_model, sampling, torch.Generator().manual_seed(0)), spec
     )
     built = MODES.get(mode)().build(_teacher(spec), spec)
-    chosen = rolled.meta["mode"]
+    chosen = MODES.get(rolled.meta["mode"])
     token = rolled.segments[1]
-    assert rolled.segments[0].text == spec.prompt and token.text == f"<mode:{chosen}>"
+    assert rolled.segments[0].text == spec.prompt
+    assert token.text == f"<mode:{chosen.token or chosen.name}>"
     assert (token.logprobs is not None) == (mode == "adaptive")  # sampled only when chosen
-    assert built.segments[1].text == f"<mode:{built.meta['mode']}>"
+    built_mode = MODES.get(built.meta["mode"])
+    assert built.segments[1].text == f"<mode:{built_mode.token or built_mode.name}>"
     assert built.segments[1].loss == (mode == "adaptive")  # a label is taught, a given mode read
     for trajectory in (rolled, built):
         first = trajectory.segments[2]
         opening = OPENING.get(trajectory.meta["mode"])
         if opening is not None:
             assert (first.role if first.is_image else first.text[:5]) == opening
+
+
+class _Rejecting(PolicyActor):
+    """The policy, but every critique is taken as "wrong"; keeps the generator's state at each
+    restart."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.states = []
+
+    def reflect(self, episode):
+        return Critique(super().reflect(episode).text, False)
+
+    def restart(self, episode):
+        self.states.append(self.generator.get_state())
+        super().restart(episode)
+
+
+def test_retry_draws_each_try_in_a_fresh_context(policy_model):
+    """A try after a rejected draft is drawn from the prompt alone: it equals a reflect rollout's
+    first draft from the same random state, through the batched engine as through a plain actor."""
+    spec = SPECS["counting"]
+    sampling = SamplingConfig(steps=2, max_text_tokens=4, temperature=0)
+    actors = []
+
+    def rejecting(job, sampling, generator, open_session):
+        actors.append(_Rejecting(policy_model, sampling, generator, open_session=open_session))
+        return actors[-1]
+
+    (rolled,) = rollout(
+        policy_model, [Job(MODES.get("retry")(tries=3), spec, 5)], sampling, actor=rejecting
+    )
+    contexts = tries(rolled)
+    assert len(contexts) == 3 and len(actors[0].states) == 2
+    for context in contexts:
+        assert [s.text for s in context.segments[:2]] == [spec.prompt, "<mode:reflect>"]
+        assert [s.role for s in context.images] == [ImageRole.DRAFT]
+    assert rolled.meta["nfe"] == 3 * 2
+    for state, context in zip(actors[0].states, contexts[1:], strict=True):
+        generator = torch.Generator()
+        generator.set_state(state)
+        fresh = MODES.get("reflect")().rollout(PolicyActor(policy_model, sampling, generator), spec)
+        assert np.array_equal(np.asarray(fresh.images[0].image), np.asarray(context.final_image))
+    assert not np.array_equal(  # the tries differ: new noise each time
+        np.asarray(contexts[0].final_image), np.asarray(contexts[1].final_image)
+    )
+
+
+def test_retry_stops_at_the_first_draft_its_critic_accepts(policy_model):
+    spec = SPECS["colors"]
+    teacher = _teacher(spec, draft_model=lambda s: Image.new("RGB", (64, 64), "white"))
+    rejected = MODES.get("retry")(tries=2).build(teacher, spec)
+    assert len(tries(rejected)) == 2  # a blank draft is always wrong
+    target = _teacher(spec).scene
+    teacher = _teacher(spec, draft_model=lambda s: render(target, 64))
+    accepted = MODES.get("retry")(tries=3).build(teacher, spec)
+    assert len(tries(accepted)) == 1 and is_verdict_ok(accepted.segments[-1].text)
+    with pytest.raises(TrajectoryError, match="2 tries, each in a fresh context"):
+        pack([rejected], policy_model.tokenizer, policy_model.geometry, 2048)
+    contexts = pack(tries(rejected), policy_model.tokenizer, policy_model.geometry, 2048)
+    assert contexts.input_ids.shape[0] == 1  # both tries, packed apart in one row
