@@ -210,7 +210,7 @@ class PolicyActor:
             steps=s.steps,
             cfg_scale=s.cfg_scale,
             noise_level=s.noise_level,
-            noise_window=None if s.sde_window is None else tuple(s.sde_window),
+            sde_window=None if s.sde_window is None else tuple(s.sde_window),
             shift=s.shift,
             generator=self.generator,
             start=not opened,

@@ -327,7 +327,7 @@ class Session(TextSession):
         noise_level: float = 0.0,
         shift: float = 1.0,
         read: bool = True,
-        noise_window: tuple[int, int] | None = None,
+        sde_window: tuple[int, int] | None = None,
         generator: flow.Generators = None,
         active: torch.Tensor | None = None,
         start: bool = True,
@@ -336,7 +336,7 @@ class Session(TextSession):
         """Draw one image per row after `<img>`.
 
         `noise_level = 0` is the ODE (Euler) sampler; `> 0` is Flow-GRPO's SDE with per-step
-        log-probs; with `noise_window = (first, last)` only those steps are stochastic and the
+        log-probs; with `sde_window = (first, last)` only those steps are stochastic and the
         others follow the ODE (MixGRPO's mixed sampler; their log-probs are NaN). `cfg_scale ≠ 1` mixes in the unconditional velocity (the image's tokens alone, as
         trained with CFG dropout): `v = v_u + w·(v_c − v_u)`. With `read`, the image is then read
         back (clean copy and `</img>`) so later text can refer to it. `start=False` when the model
@@ -359,7 +359,7 @@ class Session(TextSession):
             if cfg_scale != 1.0:
                 v_u = self._velocity(x, t, conditional=False)
                 v = v_u + cfg_scale * (v - v_u)
-            stochastic = noise_window is None or noise_window[0] <= i < noise_window[1]
+            stochastic = sde_window is None or sde_window[0] <= i < sde_window[1]
             if noise_level > 0 and not stochastic:
                 x = flow.ode_step(x, v, t, t_next)
                 logps.append(torch.full((x.shape[0],), float("nan"), device=x.device))

@@ -553,10 +553,10 @@ class JanusSession(TextSession):
         generator: torch.Generator | None = None,
         active: torch.Tensor | None = None,
         start: bool = True,
-        noise_window: tuple[int, int] | None = None,
+        sde_window: tuple[int, int] | None = None,
         noise_generator: torch.Generator | list | None = None,
     ) -> ImageSample:
-        """Draw one image as codebook tokens after `<img>`; `steps`, `shift`, `noise_window` and
+        """Draw one image as codebook tokens after `<img>`; `steps`, `shift`, `sde_window` and
         `noise_generator` (no starting noise) have no meaning here. Sampled at temperature 1 with per-token log-probs when `noise_level > 0`, greedy
         otherwise."""
         model = self.model
