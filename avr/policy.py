@@ -28,6 +28,22 @@ _STEP = re.compile(r"step (\d+) of (\d+)")
 
 
 @dataclass
+class PolicyState:
+    """What a `PolicyActor` keeps of one episode (`Episode.state`)."""
+
+    session: Session
+    """The episode's KV-cached context (a fresh one after `restart`)."""
+    opened: str | None = None
+    """`<ins>` or `<img>` where the model's last text opened the next part itself."""
+    steps: int | None = None
+    """How many steps the plan said it has ("step i of n"), once it said so."""
+    nfe: int = 0
+    """Velocity evaluations so far."""
+    text_tokens: int = 0
+    """Text tokens written so far."""
+
+
+@dataclass
 class SamplingConfig:
     """How a policy samples. `noise_level = 0` draws images with the ODE (evaluation); `> 0` with
     Flow-GRPO's SDE, keeping per-step log-probs (RL)."""
@@ -86,7 +102,10 @@ class SamplingConfig:
 class PolicyActor:
     """Runs a mode's steps with `model`; deterministic given `generator`'s seed. Callers roll out
     through `avr.rollout.rollout`, which gives each episode's actor one row of a batched session
-    (`open_session`); by default the actor opens a session of its own."""
+    (`open_session`); by default the actor opens a session of its own. Its record of an episode
+    is a `State` (`PolicyState`)."""
+
+    State: type[PolicyState] = PolicyState
 
     def __init__(
         self,
@@ -106,7 +125,7 @@ class PolicyActor:
         session.append_tokens([[self.model.tokenizer.bos_token_id]])
         session.append_text([episode.spec.prompt])
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
-        episode.state.update(session=session, opened=None, steps=None, nfe=0, text_tokens=0)
+        episode.state = self.State(session=session)
 
     def restart(self, episode: Episode) -> None:
         """A fresh session holding the prompt alone; the compute so far keeps counting."""
@@ -114,13 +133,13 @@ class PolicyActor:
         session.append_tokens([[self.model.tokenizer.bos_token_id]])
         session.append_text([episode.spec.prompt])
         episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
-        episode.state.update(session=session, opened=None, steps=None)
+        episode.state.session, episode.state.opened, episode.state.steps = session, None, None
 
     def choose(self, episode: Episode, modes: list[str]) -> str:
         """Sample a mode token, restricted to `modes`' tokens. Its log-prob is the full policy's
         (at the text temperature, as the trainer computes it); with a `mode_temperature`, the
         behaviour distribution's log-prob is kept too (`segment.behaviour_logprobs`)."""
-        session: Session = episode.state["session"]
+        session: Session = episode.state.session
         tok = self.model.tokenizer
         ids = tok.convert_tokens_to_ids([mode_token(m) for m in modes])
         logits = session.last_logits[0]
@@ -141,30 +160,30 @@ class PolicyActor:
         sample = TextSample([[ids[pick]]], [[float(policy[ids[pick]])]], [mode_token(modes[pick])])
         episode.add_text(mode_token(modes[pick]), sample, sample.logprobs[0])
         episode.trajectory.segments[-1].behaviour_logprobs = behaviour
-        episode.state["text_tokens"] += 1
+        episode.state.text_tokens += 1
         return modes[pick]
 
     def announce(self, episode: Episode, mode: str) -> None:
         """Scaffold the forced mode's token, as the adaptive trajectories the model learned from
         begin (tokenized as the packer does: one special token where the vocabulary has it)."""
         token = mode_token(mode)
-        episode.state["session"].append_text([token])
+        episode.state.session.append_text([token])
         episode.add_text(token)  # scaffolding: forced, not sampled (no log-probs)
 
     def plan(self, episode: Episode, step: int) -> bool:
-        steps = episode.state["steps"]
+        steps = episode.state.steps
         if steps is not None and step >= steps:
             return False
-        if episode.state["opened"] != "<ins>":
-            episode.state["session"].append_text(["<ins>"])
+        if episode.state.opened != "<ins>":
+            episode.state.session.append_text(["<ins>"])
             episode.add_text("<ins>")  # scaffolding: forced, not sampled (no log-probs)
-        episode.state["opened"] = None
+        episode.state.opened = None
         sample = self._text(episode, stop=["</des>"])
         self._note_opening(episode, sample)
         text = sample.text[0]
         episode.add_text(text, sample, sample.logprobs[0])
         found = _STEP.search(text)
-        episode.state["steps"] = int(found.group(2)) if found else step + 1
+        episode.state.steps = int(found.group(2)) if found else step + 1
         return True
 
     def draft(self, episode: Episode, role: ImageRole) -> None:
@@ -186,11 +205,11 @@ class PolicyActor:
         again (the packer lays such a rollout out the same way)."""
         ids = sample.ids[0]
         last = self.model.tokenizer.convert_ids_to_tokens(ids[-1:]) if ids else []
-        episode.state["opened"] = last[0] if last and last[0] in ("<ins>", IMAGE_START) else None
+        episode.state.opened = last[0] if last and last[0] in ("<ins>", IMAGE_START) else None
 
     def _text(self, episode: Episode, stop: list[str]) -> TextSample:
         s = self.sampling
-        sample = episode.state["session"].sample_text(
+        sample = episode.state.session.sample_text(
             s.max_text_tokens,
             stop=stop,
             temperature=s.temperature,
@@ -198,14 +217,14 @@ class PolicyActor:
             top_p=s.top_p,
             generator=self.generator,
         )
-        episode.state["text_tokens"] += len(sample.ids[0])
+        episode.state.text_tokens += len(sample.ids[0])
         return sample
 
     def _image(self, episode: Episode, role: ImageRole) -> None:
         s = self.sampling
-        session: Session = episode.state["session"]
-        opened = episode.state["opened"] == IMAGE_START
-        episode.state["opened"] = None
+        session: Session = episode.state.session
+        opened = episode.state.opened == IMAGE_START
+        episode.state.opened = None
         sample = session.generate_image(
             steps=s.steps,
             cfg_scale=s.cfg_scale,
@@ -215,7 +234,7 @@ class PolicyActor:
             generator=self.generator,
             start=not opened,
         )
-        episode.state["nfe"] += sample.nfe
+        episode.state.nfe += sample.nfe
         pixels = rearrange(sample.pixels[0].float().cpu(), "c h w -> h w c")
         image = Image.fromarray((pixels.numpy() * 255).round().astype("uint8"), "RGB")
         logprobs = (  # None for the steps a mixed sampler drew with the ODE
@@ -227,6 +246,4 @@ class PolicyActor:
 
     def finish(self, episode: Episode) -> None:
         """Record the rollout's compute: velocity evaluations and text tokens written."""
-        episode.trajectory.meta.update(
-            nfe=episode.state["nfe"], text_tokens=episode.state["text_tokens"]
-        )
+        episode.trajectory.meta.update(nfe=episode.state.nfe, text_tokens=episode.state.text_tokens)

@@ -42,12 +42,13 @@ class Critique:
 @dataclass
 class Episode:
     """A trajectory under construction: the prompt's spec, the segments so far, and the current
-    image (the one the next `reflect` judges). `state` is the actor's own scratch space."""
+    image (the one the next `reflect` judges). `state` is the actor's own record of the episode,
+    set by its `begin` (`avr.policy.PolicyState`, `avr.data.teacher.TeacherState`)."""
 
     spec: PromptSpec
     trajectory: Trajectory = field(default_factory=lambda: Trajectory([]))
     image: Image.Image | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
 
     def add_text(
         self,

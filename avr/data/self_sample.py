@@ -15,20 +15,32 @@ on its own successes), and a wrong direct answer is replaced by the teacher's re
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from einops import rearrange
 
 from avr.data.teacher import ShapeWorldTeacher
-from avr.policy import PolicyActor, SamplingConfig
+from avr.policy import PolicyActor, PolicyState, SamplingConfig
 from avr.protocol import Critique, Episode
 from avr.sequence import ImageRole, Segment, Trajectory, image_to_array
 from avr.world.edit import correct_scene, detected_scene
 from avr.world.render import render
+from avr.world.scene import Scene
+from avr.world.spec import PromptSpec
 
 #: Images that are a first try at what the text before them asks (not a refine of an earlier one).
 FIRST_TRIES = (ImageRole.DRAFT, ImageRole.SKETCH)
+
+
+@dataclass
+class SelfSampleState(PolicyState):
+    """A `PolicyState` with what the teacher keeps (`TeacherState`'s fields): the teacher's steps
+    run on the same episode."""
+
+    target: Scene | None = None
+    step_spec: PromptSpec | None = None
 
 
 class SelfSampleActor(PolicyActor):
@@ -39,6 +51,8 @@ class SelfSampleActor(PolicyActor):
     critiques state in order (`critiques`: True for "right"), and how each refine was made
     (`refine_targets`: drawn by the "model", an "edit" of the image, or a "redraw" of the
     teacher's scene where no edit of the image satisfies the spec)."""
+
+    State = SelfSampleState
 
     def __init__(
         self,
@@ -57,14 +71,14 @@ class SelfSampleActor(PolicyActor):
 
     def begin(self, episode: Episode) -> None:
         super().begin(episode)
-        episode.state.update(target=self.teacher.scene, step_spec=None)
+        episode.state.target = self.teacher.scene
         episode.trajectory.meta.update(
             model_images=0, model_images_right=0, critiques=[], refine_targets=[]
         )
 
     def restart(self, episode: Episode) -> None:
         super().restart(episode)
-        episode.state.update(target=self.teacher.scene, step_spec=None)
+        episode.state.target, episode.state.step_spec = self.teacher.scene, None
 
     def choose(self, episode: Episode, modes: list[str]) -> str:
         mode = self.teacher.choose(episode, modes)
@@ -93,7 +107,7 @@ class SelfSampleActor(PolicyActor):
         segment.loss = right
         segment.meta["drawn_by"] = "model"
         if role is ImageRole.FINAL and not right:
-            segment.image = episode.image = render(episode.state["target"], self.teacher.resolution)
+            segment.image = episode.image = render(episode.state.target, self.teacher.resolution)
             segment.loss, segment.meta["drawn_by"] = True, "teacher"
 
     def reflect(self, episode: Episode) -> Critique:
@@ -129,23 +143,23 @@ class SelfSampleActor(PolicyActor):
             teacher.verifier,
         )
         kind = "edit" if scene is not None else "redraw"
-        image = render(scene if scene is not None else episode.state["target"], teacher.resolution)
+        image = render(scene if scene is not None else episode.state.target, teacher.resolution)
         episode.add_image(image, role)
         episode.trajectory.segments[-1].meta["drawn_by"] = "teacher"
         episode.trajectory.meta["refine_targets"].append(kind)
         pixels = torch.from_numpy(image_to_array(image, self.model.config.image_size))
-        episode.state["session"].append_image(rearrange(pixels, "h w c -> 1 c h w"))
+        episode.state.session.append_image(rearrange(pixels, "h w c -> 1 c h w"))
 
     def finish(self, episode: Episode) -> None:
         super().finish(episode)
         self.teacher.finish(episode)
 
     def _spec(self, episode: Episode):
-        return episode.state["step_spec"] or episode.spec
+        return episode.state.step_spec or episode.spec
 
     def _read_text(self, episode: Episode) -> None:
         """The session reads the text segment the teacher just wrote."""
-        episode.state["session"].append_text([episode.trajectory.segments[-1].text])
+        episode.state.session.append_text([episode.trajectory.segments[-1].text])
 
 
 def critique_views(trajectory: Trajectory) -> list[Trajectory]:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -28,6 +28,16 @@ from avr.world import COLORS, PromptSpec, Scene, SceneObject, Verifier, complexi
 
 #: The teacher's mode for each complexity level (the adaptive policy's SFT label).
 LEVEL_MODES = {"simple": "direct", "medium": "reflect", "complex": "plan"}
+
+
+@dataclass
+class TeacherState:
+    """What the teacher keeps of one episode (`Episode.state`): the scene the next image should
+    show (the target, or a plan step's partial scene) and, within a plan, the step's partial spec
+    (what a sketch and its critique are judged against)."""
+
+    target: Scene
+    step_spec: PromptSpec | None = None
 
 
 class ShapeWorldTeacher:
@@ -58,11 +68,11 @@ class ShapeWorldTeacher:
 
     def begin(self, episode: Episode) -> None:
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
-        episode.state.update(target=self.scene, spec=episode.spec, step_spec=None)
+        episode.state = TeacherState(self.scene)
 
     def restart(self, episode: Episode) -> None:
         episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
-        episode.state.update(target=self.scene, step_spec=None)
+        episode.state.target, episode.state.step_spec = self.scene, None
 
     def choose(self, episode: Episode, modes: list[str]) -> str:
         mode = LEVEL_MODES[complexity(episode.spec).level]
@@ -86,11 +96,11 @@ class ShapeWorldTeacher:
         partial = self.scene.subset(range(start + clause.count))
         instruction = plan_instruction(spec, step)
         episode.add_text(f"<ins>{instruction}</ins><des>{describe(partial)}</des>")
-        episode.state.update(target=partial, step_spec=partial_spec(spec, step))
+        episode.state.target, episode.state.step_spec = partial, partial_spec(spec, step)
         return True
 
     def draft(self, episode: Episode, role: ImageRole) -> None:
-        target = episode.state["target"]
+        target = episode.state.target
         if role is ImageRole.DRAFT:
             image = (
                 self.draft_model(episode.spec)
@@ -98,13 +108,13 @@ class ShapeWorldTeacher:
                 else self._render(self._corrupt(target, episode.spec))
             )
         elif role is ImageRole.SKETCH and self.rng.random() < self.sketch_error_rate:
-            image = self._render(self._corrupt(target, episode.state["step_spec"]))
+            image = self._render(self._corrupt(target, episode.state.step_spec))
         else:
             image = self._render(target)
         episode.add_image(image, role)
 
     def reflect(self, episode: Episode) -> Critique:
-        step_spec = episode.state["step_spec"]
+        step_spec = episode.state.step_spec
         spec = step_spec or episode.spec
         verdict = self.verifier.verify(episode.image, spec)
         text = critique_text(verdict, spec, OK_STEP if step_spec else OK_IMAGE)
@@ -114,7 +124,7 @@ class ShapeWorldTeacher:
         return Critique(text, verdict.correct)
 
     def refine(self, episode: Episode, role: ImageRole) -> None:
-        episode.add_image(self._render(episode.state["target"]), role)
+        episode.add_image(self._render(episode.state.target), role)
 
     def finish(self, episode: Episode) -> None:
         episode.trajectory.meta.update(

@@ -253,12 +253,12 @@ def test_a_plan_whose_text_ends_by_opening_the_image_replays_as_sampled(monkeypa
             return real(self, episode, stop)
         ids = tok.encode("step 1 of 1 a", add_special_tokens=False)
         ids = ids + tok.convert_tokens_to_ids([IMAGE_START])
-        session = episode.state["session"]
+        session = episode.state.session
         logps = []
         for token in ids:  # as sampling would: each token's log-prob, then append it
             logps.append(float(torch.log_softmax(session.last_logits[0].float(), -1)[token]))
             session.append_tokens([[token]])
-        episode.state["text_tokens"] += len(ids)
+        episode.state.text_tokens += len(ids)
         return TextSample([ids], [logps], [tok.decode(ids)])
 
     monkeypatch.setattr(PolicyActor, "_text", plan_ends_with_img)
