@@ -146,7 +146,7 @@ def behaviour_correction(trajectories: Sequence, order: Sequence[int]) -> torch.
         order,
         lambda s: (
             [mu - lp for mu, lp in zip(s.behaviour_logprobs, s.logprobs, strict=True)]
-            if getattr(s, "behaviour_logprobs", None)
+            if s.behaviour_logprobs
             else [0.0] * len(s.logprobs)
         ),
     )

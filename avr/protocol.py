@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from PIL import Image
 
 from avr.sequence import ImageRole, Segment, Trajectory
+
+if TYPE_CHECKING:
+    from avr.backbone.generation import ImageSample, TextSample
 from avr.world.spec import PromptSpec
 
 
@@ -53,7 +56,7 @@ class Episode:
     def add_text(
         self,
         text: str,
-        sample: Any = None,
+        sample: TextSample | None = None,
         logprobs: list[float] | None = None,
         loss: bool = True,
     ) -> None:
@@ -67,7 +70,7 @@ class Episode:
         self,
         image: Image.Image,
         role: ImageRole,
-        sample: Any = None,
+        sample: ImageSample | None = None,
         logprobs: list[float] | None = None,
     ) -> None:
         """Append an image the model draws (sampled: per-step log-probs); it becomes current."""

@@ -21,10 +21,13 @@ import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # annotations only: the backbone imports this module
+    from avr.backbone.generation import ImageSample, TextSample
 
 #: Paired tags a text segment may hold; each must be closed in the same segment, in order.
 TAG_PAIRS: tuple[tuple[str, str], ...] = (
@@ -71,8 +74,12 @@ class Segment:
     loss: bool = True
     logprobs: list[float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    sample: Any = field(default=None, repr=False, compare=False)
-    """In memory only, never written: the sampler's full output (a rollout's latents path, say)."""
+    sample: TextSample | ImageSample | None = field(default=None, repr=False, compare=False)
+    """In memory only, never written: the sampler's full output (the sampled token ids of a text,
+    an image's latents path), for the replay to read what was sampled."""
+    behaviour_logprobs: list[float] | None = field(default=None, repr=False, compare=False)
+    """In memory only: per-token log-probs under the distribution the text was drawn from, where
+    that was not the policy's (an explored mode token, `SamplingConfig.mode_temperature`)."""
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.image is None):

@@ -235,7 +235,7 @@ class JanusBackbone(torch.nn.Module):
         segments = trajectory.segments
         for seg in segments:
             if not seg.is_image:
-                sampled = None if teacher else getattr(seg.sample, "ids", None)
+                sampled = None if teacher or seg.sample is None else seg.sample.ids
                 values = sampled[0] if sampled else tok.encode(seg.text, add_special_tokens=False)
                 if not teacher and seg.logprobs is not None:
                     out.text_old += seg.logprobs

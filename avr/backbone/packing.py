@@ -232,7 +232,7 @@ class _Layout:
 
     def text(self, seg) -> None:
         """A text segment: the sampled ids where RL replays them, else the tokenized text."""
-        sampled = getattr(seg.sample, "ids", None)
+        sampled = seg.sample.ids if seg.sample is not None else None
         tokens = (
             sampled[0]
             if self.rl and sampled
