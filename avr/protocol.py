@@ -126,6 +126,9 @@ class Mode(ABC):
     #: The mode token its trajectories open with, where not its own name (a mode that lays each
     #: try out as another mode's trajectory: `retry` as `reflect`'s).
     token: ClassVar[str | None] = None
+    #: Whether its trajectories can be trained on (SFT data, RL rollouts): False for a mode whose
+    #: trajectories hold several contexts (`retry`), which training cannot lay out as one.
+    trainable: ClassVar[bool] = True
 
     def __init__(self, rounds: int = 0) -> None:
         """`rounds`: how many reflect → refine rounds the default `run` allows."""

@@ -22,6 +22,7 @@ class RetryMode(Mode):
 
     cost = 2
     token = "reflect"
+    trainable = False
 
     def __init__(self, tries: int = 3) -> None:
         if tries < 2:

@@ -67,11 +67,19 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def parse_modes(text: str) -> dict[str, float]:
     """`adaptive` → {adaptive: 1}; `adaptive=0.6,reflect=0.4` → a mixture of modes, weights
-    summing to 1. Every name must be a registered mode."""
+    summing to 1. Every name must be a registered mode whose trajectories can be trained on."""
     if "=" not in text:
-        MODES.get(text.strip())
+        _trainable(text.strip())
         return {text.strip(): 1.0}
-    return _weights(text, "--mode", MODES.get)
+    return _weights(text, "--mode", _trainable)
+
+
+def _trainable(name: str) -> None:
+    if not MODES.get(name).trainable:
+        raise ValueError(
+            f"--mode {name}: its trajectories hold several contexts and cannot be trained on "
+            "(an inference-time mode; its tries are learned as reflect trajectories)"
+        )
 
 
 def _weights(text: str, flag: str, check: Callable[[str], object]) -> dict[str, float]:

@@ -153,6 +153,11 @@ class RLModule(BackboneModule):
         )
         self.seed = seed
         self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
+        if not self.mode.trainable:
+            raise ValueError(
+                f"model.init_args.mode {self.mode.name!r}: its rollouts hold several contexts, "
+                "which RL cannot replay; train the mode its tries are laid out as"
+            )
         terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
         self.rewards = CompositeReward(terms)
         if not isinstance(group_size, int) or group_size < 2:

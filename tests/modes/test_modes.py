@@ -222,3 +222,14 @@ def test_retry_stops_at_the_first_draft_its_critic_accepts(policy_model):
         pack([rejected], policy_model.tokenizer, policy_model.geometry, 2048)
     contexts = pack(tries(rejected), policy_model.tokenizer, policy_model.geometry, 2048)
     assert contexts.input_ids.shape[0] == 1  # both tries, packed apart in one row
+
+
+def test_retry_is_refused_where_it_would_be_trained(tmp_path):
+    from avr.data.build import build, parse_mix
+    from avr.lit.rl import RLModule
+
+    with pytest.raises(ValueError, match="--mode retry: its trajectories hold several contexts"):
+        build(tmp_path / "data", 2, parse_mix("simple=1"), mode="reflect=0.5,retry=0.5")
+    with pytest.raises(ValueError, match="mode 'retry': its rollouts hold several contexts"):
+        RLModule(model=None, mode="retry")
+    assert not (tmp_path / "data").exists()
