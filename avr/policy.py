@@ -121,19 +121,21 @@ class PolicyActor:
         self.stop_critique = ["</refine>", tok.eos_token, "<ins>", IMAGE_START]
 
     def begin(self, episode: Episode) -> None:
-        session = self.open_session()
-        session.append_tokens([[self.model.tokenizer.bos_token_id]])
-        session.append_text([episode.spec.prompt])
         episode.trajectory.segments.append(Segment.prompt(episode.spec.prompt))
-        episode.state = self.State(session=session)
+        episode.state = self.State(session=self._read_prompt(episode))
 
     def restart(self, episode: Episode) -> None:
         """A fresh session holding the prompt alone; the compute so far keeps counting."""
+        episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
+        session = self._read_prompt(episode)
+        episode.state.session, episode.state.opened, episode.state.steps = session, None, None
+
+    def _read_prompt(self, episode: Episode) -> Session:
+        """A new session that has read `<bos>` and the prompt."""
         session = self.open_session()
         session.append_tokens([[self.model.tokenizer.bos_token_id]])
         session.append_text([episode.spec.prompt])
-        episode.trajectory.segments.append(Segment.restart(episode.spec.prompt))
-        episode.state.session, episode.state.opened, episode.state.steps = session, None, None
+        return session
 
     def choose(self, episode: Episode, modes: list[str]) -> str:
         """Sample a mode token, restricted to `modes`' tokens. Its log-prob is the full policy's

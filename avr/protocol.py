@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from PIL import Image
 
 from avr.sequence import ImageRole, Segment, Trajectory
-
-if TYPE_CHECKING:
-    from avr.backbone.generation import ImageSample, TextSample
 from avr.world.spec import PromptSpec
+
+if TYPE_CHECKING:  # annotations only
+    from avr.backbone.generation import ImageSample, TextSample
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Understanding:
         level = complexity(spec).level
         step = -1  # the plan step the images belong to (-1: no plan)
         verdict = None  # the verifier's judgement of the last image
-        seen = ""  # what the verifier sees on the last image
+        side = 0  # the last image's side in pixels
         first = True  # whether the next critique is the first one of its draft or step
         text = ""  # what was written since the last image
         for segment in [*trajectory.segments[1:], None]:
@@ -98,7 +98,7 @@ class Understanding:
             critique = text.split("<ins>", 1)[0]
             if verdict is not None and critique.strip():
                 self._critique(verdict, is_verdict_ok(critique), level, first)
-                self._description(description(critique), seen)
+                self._description(description(critique), verdict, side)
                 first = False
             instructions = _INS.findall(text)
             for instruction in instructions:
@@ -116,8 +116,7 @@ class Understanding:
                 self.refines["from_right" if start_right else "from_wrong"] += 1
                 self.refines["broken"] += start_right and not judged.correct
                 self.refines["fixed"] += not start_right and judged.correct
-            verdict, text = judged, ""
-            seen = read_canvas(judged.detections, segment.image.width)
+            verdict, text, side = judged, "", segment.image.width
         if step >= 0:
             self.plan_steps["asked"] += len(spec.include)
 
@@ -133,9 +132,12 @@ class Understanding:
             kind = str(verdict.problems[0].problem or "extra")
             self.by_problem.setdefault(kind, _Tally()).add(False, said_right)
 
-    def _description(self, written: str | None, seen: str) -> None:
+    def _description(self, written: str | None, verdict, side: int) -> None:
+        """A critique's `<des>` (None: it wrote none) against the verifier's reading of the image
+        it follows (`verdict`, of a `side`-pixel image)."""
         if written is None:
             return
+        seen = read_canvas(verdict.detections, side)
         self.descriptions["written"] += 1
         self.descriptions["exact"] += written == seen
         self.descriptions["objects"] += _objects(written) == _objects(seen)

@@ -34,6 +34,13 @@ EMPTY_CANVAS = "nothing"
 _DESCRIPTION = re.compile(r"<des>(.*?)</des>", re.S)
 
 
+_THIRDS = (("top", "middle", "bottom"), ("left", "center", "right"))
+
+
+def _third(coordinate: float) -> int:
+    return 0 if coordinate < 0.38 else 2 if coordinate > 0.62 else 1
+
+
 def describe(scene: Scene) -> str:
     """Where everything is, in the scene's order: ``a red circle at the top left, a blue square at
     the bottom right`` (`EMPTY_CANVAS` for no object)."""
@@ -53,13 +60,6 @@ def read_canvas(detections: tuple[Detection, ...] | list[Detection], side: int) 
     objects = detected_scene(detections, side).objects
     ordered = sorted(objects, key=lambda o: (_third(o.y), o.x))
     return ", ".join(f"a {o.color} {o.shape}" for o in ordered) or EMPTY_CANVAS
-
-
-_THIRDS = (("top", "middle", "bottom"), ("left", "center", "right"))
-
-
-def _third(coordinate: float) -> int:
-    return 0 if coordinate < 0.38 else 2 if coordinate > 0.62 else 1
 
 
 def description(critique: str) -> str | None:
