@@ -111,7 +111,7 @@ def rollouts(args: argparse.Namespace, console: Console) -> str:
     from avr.backbone import from_pretrained
     from avr.policy import SamplingConfig
     from avr.registry import MODES
-    from avr.rollout import Job, episode_seed, rollout
+    from avr.rollout import Job, rollout, rollout_seed
     from avr.world import LEVELS, complexity
 
     torch.set_num_threads(args.threads)
@@ -121,7 +121,7 @@ def rollouts(args: argparse.Namespace, console: Console) -> str:
     specs = [by_level[LEVELS[i % len(LEVELS)]][i // len(LEVELS)] for i in range(args.prompts)]
     mode = MODES.get("adaptive")()
     jobs = [
-        Job(mode, spec, episode_seed(args.seed, p, g))
+        Job(mode, spec, rollout_seed(args.seed, p, g))
         for p, spec in enumerate(specs)
         for g in range(args.group)
     ]

@@ -53,7 +53,7 @@ from avr.outputs import (
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES
-from avr.rollout import Job, episode_seed, rollout
+from avr.rollout import Job, rollout, rollout_seed
 from avr.sequence import Trajectory, trajectory_to_record
 from avr.understanding import Understanding
 from avr.world import LEVELS, TAGS, PromptSpec, Verifier, complexity, load_specs
@@ -194,8 +194,8 @@ def _run(
 ) -> dict:
     """One (model, mode): rollouts in GenEval's layout plus `trajectories.jsonl`, then scores
     (image paths named under `report_as`, the folder `folder` will become, where given).
-    Prompt `i` is rolled out with seed `seed + i` (`avr.rollout`), `batch` episodes at a time; a
-    `BestOf`'s further samples with `episode_seed(seed, i, k)`."""
+    Prompt `i` is rolled out with seed `seed + i`, a `BestOf`'s further samples as
+    `avr.rollout.rollout_seed` says, `batch` episodes at a time."""
     model.eval()
     verifier = Verifier()
     trajectories, cost = _roll_out(model, mode, specs, sampling, seed, batch, progress, verifier)
@@ -238,9 +238,7 @@ def _roll_out(
     and the compute of every sample drawn: NFE, text tokens, seconds."""
     inner, n = (mode.mode, mode.n) if isinstance(mode, BestOf) else (mode, 1)
     jobs = [
-        Job(inner, spec, seed + i if k == 0 else episode_seed(seed, i, k))
-        for i, spec in enumerate(specs)
-        for k in range(n)
+        Job(inner, spec, rollout_seed(seed, i, k)) for i, spec in enumerate(specs) for k in range(n)
     ]
     start = time.perf_counter()
     samples = []

@@ -19,6 +19,7 @@ run ends it prints where its logs, config and checkpoints went. SIGTERM or SIGIN
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -27,6 +28,7 @@ import os
 import signal
 import sys
 import traceback
+import typing
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -318,7 +320,39 @@ def check_init_args(args: list[str]) -> None:
                 fail(
                     f"error: {section}: {class_path} takes no argument {key!r}{maybe}; valid: {', '.join(valid)}"
                 )
+        _check_settings_keys(section, cls, spec, args)
     _check_reward_classes(args, config)
+
+
+def _check_settings_keys(section: str, cls: type, spec, args: list[str]) -> None:
+    """The keys under an argument whose type is a settings dataclass (`RLModule`'s `objective`,
+    `replay`, …), from the YAML or a `--model.init_args.objective.x` override, are its fields."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation this module cannot resolve: jsonargparse will say
+        return
+    init_args = (spec.get("init_args") or {}) if isinstance(spec, dict) else {}
+    prefix = f"--{section}.init_args."
+    for name, hint in hints.items():
+        settings = [t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)]
+        if not settings:
+            continue
+        fields = [f.name for f in dataclasses.fields(settings[0])]
+        nested = init_args.get(name)
+        given = list(nested) if isinstance(nested, dict) else []
+        given += [
+            a[len(prefix) :].split("=")[0].split(".")[1]
+            for a in args
+            if a.startswith(f"{prefix}{name}.")
+        ]
+        for key in given:
+            if key not in fields:
+                hint_ = difflib.get_close_matches(key, fields, n=1)
+                maybe = f" (did you mean {hint_[0]!r}?)" if hint_ else ""
+                fail(
+                    f"error: {section}.init_args.{name}: {settings[0].__name__} has no key "
+                    f"{key!r}{maybe}; valid: {', '.join(fields)}"
+                )
 
 
 def _check_reward_classes(args: list[str], config: dict) -> None:

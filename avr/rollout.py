@@ -5,7 +5,8 @@ the trajectory-grid callback, capability-aware labels, `avr.bench`) goes through
 text tokens, image noise, SDE noise) from its own `torch.Generator` seeded with `seed` (the images'
 starting noise from a second one where the job names a `noise_seed`). So the
 trajectory is a function of the job, the sampling settings and the weights alone, not of the
-caller, of the batch size or of which other episodes share the batch.
+caller, of the batch size or of which other episodes share the batch. Every caller picks `seed`
+by one rule, `rollout_seed(seed, prompt, sample, stream)`: sample 0 of prompt `i` is `seed + i`.
 
 **How episodes are batched: threads and a scheduler.** A mode's control flow is plain,
 synchronous, per-episode Python (`Mode.run(actor, episode)`), and users' plugins must stay that
@@ -64,6 +65,32 @@ def episode_seed(*keys: int) -> int:
     """A 32-bit seed from integer keys (base seed, step, prompt, sample …), well mixed, so nearby
     keys give unrelated streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+#: The `sample` index of a group's shared starting noise (RL's `shared_noise`): far above any
+#: group's size, so it never meets a rollout's own seed.
+SHARED_NOISE = 2**21
+#: The stream RL draws an update's choice of replayed SDE and anchor steps from.
+REPLAY_STREAM = 2**20
+
+
+def rollout_seed(seed: int, prompt: int, sample: int = 0, stream: int | None = None) -> int:
+    """The seeding rule of every caller (RL, `avr.evaluate`, the callbacks, capability-aware
+    labels, `avr data build`, `avr.bench`): the seed of sample `sample` of prompt `prompt`.
+
+    Without a `stream`, sample 0 of prompt `i` is `seed + i` (an evaluation, a callback's grid
+    and a label's first rollout of a prompt agree, and `generate --seed s` on one prompt is the
+    same draw) and a further sample is `episode_seed(seed, prompt, sample)`. A `stream` keys a
+    family of draws apart (RL: the training step, or a digest of the prompt's text):
+    `episode_seed(seed, stream, prompt, sample)`."""
+    if stream is not None:
+        return episode_seed(seed, stream, prompt, sample)
+    return seed + prompt if sample == 0 else episode_seed(seed, prompt, sample)
+
+
+def replay_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator an RL update draws its replayed steps from (the same at a resumed step)."""
+    return np.random.default_rng([seed, step, REPLAY_STREAM])
 
 
 #: Builds the actor of one episode: `(job, sampling, generator, open_session) -> Actor`. The default

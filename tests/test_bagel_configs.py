@@ -20,7 +20,6 @@ ON_CPU = [
     "--trainer.max_steps=1",
     "--trainer.gradient_clip_val=1.0",
     "--model.init_args.model.overrides={image_size: 64, attention: sdpa, max_seq_len: 8192}",
-    "--model.init_args.max_len=8192",
 ]
 
 
@@ -33,6 +32,7 @@ def test_bagel_sft_config_trains_and_exports(bagel_dir, tmp_path):
         [
             "experiments/bagel/sft.yaml",
             *ON_CPU,
+            "--model.init_args.max_len=8192",
             f"--trainer.default_root_dir={root}",
             f"--trainer.logger.init_args.save_dir={root}",
             f"--model.init_args.model.path={bagel_dir}",
@@ -54,6 +54,7 @@ def test_bagel_rl_config_trains_with_lora(bagel_dir, tmp_path):
         [
             "experiments/bagel/rl.yaml",
             *ON_CPU,
+            "--model.init_args.replay.max_len=8192",
             f"--trainer.default_root_dir={root}",
             f'--trainer.logger={{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {{"save_dir": "{root}"}}}}',
             f"--model.init_args.model.path={bagel_dir}",

@@ -111,7 +111,7 @@ def test_the_direct_overlay_trains_the_generator_alone_with_a_stiff_extra_penalt
     assert "ode_anchor: 0.01" in printed and "CleanBackgroundReward" in printed
     assert "FormatReward" not in printed and "ComplexityPenalty" not in printed
     # the shipped model's optimizer settings stay pinned whatever rl.yaml's become
-    assert "lr: 0.0001" in printed and "rollout_seeds: step" in printed
+    assert "lr: 0.0001" in printed and "by: step" in printed
     assert "image_weight: 1.0" in printed
 
 

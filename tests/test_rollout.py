@@ -10,7 +10,7 @@ from avr.defaults import tiny_model
 from avr.policy import SamplingConfig
 from avr.protocol import Actor, Episode, Mode
 from avr.registry import MODES
-from avr.rollout import Job, episode_seed, rollout
+from avr.rollout import Job, episode_seed, rollout, rollout_seed
 from avr.sequence import ImageRole
 from avr.world import sample_specs
 
@@ -175,3 +175,17 @@ def test_decoding_goes_on_with_the_rows_still_writing_and_gives_what_each_row_gi
         assert row.cache.length == alone.cache.length and torch.equal(row.position, alone.position)
         torch.testing.assert_close(row.cache.keys[-1], alone.cache.keys[-1], atol=1e-5, rtol=0)
         torch.testing.assert_close(row.last_logits, alone.last_logits, atol=1e-4, rtol=0)
+
+
+def test_one_seeding_rule_for_every_caller():
+    """Prompt i's first sample is `seed + i` (evaluation, the callbacks' grids, `generate`); a
+    further sample and a keyed stream (RL's step or prompt digest) are well mixed and distinct."""
+    from avr.lit.rl_settings import Seeding
+
+    assert [rollout_seed(5, i) for i in range(3)] == [5, 6, 7]
+    assert rollout_seed(5, 3, 1) == episode_seed(5, 3, 1)
+    firsts = {rollout_seed(0, i, 0, stream=s) for i in range(4) for s in range(4)}
+    assert len(firsts) == 16  # (step, prompt) pairs never share a draw
+    shared = [Seeding(shared_noise=True).seeds(0, 2, 1, g) for g in range(3)]
+    assert len({seed for seed, _ in shared}) == 3 and len({noise for _, noise in shared}) == 1
+    assert Seeding().seeds(0, 2, 1, 0) == (episode_seed(0, 2, 1, 0), None)

@@ -39,7 +39,7 @@ from avr.data.teacher import ShapeWorldTeacher
 from avr.outputs import check_replaceable, mark, publish, staging_dir
 from avr.policy import SamplingConfig
 from avr.registry import MODES
-from avr.rollout import Job, episode_seed, rollout
+from avr.rollout import Job, rollout, rollout_seed
 from avr.sequence import FORMAT_VERSION, Trajectory, trajectory_to_record
 from avr.world import PLANNING_TAGS, PromptSpec, complexity, sample_scene, sample_spec
 from avr.world.split import draw_in_split
@@ -352,6 +352,9 @@ def content_id(root: Path, shards: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
+#: The `avr.rollout.rollout_seed` sample index of the model's first try at prompt `i` (its k-th
+#: try: `FIRST_TRY + k`).
+FIRST_TRY = 7
 #: How the model draws its own images for data: the ODE, as evaluation samples them.
 SELF_SAMPLING = SamplingConfig(steps=10, temperature=0.0)
 
@@ -368,8 +371,7 @@ def _from_model(own: FromModel, samples, seed, progress) -> list[tuple[str, Traj
         jobs, teachers = [], {}
         for k in pending:
             i, spec, teacher, mode_obj = samples[k]
-            keys = (seed, i, 7) if attempt == 0 else (seed, i, 7, attempt)
-            jobs.append(Job(mode_obj, spec, episode_seed(*keys)))
+            jobs.append(Job(mode_obj, spec, rollout_seed(seed, i, FIRST_TRY + attempt)))
             teachers[id(jobs[-1])] = teacher if attempt == tries - 1 else copy.deepcopy(teacher)
 
         def actor(job, sampling, generator, open_session, teachers=teachers):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from avr.policy import SamplingConfig
 from avr.registry import MODES
-from avr.rollout import Job, rollout
+from avr.rollout import Job, rollout, rollout_seed
 from avr.world import PromptSpec, Verifier
 
 
@@ -47,7 +47,8 @@ class ModeLabeler:
         if key not in self.rates:
             self.model.eval()
             mode_ = MODES.get(mode)()
-            jobs = [Job(mode_, spec, self.seed + k) for k in range(self.samples)]
+            # every prompt's k-th sample from the same seed: a label compares modes, not draws
+            jobs = [Job(mode_, spec, rollout_seed(self.seed, 0, k)) for k in range(self.samples)]
             wins = 0
             for trajectory in rollout(self.model, jobs, self.sampling):
                 final = trajectory.final_image

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from avr.policy import SamplingConfig
 from avr.registry import MODES
-from avr.rollout import Job, rollout
+from avr.rollout import Job, rollout, rollout_seed
 from avr.world import Verifier, sample_scene, sample_specs
 
 
@@ -84,7 +84,7 @@ class TrajectoryGrid(L.Callback):
         backbone.eval()
         mode = MODES.get(self.mode)()
         rows, texts = [], []
-        jobs = [Job(mode, spec, self.seed + i) for i, spec in enumerate(self.specs)]
+        jobs = [Job(mode, spec, rollout_seed(self.seed, i)) for i, spec in enumerate(self.specs)]
         for spec, trajectory in zip(
             self.specs, rollout(backbone, jobs, self.sampling), strict=True
         ):
@@ -229,7 +229,10 @@ class SelfUnderstanding(L.Callback):
         understanding, verifier, out = Understanding(), Verifier(), {}
         try:
             for mode in ("reflect", "plan"):
-                jobs = [Job(MODES.get(mode)(), s, self.seed + i) for i, s in enumerate(self.specs)]
+                jobs = [
+                    Job(MODES.get(mode)(), s, rollout_seed(self.seed, i))
+                    for i, s in enumerate(self.specs)
+                ]
                 trajectories = rollout(backbone, jobs, sampling)
                 right = 0
                 for spec, trajectory in zip(self.specs, trajectories, strict=True):

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,13 +31,39 @@ from avr.backbone.lora import adapters_disabled
 from avr.backbone.protocol import ReplayPlan
 from avr.grpo import PolicyLoss, behaviour_correction, group_advantages
 from avr.lit.base import BackboneModule, ModelSettings
+from avr.lit.rl_settings import Advantages, Objective, Replay, Seeding
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
 from avr.reward import CompositeReward, RewardTerm, Rollouts
-from avr.rollout import Job, episode_seed, rollout
+from avr.rollout import Job, rollout
+from avr.sequence import Trajectory
 from avr.world import PromptSpec, complexity
 from avr.world.complexity import LEVELS
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout batch and what was computed from it: the trajectories, each one's group (its
+    prompt's place), the composite reward and its parts, the text and image advantages, the
+    seconds spent rolling out and scoring, and how many updates have used it (`ppo_epochs`)."""
+
+    trajectories: list[Trajectory]
+    groups: list[int]
+    rewards: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    advantages: torch.Tensor
+    image_advantages: torch.Tensor
+    seconds: tuple[float, float]
+    updates: int = 0
+
+    @property
+    def finite(self) -> bool:
+        return bool(
+            torch.isfinite(self.rewards).all()
+            and torch.isfinite(self.advantages).all()
+            and torch.isfinite(self.image_advantages).all()
+        )
 
 
 class RLModule(BackboneModule):
@@ -55,23 +81,11 @@ class RLModule(BackboneModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
-        clip_eps: float = 0.2,
-        kl_text: float = 0.01,
-        kl_image: float = 0.01,
-        scale_std: bool = True,
-        advantage_clip: float = 5.0,
-        sde_window: tuple[int, int] | None = None,
-        steps_per_image: int | None = None,
-        ode_anchor: float = 0.0,
-        anchor_steps: int = 1,
-        shared_noise: bool = False,
-        rollout_seeds: Literal["step", "prompt"] = "step",
+        objective: Objective | None = None,
+        advantages: Advantages | None = None,
+        replay: Replay | None = None,
+        seeding: Seeding | None = None,
         rollout_batch: int = 32,
-        image_rewards_only: bool = True,
-        ppo_epochs: int = 1,
-        text_weight: float = 1.0,
-        image_weight: float = 1.0,
-        max_len: int = 2048,
         max_bad_steps: int = 5,
     ) -> None:
         """With LoRA and nothing else trainable (`model.lora.trainable` empty), the reference is
@@ -80,7 +94,8 @@ class RLModule(BackboneModule):
         Args:
             model: the model to train (folder, config overrides, LoRA, activation checkpointing);
                 None: the tiny model at random init, for tests.
-            seed: seeds the rollouts (with step, prompt and sample) and a random-init model.
+            seed: seeds the rollouts (with the step or prompt, the prompt's place and the sample:
+                `seeding`) and a random-init model.
             mode: a registered mode name or a `Mode`.
             rewards: `{name: {reward, weight}}`; default: the compositional verifier, weight 1.
             group_size: rollouts per prompt (advantages are relative to the group); ≥ 2.
@@ -91,56 +106,16 @@ class RLModule(BackboneModule):
             weight_decay: AdamW weight decay of matrices.
             warmup_steps: linear warmup steps.
             min_lr_ratio: the cosine ends at `min_lr_ratio · lr` (1: constant).
-            clip_eps: PPO clip range of the text and image ratios.
-            kl_text: β of the text KL term (k3 estimator, to the reference).
-            kl_image: β of the image KL term.
-            scale_std: divide group advantages by the group's standard deviation.
-            advantage_clip: clip advantages to ± this.
-            sde_window: the SDE steps `[first, last)` a training step trains (default: all, or
-                `sampling.sde_window`).
-            steps_per_image: how many of the window's steps each image trains per update, each
-                as a Gaussian policy step (a noisy block after the image's context, which all its
-                steps share; None: every step, as Flow-GRPO; k: k steps drawn at random). Time and
-                activation memory grow with it.
-            ode_anchor: weight of the anchor on the denoising steps an update does not train
-                (the ODE steps of a mixed sampler, `sampling.sde_window`): the mean squared
-                difference between the policy's and the reference's velocity at `anchor_steps`
-                of them per image, drawn at random. The weights are shared across time, so
-                Flow-GRPO on the first steps also moves the last ones, which no reward term
-                trains: on the tiny model they drifted into a speckled background that the
-                verifier cannot see. 0: no anchor.
-            anchor_steps: untrained steps replayed per image for the anchor (each one more noisy
-                block in the replay).
-            shared_noise: the rollouts of a group start each image from the same noise (their
-                text and SDE noise still differ), so rewards within a group differ by what the
-                policy's stochastic choices did, not by where the sampler started.
-            rollout_seeds: what seeds a rollout besides `seed` and its sample index: `step`
-                (the training step and the prompt's place in the batch: new draws every step) or
-                `prompt` (the prompt's text and place, not the step: every pass over a fixed
-                training set, `data.cycle`, rolls a prompt out from the same text draws and
-                noise, so the reward's change between passes is the policy's, not the sampler's:
-                common random numbers).
+            objective: the loss: clip, KL weights, text and image weights, PPO epochs
+                (`avr.lit.rl_settings.Objective`).
+            advantages: group normalisation and clipping, which rewards move the generator
+                (`Advantages`).
+            replay: the SDE steps an update trains, the ODE anchor, the packed row length
+                (`Replay`).
+            seeding: what keys each rollout's seed: the step or the prompt's text, and whether a
+                group shares its starting noise (`Seeding`).
             rollout_batch: episodes rolled out together (`avr.rollout`); the trajectories do not
                 depend on it.
-            image_rewards_only: the generator's advantages come from the rewards that judge
-                images (`Reward.judges_images`), the text's from the whole composite, each
-                group-normalised, so a text-only reward does not move the generator (False: both
-                from the composite).
-            ppo_epochs: optimizer steps per rollout batch; later ones reuse it with the
-                sampling-time log-probs as π_old, so the clip acts. The rollouts sample in
-                float32; under `bf16-mixed` the replay's log-probs differ from theirs by bf16's
-                error (up to about 0.5 nats on a rare token), which later epochs' ratios carry:
-                train ppo_epochs > 1 with `--trainer.precision 32-true`.
-            text_weight: weight of the text term (GRPO on sampled tokens) in the loss; 0 trains
-                the image generator alone (a diagnostic).
-            image_weight: weight of the image term (Flow-GRPO on SDE steps, or a discrete
-                backbone's image tokens). An SDE step's log-prob is a mean over the latent's
-                dimensions (as Flow-GRPO's), so its gradient is far smaller than a text token's:
-                where text and image share every weight (the tiny model) the image term's
-                gradient norm measured 0.0022 against the text term's 1.42 on a rollout batch of
-                `rl.yaml` at weight 1, and Adam then follows the text alone. Separate experts
-                (BAGEL's) keep separate Adam statistics and hardly need it.
-            max_len: packed row length of the training forward pass.
             max_bad_steps: non-finite steps in a row before the run stops with an error.
         """
         super().__init__(
@@ -165,59 +140,22 @@ class RLModule(BackboneModule):
                 "group_size must be an integer of at least 2 (advantages are relative to the "
                 f"group), got {group_size}"
             )
-        if sde_window is not None and not 0 <= sde_window[0] < sde_window[1]:
-            raise ValueError(
-                f"sde_window must be [first, last) with 0 ≤ first < last, got {list(sde_window)}"
-            )
         if rollout_batch < 1:
             raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
         self.group_size, self.rollout_batch = group_size, rollout_batch
-        self.shared_noise = shared_noise
-        if rollout_seeds not in ("step", "prompt"):
-            raise ValueError(f"rollout_seeds: expected 'step' or 'prompt', got {rollout_seeds!r}")
-        self.rollout_seeds = rollout_seeds
-        self.image_rewards_only = image_rewards_only
-        if ppo_epochs < 1:
-            raise ValueError(f"ppo_epochs must be ≥ 1, got {ppo_epochs}")
-        self.ppo_epochs = ppo_epochs
-        if text_weight < 0 or image_weight < 0 or text_weight + image_weight == 0:
-            raise ValueError(
-                f"text_weight and image_weight must be ≥ 0 and not both 0, got {text_weight} "
-                f"and {image_weight}"
-            )
-        self.weights = {"text": text_weight, "image": image_weight}
-        self._batch: tuple | None = None  # the rollout batch being trained on, and its scores
-        self._epochs_done = 0
+        self.objective = objective or Objective()
+        self.advantages = advantages or Advantages()
+        self.seeding = seeding or Seeding()
         self.sampling = sampling or SamplingConfig(noise_level=0.7, max_text_tokens=64, steps=10)
         if self.sampling.noise_level <= 0:
             raise ValueError(
                 "sampling.noise_level must be > 0 for RL: Flow-GRPO needs the SDE's log-probs"
             )
-        self.text_loss, self.image_loss = (
-            PolicyLoss(clip_eps, kl_text),
-            PolicyLoss(clip_eps, kl_image),
-        )
-        self.scale_std, self.advantage_clip = scale_std, advantage_clip
-        if sde_window is None and self.sampling.sde_window is not None:
-            sde_window = tuple(self.sampling.sde_window)  # train the steps that were stochastic
-        if sde_window is not None and self.sampling.sde_window is not None:
-            first, last = self.sampling.sde_window
-            if not first <= sde_window[0] < sde_window[1] <= last:
-                raise ValueError(
-                    f"sde_window {list(sde_window)} trains steps that sampling.sde_window "
-                    f"{[first, last]} draws with the ODE (no log-prob to train)"
-                )
-        if steps_per_image is not None and steps_per_image < 1:
-            raise ValueError(
-                f"steps_per_image must be ≥ 1 or null (every step), got {steps_per_image}"
-            )
-        self.sde_window, self.steps_per_image = sde_window, steps_per_image
-        if ode_anchor < 0 or anchor_steps < 1:
-            raise ValueError(
-                f"ode_anchor must be ≥ 0 and anchor_steps ≥ 1, got {ode_anchor} and {anchor_steps}"
-            )
-        self.ode_anchor, self.anchor_steps = ode_anchor, anchor_steps
-        self.max_len, self.max_bad_steps = max_len, max_bad_steps
+        self.replay = self._check_replay(replay or Replay())
+        self.text_loss = PolicyLoss(self.objective.clip_eps, self.objective.kl_text)
+        self.image_loss = PolicyLoss(self.objective.clip_eps, self.objective.kl_image)
+        self.max_bad_steps = max_bad_steps
+        self._batch: RolloutBatch | None = None  # the rollout batch being trained on
         self.reference = (
             None
             if self.lora is not None and not self.lora.trainable
@@ -228,6 +166,21 @@ class RLModule(BackboneModule):
         # The modes a rollout can take: an adaptive mode's choices, else the mode itself (more
         # are added as they show up: a user's mode may pick its own).
         self._modes_seen: set[str] = set(getattr(self.mode, "choices", ()) or (self.mode.name,))
+
+    def _check_replay(self, replay: Replay) -> Replay:
+        """`replay` with its window defaulting to the sampler's (train the steps that were
+        stochastic), refused where it trains steps the sampler draws with the ODE."""
+        sampled = self.sampling.sde_window
+        if replay.sde_window is None and sampled is not None:
+            return replace(replay, sde_window=tuple(sampled))
+        if replay.sde_window is not None and sampled is not None:
+            first, last = sampled
+            if not first <= replay.sde_window[0] < replay.sde_window[1] <= last:
+                raise ValueError(
+                    f"replay.sde_window {list(replay.sde_window)} trains steps that "
+                    f"sampling.sde_window {[first, last]} draws with the ODE (no log-prob to train)"
+                )
+        return replay
 
     def state_dict(self, *args, **kwargs):
         """The policy only: the frozen reference is the starting model, rebuilt, not saved."""
@@ -247,61 +200,48 @@ class RLModule(BackboneModule):
             )
 
     def training_step(self, prompts: list[PromptSpec], batch_idx: int) -> torch.Tensor | None:
-        if self._batch is None or self._epochs_done >= self.ppo_epochs:
-            self._batch = self._sample(prompts)  # a fresh rollout batch, scored
-            self._epochs_done = 0
+        batch = self._batch
+        if batch is None or batch.updates >= self.objective.ppo_epochs:
+            batch = self._batch = self._sample(prompts)  # rollouts, rewards, advantages
         # (else: another update on the last rollouts; this step's prompts are not used)
-        trajectories, groups, rewards, parts, advantages, image_advantages, (rolled, scored) = (
-            self._batch
-        )
-        on_policy = self._epochs_done == 0
-        self._epochs_done += 1
-        if not on_policy:
-            rolled, scored = 0.0, 0.0  # no rollout or scoring this step
+        on_policy = batch.updates == 0
+        batch.updates += 1
         update_start = time.perf_counter()
-        loss, stats = self.policy_loss(trajectories, advantages, image_advantages, on_policy)
-        stats["ppo_epoch"] = torch.tensor(float(self._epochs_done - 1))
-        finite = bool(
-            torch.isfinite(rewards).all()
-            and torch.isfinite(advantages).all()
-            and torch.isfinite(image_advantages).all()
-            and torch.isfinite(loss)
+        loss, stats = self.policy_loss(
+            batch.trajectories, batch.advantages, batch.image_advantages, on_policy
         )
+        stats["ppo_epoch"] = torch.tensor(float(batch.updates - 1))
+        finite = batch.finite and bool(torch.isfinite(loss))
         if not finite:
             self.skipped += 1
-            self._epochs_done = self.ppo_epochs  # never reuse a batch that could not be trained on
-        self._log_step(
-            trajectories,
-            groups,
-            rewards,
-            parts,
-            loss,
-            stats,
-            (rolled, scored, time.perf_counter() - update_start),
-        )
+            batch.updates = self.objective.ppo_epochs  # never reuse a batch that failed
+        rolled, scored = batch.seconds if on_policy else (0.0, 0.0)  # a later epoch: neither
+        self._log_step(batch, loss, stats, (rolled, scored, time.perf_counter() - update_start))
         if not finite:
             return self._skip("non-finite reward, advantage or loss")
         self.bad_in_a_row = 0
         return loss
 
-    def _sample(self, prompts: list[PromptSpec]) -> tuple:
+    def _sample(self, prompts: list[PromptSpec]) -> RolloutBatch:
         """Roll out `prompts`, score them, and compute text and image advantages."""
         start = time.perf_counter()
         trajectories, specs, groups = self.rollout(prompts)
         rolled = time.perf_counter()
-        rollouts = Rollouts(trajectories, specs, groups)
-        rewards, parts = self.rewards.score_parts(rollouts)  # [B]
-        advantages = group_advantages(rewards, groups, self.scale_std, self.advantage_clip)  # [B]
-        image_rewards = self.rewards.image_total(parts) if self.image_rewards_only else rewards
+        rewards, parts = self.rewards.score_parts(Rollouts(trajectories, specs, groups))  # [B]
+        settings = self.advantages
+        advantages = group_advantages(rewards, groups, settings.scale_std, settings.clip)  # [B]
+        image_rewards = self.rewards.image_total(parts) if settings.image_rewards_only else rewards
         image_advantages = (
             torch.zeros_like(advantages)  # nothing judges images: the generator is not moved
             if image_rewards is None
-            else group_advantages(image_rewards, groups, self.scale_std, self.advantage_clip)
+            else group_advantages(image_rewards, groups, settings.scale_std, settings.clip)
         )
         if image_rewards is not None:
             parts = {**parts, "images": image_rewards}  # logged as train/reward/images
         seconds = (rolled - start, time.perf_counter() - rolled)
-        return trajectories, groups, rewards, parts, advantages, image_advantages, seconds
+        return RolloutBatch(
+            trajectories, groups, rewards, parts, advantages, image_advantages, seconds
+        )
 
     @torch.no_grad()
     def rollout(self, prompts: list[PromptSpec]) -> tuple[list, list[PromptSpec], list[int]]:
@@ -309,15 +249,10 @@ class RLModule(BackboneModule):
         model's own precision whatever the trainer's: under `bf16-mixed` only the update runs in
         bf16, and the samples and their recorded log-probs are the float32 path's."""
         self.backbone.eval()
-        keys = [self._rollout_key(spec) for spec in prompts]
+        streams = [self._rollout_stream(spec) for spec in prompts]
         jobs = [
-            Job(
-                self.mode,
-                spec,
-                episode_seed(self.seed, key, p, g),
-                episode_seed(self.seed, key, p, 2**21) if self.shared_noise else None,
-            )
-            for p, (spec, key) in enumerate(zip(prompts, keys, strict=True))
+            Job(self.mode, spec, *self.seeding.seeds(self.seed, stream, p, g))
+            for p, (spec, stream) in enumerate(zip(prompts, streams, strict=True))
             for g in range(self.group_size)
         ]
         device = next(self.backbone.parameters()).device.type
@@ -330,9 +265,9 @@ class RLModule(BackboneModule):
         self.backbone.train()
         return trajectories, specs, groups
 
-    def _rollout_key(self, spec: PromptSpec) -> int:
-        """The step, or (`rollout_seeds: prompt`) a 32-bit digest of the prompt's text."""
-        if self.rollout_seeds == "step":
+    def _rollout_stream(self, spec: PromptSpec) -> int:
+        """The step, or (`seeding.by: prompt`) a 32-bit digest of the prompt's text."""
+        if self.seeding.by == "step":
             return self.global_step
         return int.from_bytes(hashlib.blake2b(spec.prompt.encode(), digest_size=4).digest(), "big")
 
@@ -359,17 +294,18 @@ class RLModule(BackboneModule):
         distribution μ (an explored mode token), μ replaces π_old."""
         image_advantages = advantages if image_advantages is None else image_advantages
         terms = self.backbone.policy_terms(trajectories, self._reference, self._replay_plan())
-        if self.ode_anchor and "image" in terms and terms["image"].anchor is None:
+        if self.replay.ode_anchor and "image" in terms and terms["image"].anchor is None:
             raise ValueError(
-                f"ode_anchor: {type(self.backbone).__name__} replays no denoising steps to "
-                "anchor (a continuous-latent backbone such as UnifiedModel does); set ode_anchor: 0"
+                f"replay.ode_anchor: {type(self.backbone).__name__} replays no denoising steps "
+                "to anchor (a continuous-latent backbone such as UnifiedModel does); set "
+                "ode_anchor: 0"
             )
         total, stats = 0.0, {}
         for kind, term in terms.items():
             loss_fn, adv, weight = (
-                (self.text_loss, advantages, self.weights["text"])
+                (self.text_loss, advantages, self.objective.text_weight)
                 if kind == "text"
-                else (self.image_loss, image_advantages, self.weights["image"])
+                else (self.image_loss, image_advantages, self.objective.image_weight)
             )
             logp = term.logp
             old = logp.detach() if on_policy or term.recorded is None else term.recorded.to(logp)
@@ -381,9 +317,9 @@ class RLModule(BackboneModule):
             total = total + weight * loss
             stats |= {f"{kind}/{k}": v for k, v in kind_stats.items()}
             stats[f"{kind}/loss"] = loss.detach()
-            if term.anchor is not None and self.ode_anchor:
+            if term.anchor is not None and self.replay.ode_anchor:
                 anchor = term.anchor.mean() if term.anchor.numel() else term.anchor.sum()
-                total = total + self.ode_anchor * anchor
+                total = total + self.replay.ode_anchor * anchor
                 stats[f"{kind}/anchor"] = anchor.detach()
             stats[f"{kind}/{term.unit}"] = torch.tensor(float(logp.numel()))
             if logp.numel() and term.recorded is not None:  # sampling (cached) vs replay: ~0
@@ -392,28 +328,21 @@ class RLModule(BackboneModule):
         return total, stats
 
     def _replay_plan(self) -> ReplayPlan:
-        """The sampler's settings and this update's choice of SDE steps: the window's (every
-        one, or `steps_per_image` drawn at random, seeded by the step), and with `ode_anchor`
-        the untrained steps each image replays for the anchor (drawn from the same stream)."""
-        rng = np.random.default_rng([self.seed, self.global_step, 2**20])
-
-        def sde_steps(total: int) -> list[int]:
-            first, last = self.sde_window or (0, total)
-            window = np.arange(max(0, first), min(total, last))
-            k = self.steps_per_image
-            return list(window if k is None else rng.choice(window, min(k, len(window)), False))
-
-        def anchor_steps(total: int, trained) -> list[int]:
-            rest = np.setdiff1d(np.arange(total), np.asarray(trained, dtype=int))
-            return list(rng.choice(rest, min(self.anchor_steps, len(rest)), False))
-
+        """The sampler's settings and this update's choice of SDE steps (`Replay.steps`) and,
+        with `ode_anchor`, of the untrained steps each image replays for the anchor, both drawn
+        from the step's own stream (`Seeding.replay`)."""
+        rng, replay = Seeding.replay(self.seed, self.global_step), self.replay
         return ReplayPlan(
             temperature=self.sampling.temperature or 1.0,
             noise_level=self.sampling.noise_level,
             cfg_scale=self.sampling.cfg_scale,
-            max_len=self.max_len,
-            sde_steps=sde_steps,
-            anchor_steps=anchor_steps if self.ode_anchor else None,
+            max_len=replay.max_len,
+            sde_steps=lambda total: replay.steps(rng, total),
+            anchor_steps=(
+                (lambda total, trained: replay.anchors(rng, total, trained))
+                if replay.ode_anchor
+                else None
+            ),
         )
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -427,7 +356,13 @@ class RLModule(BackboneModule):
             )
         return None
 
-    def _log_step(self, trajectories, groups, rewards, parts, loss, stats, seconds) -> None:
+    def _log_step(self, batch: RolloutBatch, loss, stats, seconds) -> None:
+        trajectories, groups, rewards, parts = (
+            batch.trajectories,
+            batch.groups,
+            batch.rewards,
+            batch.parts,
+        )
         self.log("train/reward", rewards.nanmean(), prog_bar=True)
         for name, values in parts.items():
             if not torch.isnan(values).all():

@@ -212,11 +212,12 @@ def test_evaluate_compares_the_token_backbone_in_one_report(janus, tmp_path):
 def test_a_token_backbone_refuses_the_ode_anchor_by_name(janus_dir):
     from avr.lit.base import ModelSettings
     from avr.lit.rl import RLModule
+    from avr.lit.rl_settings import Replay
     from avr.policy import SamplingConfig
 
     sampling = SamplingConfig(max_text_tokens=4, noise_level=0.7, steps=2)
     module = RLModule(model=ModelSettings(path=str(janus_dir)), group_size=2, sampling=sampling,
-                      ode_anchor=0.01)  # fmt: skip
+                      replay=Replay(ode_anchor=0.01))  # fmt: skip
     with pytest.raises(ValueError, match="ode_anchor: JanusBackbone replays no denoising steps"):
         module.training_step(sample_specs(1, seed=0), 0)
 

@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from avr.lit.rl import RLModule
+from avr.lit.rl_settings import Advantages, Objective, Replay, Seeding
 from avr.policy import SamplingConfig
 from avr.reward import Reward, RewardTerm
 from avr.world import sample_specs
@@ -38,8 +41,7 @@ def test_equal_rewards_give_no_gradient_and_no_nan():
     module = _module(
         mode="direct",
         rewards={"c": RewardTerm(ConstantReward(0.7), 1.0)},
-        kl_text=0.0,
-        kl_image=0.0,
+        objective=Objective(kl_text=0.0, kl_image=0.0),
     )
     loss = module.training_step(sample_specs(2, seed=1), 0)
     assert torch.isfinite(loss) and loss.item() == 0.0
@@ -60,9 +62,8 @@ def test_a_text_only_reward_does_not_move_the_image_generator(image_rewards_only
     module = _module(
         mode="adaptive",
         rewards={"t": RewardTerm(TextOnly(), 1.0)},
-        kl_text=0.0,
-        kl_image=0.0,
-        image_rewards_only=image_rewards_only,
+        objective=Objective(kl_text=0.0, kl_image=0.0),
+        advantages=Advantages(image_rewards_only=image_rewards_only),
     )
     loss = module.training_step(sample_specs(2, seed=3), 0)
     loss.backward()
@@ -97,7 +98,7 @@ def test_mode_exploration_mixes_groups_and_weighs_by_the_behaviour_probability()
 
 
 def test_ppo_epochs_reuse_a_rollout_batch_with_the_sampling_log_probs_as_pi_old():
-    module = _module(mode="adaptive", ppo_epochs=2)
+    module = _module(mode="adaptive", objective=Objective(ppo_epochs=2))
     module.training_step(sample_specs(2, seed=5), 0)
     first = module._batch
     with torch.no_grad():  # the policy moves away from the one that sampled, as an update would
@@ -105,20 +106,22 @@ def test_ppo_epochs_reuse_a_rollout_batch_with_the_sampling_log_probs_as_pi_old(
             head.weight.add_(0.05 * torch.randn_like(head.weight))
     module.training_step(sample_specs(2, seed=6), 1)  # a later epoch: the same rollouts
     assert module._batch is first
-    trajectories, _, _, _, advantages, image_advantages, _ = first
-    _, stats = module.policy_loss(trajectories, advantages, image_advantages, on_policy=False)
+    assert first.updates == 2  # two updates on one rollout batch
+    _, stats = module.policy_loss(
+        first.trajectories, first.advantages, first.image_advantages, on_policy=False
+    )
     assert stats["text/ratio"].item() != 1.0 and stats["image/ratio"].item() != 1.0
     assert stats["text/clipped"].item() > 0 and stats["image/clipped"].item() > 0  # the clip acts
     module.training_step(sample_specs(2, seed=7), 2)  # two epochs done: new rollouts
-    assert module._batch is not first
+    assert module._batch is not first and module._batch.updates == 1
     with pytest.raises(ValueError, match="ppo_epochs must be ≥ 1"):
-        _module(ppo_epochs=0)
+        _module(objective=Objective(ppo_epochs=0))
 
 
 def test_a_mixed_ode_sde_rollout_trains_only_its_stochastic_steps():
     sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
     module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
-    assert module.sde_window == (1, 3)  # the trainer's window follows the sampler's
+    assert module.replay.sde_window == (1, 3)  # the trainer's window follows the sampler's
     trajectories, _, _ = module.rollout(sample_specs(2, seed=8))
     for t in trajectories:
         (image,) = t.images
@@ -132,7 +135,7 @@ def test_a_mixed_ode_sde_rollout_trains_only_its_stochastic_steps():
     loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     assert torch.isfinite(loss) and stats["image/logprob_gap"] < 1e-3
     with pytest.raises(ValueError, match="draws with the ODE"):
-        RLModule(model=None, group_size=2, sampling=sampling, sde_window=(0, 2))
+        RLModule(model=None, group_size=2, sampling=sampling, replay=Replay(sde_window=(0, 2)))
 
 
 def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
@@ -140,14 +143,14 @@ def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
     module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="reflect")
     trajectories, _, _ = module.rollout(sample_specs(2, seed=9))
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    module.ppo_epochs, module.sde_window = 1, None
+    module.replay = Replay()
     whole, stats = module.policy_loss(trajectories, advantages)
     images = sum(len(t.images) for t in trajectories)
     assert stats["image/steps_trained"].item() == 3 * images
     assert stats["image/logprob_gap"].item() < 1e-3  # every block replays its own step
     alone = []
     for j in range(3):
-        module.sde_window = (j, j + 1)
+        module.replay = Replay(sde_window=(j, j + 1))
         alone.append(module.policy_loss(trajectories, advantages)[0])
     assert whole.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5, abs=1e-7)
     from avr.backbone.packing import token_count
@@ -155,17 +158,17 @@ def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
     backbone = module.backbone  # rows too short for three noisy blocks per image: two replays
     base = [token_count(t, backbone.tokenizer, backbone.geometry, rl=True) for t in trajectories]
     most = max(range(4), key=lambda b: (base[b], len(trajectories[b].images)))
-    module.sde_window = None
-    module.max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    module.replay = Replay(max_len=max_len)
     passes = module.backbone.rl_passes(trajectories, module._replay_plan())
-    assert len(passes) == 2 and all(b.input_ids.shape[1] <= module.max_len for b, _ in passes)
+    assert len(passes) == 2 and all(b.input_ids.shape[1] <= max_len for b, _ in passes)
     split, _ = module.policy_loss(trajectories, advantages)
     assert split.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-7)
-    module.steps_per_image, module.max_len = 1, 2048  # one random step per image
+    module.replay = Replay(steps_per_image=1)  # one random step per image
     ((_, steps),) = module.backbone.rl_passes(trajectories, module._replay_plan())
     assert len(steps) == images
     with pytest.raises(ValueError, match="steps_per_image must be ≥ 1"):
-        RLModule(model=None, group_size=2, sampling=sampling, steps_per_image=0)
+        Replay(steps_per_image=0)
 
 
 def test_cfg_rollouts_are_replayed_with_the_guided_velocity():
@@ -199,7 +202,7 @@ def test_rollouts_under_bf16_mixed_are_the_float32_rollouts():
 def test_a_group_can_share_its_starting_noise():
     sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7)
     shared = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
-                      shared_noise=True)  # fmt: skip
+                      seeding=Seeding(shared_noise=True))  # fmt: skip
     own = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
     specs = sample_specs(2, seed=11)
     a, _, _ = shared.rollout(specs)
@@ -219,10 +222,10 @@ def test_prompt_seeded_rollouts_repeat_a_prompt_across_steps_and_step_seeded_do_
     sampling = SamplingConfig(steps=2, max_text_tokens=4, noise_level=0.7)
     specs = sample_specs(2, seed=11)
 
-    def final_images(rollout_seeds: str, step: int) -> list[torch.Tensor]:
+    def final_images(by: str, step: int) -> list[torch.Tensor]:
         monkeypatch.setattr(RLModule, "global_step", property(lambda self: step))
         module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
-                          rollout_seeds=rollout_seeds)  # fmt: skip
+                          seeding=Seeding(by=by))  # fmt: skip
         trajectories, _, _ = module.rollout(specs)
         return [t.images[0].sample.latents[-1] for t in trajectories]
 
@@ -232,8 +235,8 @@ def test_prompt_seeded_rollouts_repeat_a_prompt_across_steps_and_step_seeded_do_
     assert not torch.equal(first[0], first[2])  # and so do two prompts'
     stepped = final_images("step", 0), final_images("step", 10)
     assert not torch.equal(stepped[0][0], stepped[1][0])
-    with pytest.raises(ValueError, match="rollout_seeds"):
-        RLModule(model=None, rollout_seeds="epoch")
+    with pytest.raises(ValueError, match=r"seeding\.by: expected 'step' or 'prompt'"):
+        Seeding(by="epoch")
 
 
 def test_a_plan_whose_text_ends_by_opening_the_image_replays_as_sampled(monkeypatch):
@@ -306,8 +309,10 @@ def test_rl_refuses_settings_it_cannot_train_with():
         RLModule(sampling=SamplingConfig(noise_level=0.0))
     with pytest.raises(ValueError, match="group_size must be an integer of at least 2"):
         RLModule(group_size=1)
-    with pytest.raises(ValueError, match=r"sde_window must be \[first, last\)"):
-        RLModule(sde_window=(3, 3))
+    with pytest.raises(ValueError, match=r"replay.sde_window must be \[first, last\)"):
+        Replay(sde_window=(3, 3))
+    with pytest.raises(ValueError, match=r"advantages.clip must be > 0"):
+        Advantages(clip=0.0)
 
 
 def test_trajectory_grid_shows_every_image_of_each_rollout():
@@ -333,7 +338,8 @@ def test_the_loss_weighs_text_and_image_terms_and_zero_text_trains_the_generator
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
 
     def grads(text_weight, image_weight):
-        module = _module(mode="adaptive", text_weight=text_weight, image_weight=image_weight)
+        objective = Objective(text_weight=text_weight, image_weight=image_weight)
+        module = _module(mode="adaptive", objective=objective)
         module.policy_loss(trajectories, advantages)[0].backward()
         return module.backbone.velocity_out.weight.grad, module.backbone.lm.lm_head.weight.grad
 
@@ -345,7 +351,7 @@ def test_the_loss_weighs_text_and_image_terms_and_zero_text_trains_the_generator
     torch.testing.assert_close(text_30, text_1)  # the image term does not reach the LM head
     torch.testing.assert_close(image_30, image_1 + 29 * image_alone)
     with pytest.raises(ValueError, match="not both 0"):
-        _module(text_weight=0.0, image_weight=0.0)
+        Objective(text_weight=0.0, image_weight=0.0)
 
 
 def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
@@ -353,7 +359,7 @@ def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
 
     sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
     module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct",
-                      ode_anchor=10.0, anchor_steps=2)  # fmt: skip
+                      replay=Replay(ode_anchor=10.0, anchor_steps=2))  # fmt: skip
     trajectories, _, _ = module.rollout(sample_specs(2, seed=12))
     ((_, steps),) = module.backbone.rl_passes(trajectories, module._replay_plan())
     anchors = [s for s in steps if isinstance(s, AnchorStep)]
@@ -367,7 +373,7 @@ def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
             0.05 * torch.randn_like(module.backbone.velocity_out.weight)
         )
     loss, stats = module.policy_loss(trajectories, advantages)
-    module.ode_anchor = 0.0
+    module.replay = replace(module.replay, ode_anchor=0.0)
     plain, plain_stats = module.policy_loss(trajectories, advantages)
     assert "image/anchor" not in plain_stats and stats["image/anchor"].item() > 0
     # the anchor leaves the Flow-GRPO term as it was and adds its own, weighted
@@ -375,7 +381,7 @@ def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
     assert stats["image/steps_trained"].item() == plain_stats["image/steps_trained"].item()
     assert (loss - plain).item() == pytest.approx(10.0 * stats["image/anchor"].item(), rel=1e-4)
     # a gradient step on the anchor alone brings the untrained steps back toward the reference
-    module.ode_anchor = 1.0
+    module.replay = replace(module.replay, ode_anchor=1.0)
     module.backbone.zero_grad()
     _, before = module.policy_loss(trajectories, advantages)
     terms = module.backbone.policy_terms(trajectories, module._reference, module._replay_plan())
@@ -387,7 +393,7 @@ def test_the_ode_anchor_holds_the_untrained_steps_to_the_reference():
     _, after = module.policy_loss(trajectories, advantages)
     assert after["image/anchor"].item() < before["image/anchor"].item()
     with pytest.raises(ValueError, match="ode_anchor must be ≥ 0"):
-        _module(ode_anchor=-1.0)
+        Replay(ode_anchor=-1.0)
 
 
 def test_anchor_steps_fit_into_split_replays_even_a_replay_of_anchors_alone():
@@ -396,14 +402,15 @@ def test_anchor_steps_fit_into_split_replays_even_a_replay_of_anchors_alone():
 
     sampling = SamplingConfig(steps=4, max_text_tokens=4, noise_level=0.7, sde_window=(1, 3))
     module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="reflect",
-                      ode_anchor=1.0)  # fmt: skip
+                      replay=Replay(ode_anchor=1.0))  # fmt: skip
     trajectories, _, _ = module.rollout(sample_specs(2, seed=9))
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     whole, stats = module.policy_loss(trajectories, advantages)
     backbone = module.backbone  # rows too short for three noisy blocks per image: two replays
     base = [token_count(t, backbone.tokenizer, backbone.geometry, rl=True) for t in trajectories]
     most = max(range(4), key=lambda b: (base[b], len(trajectories[b].images)))
-    module.max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    max_len = base[most] + backbone.geometry.gen_tokens * len(trajectories[most].images)
+    module.replay = replace(module.replay, max_len=max_len)
     passes = backbone.rl_passes(trajectories, module._replay_plan())
     assert len(passes) == 2 and all(isinstance(s, AnchorStep) for s in passes[1][1])
     split, split_stats = module.policy_loss(trajectories, advantages)
