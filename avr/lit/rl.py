@@ -66,6 +66,28 @@ class RolloutBatch:
         )
 
 
+def _trainable(mode: str | Mode) -> Mode:
+    """The mode `mode` names (or is), refused where RL cannot replay its rollouts."""
+    mode = MODES.get(mode)() if isinstance(mode, str) else mode
+    if not mode.trainable:
+        raise ValueError(
+            f"model.init_args.mode {mode.name!r}: its rollouts hold several contexts, which RL "
+            "cannot replay; train the mode its tries are laid out as"
+        )
+    return mode
+
+
+def _check_sizes(group_size: int, rollout_batch: int) -> tuple[int, int]:
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(
+            "group_size must be an integer of at least 2 (advantages are relative to the "
+            f"group), got {group_size}"
+        )
+    if rollout_batch < 1:
+        raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
+    return group_size, rollout_batch
+
+
 class RLModule(BackboneModule):
     """RL of the unified model on ShapeWorld prompts (see the module docstring)."""
 
@@ -102,20 +124,16 @@ class RLModule(BackboneModule):
             sampling: rollout sampling; its `noise_level` must be > 0 (Flow-GRPO needs SDE
                 log-probs). With `cfg_scale ≠ 1` the trainer replays the guided velocity, its
                 unconditional branch detached (as Flow-GRPO and R3 train with CFG).
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay of matrices.
-            warmup_steps: linear warmup steps.
-            min_lr_ratio: the cosine ends at `min_lr_ratio · lr` (1: constant).
-            objective: the loss: clip, KL weights, text and image weights, PPO epochs
-                (`avr.lit.rl_settings.Objective`).
+            lr, weight_decay, warmup_steps, min_lr_ratio: AdamW's peak rate and the decay of
+                its matrices, the linear warmup's steps, the cosine's end as a share of `lr`.
+            objective: the loss (`avr.lit.rl_settings.Objective`): clip, KL, weights, epochs.
             advantages: group normalisation and clipping, which rewards move the generator
                 (`Advantages`).
             replay: the SDE steps an update trains, the ODE anchor, the packed row length
                 (`Replay`).
             seeding: what keys each rollout's seed: the step or the prompt's text, and whether a
                 group shares its starting noise (`Seeding`).
-            rollout_batch: episodes rolled out together (`avr.rollout`); the trajectories do not
-                depend on it.
+            rollout_batch: episodes rolled out together (the trajectories do not depend on it).
             max_bad_steps: non-finite steps in a row before the run stops with an error.
         """
         super().__init__(
@@ -126,23 +144,10 @@ class RLModule(BackboneModule):
             warmup_steps=warmup_steps,
             min_lr_ratio=min_lr_ratio,
         )
-        self.seed = seed
-        self.mode = MODES.get(mode)() if isinstance(mode, str) else mode
-        if not self.mode.trainable:
-            raise ValueError(
-                f"model.init_args.mode {self.mode.name!r}: its rollouts hold several contexts, "
-                "which RL cannot replay; train the mode its tries are laid out as"
-            )
+        self.seed, self.mode = seed, _trainable(mode)
         terms = rewards or {"compositional": RewardTerm(REWARDS.get("compositional")(), 1.0)}
         self.rewards = CompositeReward(terms)
-        if not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(
-                "group_size must be an integer of at least 2 (advantages are relative to the "
-                f"group), got {group_size}"
-            )
-        if rollout_batch < 1:
-            raise ValueError(f"rollout_batch must be ≥ 1, got {rollout_batch}")
-        self.group_size, self.rollout_batch = group_size, rollout_batch
+        self.group_size, self.rollout_batch = _check_sizes(group_size, rollout_batch)
         self.objective = objective or Objective()
         self.advantages = advantages or Advantages()
         self.seeding = seeding or Seeding()
