@@ -279,70 +279,6 @@ def memory(args: argparse.Namespace, console: Console) -> str:
     )
 
 
-@bench
-def ladder(args: argparse.Namespace, console: Console) -> str:
-    """Conditioning ladder (`avr.conditioning.RUNGS`): train a fresh tiny model `--steps` steps of
-    `--batch` direct trajectories on rung `--rung`, then judge `--n` new prompts of that rung
-    (colour/shape precision, objects per image, exact scenes, loss with shuffled prompts).
-    `--set KEY=JSON` overrides a `UnifiedConfig` field; `--from DIR` starts from an exported model
-    (its config with the overrides) instead of a fresh one; `--out` saves the samples as a PNG
-    grid, `--save DIR` the trained model (`avr.export`'s format)."""
-    import json
-
-    import torch
-    from PIL import Image
-
-    from avr.backbone.config import UnifiedConfig
-    from avr.backbone.io import from_pretrained, save_pretrained
-    from avr.conditioning import RUNGS, climb
-
-    torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"ladder: --set {item!r}: expected KEY=JSON, e.g. timestep_shift=3")
-        overrides[key] = json.loads(value)
-    config = UnifiedConfig.from_dict(overrides) if overrides and not args.start else None
-    start = from_pretrained(args.start, **overrides) if args.start else None
-    rung = args.rung
-    console.print(
-        f"rung {rung}: {RUNGS[rung].name}; from {args.start or 'random init'}; "
-        f"config overrides {overrides or 'none'}"
-    )
-    result = climb(
-        rung,
-        args.steps,
-        args.batch,
-        args.lr,
-        config=config,
-        seed=args.seed,
-        eval_prompts=min(args.n, 256),
-        model=start,
-        log=console.print,
-    )
-    f = result.fidelity
-    if args.out:
-        images = result.images[: 8 * (len(result.images) // 8) or len(result.images)]
-        rows = [np.concatenate(list(images[i : i + 8]), 1) for i in range(0, len(images), 8)]
-        Image.fromarray(np.concatenate(rows, 0)).save(args.out)
-        console.print(f"samples: {args.out}")
-    if args.save:
-        console.print(f"model: {save_pretrained(result.model, args.save)}")
-    return (
-        f"ladder rung {rung}, {args.steps} steps x {args.batch} in {result.seconds:.0f} s: "
-        f"colour precision {f['colour_precision']:.0%}, shape precision {f['shape_precision']:.0%}, "
-        f"{f['objects_per_image']:.2f} objects/image (asked {f['asked_per_image']:.2f}), "
-        f"exact {f['exact']:.0%}, accuracy {f['accuracy']:.0%}, "
-        f"loss shuffled/right {result.loss_shuffled / result.loss_right:.2f}"
-        + (
-            f", copy error {result.copy_own:.3f} (to another input {result.copy_other:.3f})"
-            if RUNGS[rung].reads
-            else ""
-        )
-    )
-
-
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -494,11 +430,11 @@ def train(args: argparse.Namespace, console: Console) -> str:
 
 #: Every bench flag: (argparse arguments, the benches that read it).
 FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "--n": (dict(type=int, default=1000, help="workload size"), ("verifier", "adaptive", "ladder")),
+    "--n": (dict(type=int, default=1000, help="workload size"), ("verifier", "adaptive")),
     "--resolution": (dict(type=int, default=64, help="image side in pixels"), ("verifier",)),
     "--seed": (
         dict(type=int, default=0, help="seed of prompts and models"),
-        ("verifier", "rollout", "rollouts", "packing", "adaptive", "ladder", "train"),
+        ("verifier", "rollout", "rollouts", "packing", "adaptive", "train"),
     ),
     "--repeats": (
         dict(type=int, default=3, help="timed repeats; the best is kept"),
@@ -506,7 +442,7 @@ FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     ),
     "--threads": (
         dict(type=int, default=2, help="torch CPU threads"),
-        ("rollout", "rollouts", "packing", "adaptive", "ladder", "train"),
+        ("rollout", "rollouts", "packing", "adaptive", "train"),
     ),
     "--max-len": (
         dict(type=int, help="packed row length (None: the shortest of 512, 1024, … that fits)"),
@@ -523,21 +459,11 @@ FLAGS: dict[str, tuple[dict, tuple[str, ...]]] = {
     ),
     "--prompts": (dict(type=int, default=8, help="prompts"), ("rollouts",)),
     "--group": (dict(type=int, default=4, help="rollouts per prompt"), ("rollouts",)),
-    "--rung": (dict(type=int, default=3, help="ladder rung"), ("ladder",)),
     "--profile": (
         dict(action="store_true", help="also say where one step's time goes (torch.profiler)"),
         ("train",),
     ),
-    "--steps": (dict(type=int, default=300, help="training steps"), ("ladder",)),
-    "--batch": (dict(type=int, default=16, help="trajectories per step"), ("ladder", "train")),
-    "--lr": (dict(type=float, default=1e-3, help="learning rate"), ("ladder",)),
-    "--set": (dict(action="append", help="UnifiedConfig KEY=JSON, repeatable"), ("ladder",)),
-    "--out": (dict(help="PNG grid of the samples"), ("ladder",)),
-    "--save": (dict(help="folder to save the trained model to"), ("ladder",)),
-    "--from": (
-        dict(dest="start", help="exported model to start from instead of random init"),
-        ("ladder",),
-    ),
+    "--batch": (dict(type=int, default=16, help="trajectories per step"), ("train",)),
 }
 
 

@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("avr.bench", "benchmarks (speed, memory, the conditioning ladder)"),
     "registry": ("avr.registry", "list the registered modes and rewards"),
     "curves": ("avr.curves", "plot runs' logged curves; does the reward rise?"),
-    "claims": ("avr.claims", "the papers' claims as paired comparisons over evaluations"),
+    "claims": ("avr.research.claims", "the papers' claims as paired comparisons over evaluations"),
+    "ladder": ("avr.research.ladder", "the conditioning ladder: train a toy rung, judge it"),
 }
 
 

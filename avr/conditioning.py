@@ -12,39 +12,28 @@
   refined image's flow loss after another trajectory's draft, over the loss after its own. The
   teacher's refinement keeps the draft's layout, so a model that edits (copies what was right from
   the clean latent context) scores well above 1; one that draws each image anew scores 1;
-- the ladder (`RUNGS`, `climb`): text→image toy tasks of rising difficulty, each trained from scratch
-  in minutes on a CPU, so that a recipe change can be judged on the rung where conditioning fails
-  before hours go into a real run (`python -m avr.bench ladder --rung N`). Its last rung asks for
-  what an edit needs first: redraw an image the model has just read (`copy_error` judges it).
+- `copy_error`, `swapped_input_loss`: does the model redraw an image it has just read (what an
+  edit needs first; the last rung of the ladder, `avr.research.ladder`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
 
 from avr.backbone import UnifiedLoss, pack
-from avr.backbone.config import UnifiedConfig
 from avr.backbone.model import UnifiedModel, require_unified
 from avr.backbone.packing import FlowSettings
 from avr.backbone.tokenizer import mode_token
 from avr.sequence import ImageRole, Segment, Trajectory
 from avr.world import (
-    COLORS,
-    SHAPES,
-    Clause,
     PromptSpec,
     Scene,
-    SceneObject,
     Verifier,
     render,
-    sample_scene,
-    sample_spec,
 )
 from avr.world.fidelity import Fidelity
 
@@ -287,160 +276,3 @@ def _other_prompts(specs: Sequence[PromptSpec]) -> list[PromptSpec]:
             raise ValueError("shuffled_loss_ratio needs at least two different prompts")
         out.append(other)
     return out
-
-
-# ---- the ladder ---------------------------------------------------------------------------
-
-
-def _one(shape: str, color: str, size: float, x: float = 0.5, y: float = 0.5):
-    spec = PromptSpec("single_object", f"a {color} {shape}", (Clause(shape, 1, color),))
-    return spec, Scene((SceneObject(shape, color, x, y, size),))
-
-
-def _two_fixed(rng: np.random.Generator):
-    if rng.random() < 0.5:
-        return _one("square", "red", 0.4, 0.3, 0.3)
-    return _one("circle", "blue", 0.4, 0.7, 0.7)
-
-
-def _colour_fixed(rng: np.random.Generator):
-    return _one("square", COLORS[rng.integers(len(COLORS))], 0.35)
-
-
-def _colour_placed(rng: np.random.Generator):
-    x, y = rng.uniform(0.25, 0.75, 2)
-    return _one("square", COLORS[rng.integers(len(COLORS))], 0.35, float(x), float(y))
-
-
-def _colour_shape(rng: np.random.Generator):
-    x, y = rng.uniform(0.25, 0.75, 2)
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    return _one(shape, COLORS[rng.integers(len(COLORS))], 0.35, float(x), float(y))
-
-
-def _from_tags(*tags: str) -> Callable[[np.random.Generator], tuple[PromptSpec, Scene]]:
-    def draw(rng: np.random.Generator):
-        spec = sample_spec(tags[rng.integers(len(tags))], rng)
-        return spec, sample_scene(spec, rng)
-
-    return draw
-
-
-@dataclass(frozen=True)
-class Rung:
-    """One toy task: what it asks, and how to draw a (spec, scene) pair from a generator."""
-
-    name: str
-    draw: Callable[[np.random.Generator], tuple[PromptSpec, Scene]]
-    reads: bool = False
-    """The model reads the target scene before drawing it (`copy_trajectory`), instead of
-    drawing from the prompt alone (`direct_trajectory`)."""
-
-    def trajectory(self, spec: PromptSpec, scene: Scene, resolution: int) -> Trajectory:
-        """This rung's training trajectory for one (spec, scene)."""
-        build = copy_trajectory if self.reads else direct_trajectory
-        return build(spec, scene, resolution)
-
-
-RUNGS: dict[int, Rung] = {
-    1: Rung("two prompts, two fixed images", _two_fixed),
-    2: Rung("one square at a fixed place, colour named", _colour_fixed),
-    3: Rung("one square at a random place, colour named", _colour_placed),
-    4: Rung("one object at a random place, colour and shape named", _colour_shape),
-    5: Rung("ShapeWorld single and two objects", _from_tags("single_object", "two_object")),
-    6: Rung("ShapeWorld counts and relations", _from_tags("counting", "position", "color_attr")),
-    7: Rung(
-        "copy: redraw a ShapeWorld scene (single and two objects) just read",
-        _from_tags("single_object", "two_object"),
-        reads=True,
-    ),
-}
-
-
-@dataclass
-class ClimbResult:
-    """What one ladder run measured."""
-
-    rung: int
-    steps: int
-    seconds: float
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)
-    fidelity: dict[str, float] = field(default_factory=dict)
-    loss_right: float = float("nan")
-    loss_shuffled: float = float("nan")
-    """Image loss with the right and with shuffled conditions: the prompts, or on a rung that
-    reads (`Rung.reads`) the input images."""
-    copy_own: float = float("nan")
-    copy_other: float = float("nan")
-    """On a rung that reads: `copy_error`'s pixel differences to the own and another input."""
-    images: np.ndarray | None = None
-    model: UnifiedModel | None = None
-
-
-def climb(
-    rung: int,
-    steps: int = 300,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    warmup: int = 30,
-    config: UnifiedConfig | None = None,
-    seed: int = 0,
-    eval_prompts: int = 48,
-    sample_steps: int = 10,
-    model: UnifiedModel | None = None,
-    log: Callable[[str], None] | None = None,
-) -> ClimbResult:
-    """Train a fresh tiny model (or `model`) on rung `rung`'s direct trajectories, then judge it on
-    `eval_prompts` new prompts of the same rung. Fresh noise every step (seeds never repeat)."""
-    from avr.defaults import tiny_model
-
-    if rung not in RUNGS:
-        raise ValueError(f"unknown rung {rung}; expected one of {', '.join(map(str, RUNGS))}")
-    task = RUNGS[rung]
-    model = model or tiny_model(seed, config)
-    model.train()
-    side = model.config.image_size
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup))
-    )
-    rng = np.random.default_rng([seed, rung])
-    loss_fn = UnifiedLoss.for_model(model.config)
-    result = ClimbResult(rung, steps, 0.0, model=model)
-    start = time.perf_counter()
-    for step in range(steps):
-        pairs = [task.draw(rng) for _ in range(batch_size)]
-        trajectories = [task.trajectory(spec, scene, side) for spec, scene in pairs]
-        seeds = [step * batch_size + i for i in range(batch_size)]
-        batch = pack(
-            trajectories,
-            model.tokenizer,
-            model.geometry,
-            model.config.max_seq_len,
-            seeds,
-            model.flow_settings,
-        )
-        loss, stats = loss_fn(model(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            result.loss_curve.append((step, float(stats["loss/image"])))
-            if log:
-                log(f"rung {rung} step {step}: image loss {float(stats['loss/image']):.4f}")
-    result.seconds = time.perf_counter() - start
-    held_out = np.random.default_rng([seed, rung, 1])
-    pairs = [task.draw(held_out) for _ in range(eval_prompts)]
-    specs, scenes = [p for p, _ in pairs], [s for _, s in pairs]
-    if task.reads:
-        result.copy_own, result.copy_other, result.images = copy_error(
-            model, specs, scenes, sample_steps, seed
-        )
-        result.fidelity = judge(result.images, specs)
-        result.loss_right, result.loss_shuffled = swapped_input_loss(model, specs, scenes, seed)
-    else:
-        result.fidelity, result.images = prompt_fidelity(model, specs, sample_steps, seed)
-        result.loss_right, result.loss_shuffled = shuffled_loss_ratio(model, specs, scenes, seed)
-    return result

@@ -149,7 +149,7 @@ def _evaluate(
         "sampling": vars(sampling),
         "workers": workers,
         "batch": batch,
-        "prompt_list": {  # per prompt, so runs of several evaluations can be paired (`avr.claims`)
+        "prompt_list": {  # per prompt, so runs of several evaluations can be paired (`avr.research.claims`)
             "prompt": [spec.prompt for spec in specs],
             "tag": [spec.tag for spec in specs],
             "level": [complexity(spec).level for spec in specs],

@@ -35,7 +35,7 @@ python -m avr.data build --overwrite --n 8000 --seed 3 -o runs/sft-grid-data
 python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/edit-grid.yaml \
   --trainer.default_root_dir "$OUT/ft-grid"
 python -m avr.export "$(last "$OUT/ft-grid")" --weights ema -o runs/ft-grid-500-ema
-python -m avr.bench ladder --rung 7 --steps 250 --lr 3e-4 --n 48 --threads 1 --from runs/ft-grid-500-ema \
+python -m avr.research.ladder --rung 7 --steps 250 --lr 3e-4 --n 48 --threads 1 --from runs/ft-grid-500-ema \
   --save runs/ft-grid-copy
 python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/edit-copy.yaml \
   --trainer.default_root_dir "$OUT/ft-grid-copy-sft"
@@ -120,4 +120,4 @@ for ablation in no-penalty no-stepwise; do
   python -m avr.evaluate --model "rl-$ablation=$OUT/rl-$ablation-model" --modes adaptive --steps 10 \
     --prompts "$OUT/claims-prompts.jsonl" -o "$OUT/claims-rl-$ablation"
 done
-python -m avr.claims "$OUT"/claims-{sft-rl,rl-no-penalty,rl-no-stepwise}/metrics.json -o "$OUT/claims.md"
+python -m avr.research.claims "$OUT"/claims-{sft-rl,rl-no-penalty,rl-no-stepwise}/metrics.json -o "$OUT/claims.md"

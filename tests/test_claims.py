@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avr.claims import Roles, load, main, measure
+from avr.research.claims import Roles, load, main, measure
 
 TAGS = ["single_object", "two_object", "counting", "position"] * 30
 LEVELS = ["simple", "medium", "medium", "complex"] * 30

@@ -1,4 +1,5 @@
-"""Prompt use: the diagnostics, and the ladder's first rung as a test that conditioning learns."""
+"""Prompt use: the diagnostics (`avr.conditioning`), and the ladder's first rung
+(`avr.research.ladder`) as a test that conditioning learns."""
 
 import dataclasses
 
@@ -7,8 +8,6 @@ import pytest
 import torch
 
 from avr.conditioning import (
-    RUNGS,
-    climb,
     context_loss_ratio,
     copy_error,
     prompt_fidelity,
@@ -16,6 +15,7 @@ from avr.conditioning import (
     swapped_input_loss,
 )
 from avr.defaults import tiny_model
+from avr.research.ladder import RUNGS, climb
 
 
 @pytest.mark.slow
@@ -107,18 +107,27 @@ def test_the_copy_rung_reads_its_target_and_is_judged_against_it():
         copy_error(model, specs[:1], scenes[:1])
 
 
-def test_the_ladder_bench_starts_a_rung_from_an_exported_model(tmp_path, capsys):
-    """`python -m avr.bench ladder --from DIR --set KEY=JSON --save OUT`: the folder's weights
+def test_the_ladder_starts_a_rung_from_an_exported_model(tmp_path, capsys):
+    """`python -m avr.research.ladder --from DIR --set KEY=JSON --save OUT`: the folder's weights
     with the override (a shape-preserving one such as `image_rope`), trained on the rung, judged,
     and saved with the override in their config."""
     from avr.backbone.io import from_pretrained, save_pretrained
-    from avr.bench import main as bench
+    from avr.research.ladder import main as ladder
 
     start = tiny_model(0)
     save_pretrained(start, tmp_path / "start")
-    argv = ["ladder", "--rung", "7", "--steps", "1", "--batch", "2", "--n", "2"]
+    argv = [
+        "--rung",
+        "7",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--n",
+        "2",
+    ]  # the first step warms up from lr 0
     argv += ["--from", str(tmp_path / "start"), "--set", 'image_rope="grid"', "--threads", "1"]
-    assert bench([*argv, "--save", str(tmp_path / "trained")]) == 0
+    assert ladder([*argv, "--save", str(tmp_path / "trained")]) == 0
     trained = from_pretrained(tmp_path / "trained")
     assert trained.config.image_rope == "grid"
     weight = "lm.model.layers.0.self_attn.q_proj.weight"
@@ -126,7 +135,7 @@ def test_the_ladder_bench_starts_a_rung_from_an_exported_model(tmp_path, capsys)
     out = capsys.readouterr().out
     flat = "".join(out.split())  # rich wraps long lines anywhere
     assert f"from{tmp_path / 'start'};" in flat and "{'image_rope':'grid'}" in flat
-    assert "ladder rung 7, 1 steps x 2" in out and "copy error" in out
+    assert "ladder rung 7, 2 steps x 2" in out and "copy error" in out
 
 
 def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():

@@ -100,3 +100,17 @@ def test_the_checker_sees_a_cycle_and_a_wrong_arrow(tmp_path):
         encoding="utf-8",
     )
     assert _imports(module, {"avr.lit", "avr.lit.sft"}) == set()
+
+
+def test_the_product_does_not_import_the_research_code():
+    """`avr.research` (the ladder, the claims table) sits on top: it uses the product's parts, and
+    nothing outside it imports it (the `avr` console script names its modules, it does not
+    import them)."""
+    wrong = [
+        f"{source} imports {target}"
+        for source, targets in _graph().items()
+        if not source.startswith("avr.research")
+        for target in targets
+        if target.startswith("avr.research")
+    ]
+    assert not wrong, wrong

@@ -1,4 +1,4 @@
-"""`python -m avr.claims METRICS.json… -o claims.md`: the papers' claims, measured.
+"""`python -m avr.research.claims METRICS.json… -o claims.md`: the papers' claims, measured.
 
 Reads the `metrics.json` of one or more `avr.evaluate` runs on the same prompts (checked prompt by
 prompt) and writes the claims table: each claim as a paired comparison on the same prompts (the
