@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds the shipped tiny models and the README's results from nothing (CPU only): about 10 hours
+# Rebuilds the shipped tiny models and their results (docs/results.md) from nothing (CPU only): about 10 hours
 # on a 2-core CPU (measured stage by stage in each model's RECIPE.md). Run from the repo root:
 #   bash experiments/reproduce-tiny.sh            (outputs under runs/, models under checkpoints/)
 # Deviation from the runs that made the shipped files: stages 1 and 1b were stopped by hand before
@@ -41,7 +41,7 @@ python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved
   --trainer.default_root_dir "$OUT/ft-grid-copy-sft"
 python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoints/shapeworld-tiny-edit
 
-# 2d. Capability-aware labels (not shipped: no measurable gain, README "A relabelled SFT round"):
+# 2d. Capability-aware labels (not shipped: no measurable gain, docs/guide.md "A relabelled SFT round"):
 #     2,000 prompts labelled by the edit model, a second SFT round on them and, as the control, the
 #     same round on the same prompts with the complexity labels; both judged on the claims prompts.
 python -m avr.data build --overwrite --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data

@@ -142,7 +142,7 @@ class UnifiedConfig:
     With `grid`, a token of a later image and the token at the same place of an earlier one differ
     only on the sequence axis, so attending to "the same place in the image before" (copying what
     an edit keeps) is a content-independent pattern; with `sequence` that match rests on the
-    absolute position embedding alone. Measured on the copy rung of the ladder (README, "Can the
+    absolute position embedding alone. Measured on the copy rung of the ladder (docs/results.md, "Can the
     model edit?"): from the text→image weights, 250 steps, `grid` copies more closely than
     `sequence`."""
     attention: str = "auto"
