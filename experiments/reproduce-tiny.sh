@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped tiny models and their results (docs/results.md) from nothing (CPU only): about 10 hours
-# on a 2-core CPU (measured stage by stage in each model's RECIPE.md). Run from the repo root:
+# on a 2-core CPU (measured stage by stage in each model's history, docs/models/). Run from the repo root:
 #   bash experiments/reproduce-tiny.sh            (outputs under runs/, models under checkpoints/)
 # Deviation from the runs that made the shipped files: stages 1 and 1b were stopped by hand before
 # the end of their cosine schedules (7,750 of 20,000 and 4,000 of 6,000 steps); here max_steps ends

@@ -1,6 +1,6 @@
 """The shipped models: each loads strictly with its recipe beside it; the edit model reads its
 drafts where the default does not, the generator-RL model draws more prompts right than its
-start, and the self-trained model's critic accepts right drafts (what their RECIPE.md files claim,
+start, and the self-trained model's critic accepts right drafts (what their model cards claim,
 on fewer prompts)."""
 
 from pathlib import Path
@@ -47,10 +47,11 @@ def test_every_shipped_model_loads_with_its_recipe_card_and_sampler_settings(fol
     from avr.registry import MODES
 
     model = from_pretrained(folder)
-    assert (folder / "RECIPE.md").is_file()
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     meta = read_card(folder / "README.md")  # the Hub's layout: front matter, then the card
     assert meta["library_name"] == "avr" and meta["limits"]
+    recipe = meta["training"]["recipe"]  # the commands that made it, in the card itself
+    assert "python -m avr.export" in recipe and folder.name in recipe
     results = meta["evaluation"]["results"]
     assert results and all(0 <= r["accuracy"] <= 1 and r["nfe"] >= 10 for r in results)
     settings = read_generation_config(folder)
