@@ -159,7 +159,8 @@ class PolicyActor:
         else:
             pick = int(logits[ids].argmax())
         session.append_tokens([[ids[pick]]])
-        sample = TextSample([[ids[pick]]], [[float(policy[ids[pick]])]], [mode_token(modes[pick])])
+        token = mode_token(modes[pick])
+        sample = TextSample([[ids[pick]]], [[float(policy[ids[pick]])]], [token], temperature)
         episode.add_text(mode_token(modes[pick]), sample, sample.logprobs[0])
         episode.trajectory.segments[-1].behaviour_logprobs = behaviour
         episode.state.text_tokens += 1

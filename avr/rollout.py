@@ -288,7 +288,9 @@ class _Batch:
         )
         self._split(group, merged)
         for b, call in enumerate(group):
-            call.result = TextSample([sample.ids[b]], [sample.logprobs[b]], [sample.text[b]])
+            call.result = TextSample(
+                [sample.ids[b]], [sample.logprobs[b]], [sample.text[b]], sample.temperature
+            )
 
     def _generate_image(self, group: list[_Call]) -> None:
         merged = self._merged(group)
@@ -312,6 +314,8 @@ class _Batch:
                 sample.timesteps,
                 None if sample.logprobs is None else sample.logprobs[b : b + 1],
                 sample.nfe,
+                sample.noise_level,
+                sample.cfg_scale,
             )
 
 

@@ -32,11 +32,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class TextSample:
-    """Decoded text per row: token ids (stop token included), their log-probs, and the string."""
+    """Decoded text per row: token ids (stop token included), their log-probs, and the string;
+    `temperature`: what the log-probs were taken at (1 for greedy text), so a replay computes the
+    distribution that was sampled."""
 
     ids: list[list[int]]
     logprobs: list[list[float]]
     text: list[str]
+    temperature: float = 1.0
 
 
 @dataclass
@@ -48,6 +51,46 @@ class ImageSample:
     timesteps: torch.Tensor  # [S + 1], from 1 to 0
     logprobs: torch.Tensor | None  # [B, S] per SDE step; None for the ODE sampler
     nfe: int  # velocity evaluations (a CFG step counts two)
+    noise_level: float = 0.0  # the SDE's noise level (0: the ODE)
+    cfg_scale: float = 1.0  # classifier-free guidance of the sampled velocity
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a batch of rollouts was sampled with, as its samples recorded it."""
+
+    temperature: float = 1.0
+    noise_level: float = 0.0
+    cfg_scale: float = 1.0
+
+
+def sampler_settings(trajectories) -> SamplerSettings:
+    """The sampler settings of `trajectories`, read from their samples (`TextSample.temperature`;
+    `ImageSample.noise_level` and `cfg_scale` of the images with log-probs), so RL's replay
+    computes the distributions that were sampled. One setting per batch: rollouts sampled with
+    different ones are an error (replay each setting's rollouts apart)."""
+    seen: dict[str, set[float]] = {"temperature": set(), "noise_level": set(), "cfg_scale": set()}
+    for trajectory in trajectories:
+        for segment in trajectory.segments:
+            sample = segment.sample
+            if isinstance(sample, TextSample):
+                seen["temperature"].add(sample.temperature)
+            elif isinstance(sample, ImageSample) and sample.logprobs is not None:
+                seen["noise_level"].add(sample.noise_level)
+                seen["cfg_scale"].add(sample.cfg_scale)
+    for name, values in seen.items():
+        if len(values) > 1:
+            raise ValueError(
+                f"the rollouts were sampled with different {name} values ({sorted(values)}); "
+                "replay each setting's rollouts apart"
+            )
+    defaults = SamplerSettings()
+    return SamplerSettings(
+        **{
+            name: values.pop() if values else getattr(defaults, name)
+            for name, values in seen.items()
+        }
+    )
 
 
 def _multinomial(
@@ -175,7 +218,7 @@ class TextSession:
             self.append_tokens([[t] if r else [] for t, r in zip(tokens, running, strict=True)])
             stopped = [r and t in row for r, t, row in zip(running, tokens, stop_ids, strict=True)]
             active &= ~torch.tensor(stopped, device=self.device)
-        return TextSample(ids, logps, [tok.decode(r) for r in ids])
+        return TextSample(ids, logps, [tok.decode(r) for r in ids], temperature or 1.0)
 
     def _take(self, rows: list[int]) -> TextSession:
         """A session of `rows` alone (their caches taken out); only backbones that batch rows."""
@@ -379,7 +422,13 @@ class Session(TextSession):
             self.position = self.position + active.long()
         nfe = steps * (2 if cfg_scale != 1.0 else 1)
         return ImageSample(
-            pixels, torch.stack(path), times, torch.stack(logps, 1) if logps else None, nfe
+            pixels,
+            torch.stack(path),
+            times,
+            torch.stack(logps, 1) if logps else None,
+            nfe,
+            noise_level,
+            cfg_scale,
         )
 
     def _velocity(self, x: torch.Tensor, t: float, conditional: bool) -> torch.Tensor:

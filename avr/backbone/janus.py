@@ -39,7 +39,7 @@ from transformers import (
 )
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
 
-from avr.backbone.generation import ImageSample, TextSession
+from avr.backbone.generation import ImageSample, TextSession, sampler_settings
 from avr.backbone.protocol import PolicyTerms, register_backbone
 from avr.backbone.tokenizer import DEFAULT_MODES, IMAGE_END, IMAGE_START, add_special_tokens
 from avr.grpo import k3
@@ -314,9 +314,10 @@ class JanusBackbone(torch.nn.Module):
         parts = {
             kind: {"logp": [], "ref": [], "old": [], "sample": []} for kind in ("text", "image")
         }
+        temperature = sampler_settings(trajectories).temperature  # as the samples recorded it
         for b, trajectory in enumerate(trajectories):
-            mine = self.replay(trajectory, plan.temperature)
-            ref = reference(lambda model, t=trajectory: model.replay(t, plan.temperature))
+            mine = self.replay(trajectory, temperature)
+            ref = reference(lambda model, t=trajectory: model.replay(t, temperature))
             for kind, part in parts.items():
                 part["logp"].append(mine[kind])
                 part["ref"].append(ref[kind])
@@ -599,4 +600,4 @@ class JanusSession(TextSession):
         self.append_tokens([[self.image_end]])
         nfe = model.image_tokens * (2 if cfg_scale != 1.0 else 1)
         logprobs = torch.stack(logps, 1) if sample else None
-        return ImageSample(pixels, ids, torch.empty(0), logprobs, nfe)
+        return ImageSample(pixels, ids, torch.empty(0), logprobs, nfe, noise_level, cfg_scale)

@@ -23,15 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class ReplayPlan:
-    """How RL replays a batch of rollouts: the sampler's settings (the replay must compute the
-    distributions it sampled from) and which denoising steps of each generated image to train."""
+    """How RL replays a batch of rollouts: which denoising steps of each generated image to train,
+    and the row length. The sampler's settings (temperature, noise level, guidance) are not here:
+    the replay reads them from the rollouts' own samples (`generation.sampler_settings`)."""
 
-    temperature: float = 1.0
-    """Text sampling temperature (log-probs are taken at it)."""
-    noise_level: float = 0.7
-    """The SDE's noise level (a continuous backbone's step log-probs)."""
-    cfg_scale: float = 1.0
-    """Classifier-free guidance of the sampled velocity (its unconditional branch is detached)."""
     max_len: int = 2048
     """Longest packed row of a replay."""
     sde_steps: Callable[[int], Sequence[int]] | None = None

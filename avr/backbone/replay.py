@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from avr.backbone.generation import sampler_settings
 from avr.backbone.packing import PackedBatch, pack, token_count
 from avr.backbone.protocol import PolicyTerms, ReplayPlan
 from avr.grpo import AnchorStep, SdeStep, image_terms, k3, sampled_text_logprobs
@@ -96,20 +97,21 @@ def policy_terms(
     docstring). With CFG the policy's and the reference's velocities are guided by their own
     unconditional velocity (detached), as the sampler guided them."""
     passes = rl_passes(model, trajectories, plan)
+    sampled = sampler_settings(trajectories)  # what the sampler used, as its samples recorded it
     image: dict[str, list] = {"logp": [], "kl": [], "sample": [], "recorded": [], "anchor": []}
     for i, (batch, steps) in enumerate(passes):
         out = model(batch)
         ref = reference(lambda m, b=batch: m(b))
         if i == 0:
-            text = _text_terms(out, ref, trajectories, plan.temperature)
+            text = _text_terms(out, ref, trajectories, sampled.temperature)
         velocity, velocity_ref = out.velocity, ref.velocity
-        if plan.cfg_scale != 1.0 and steps:
+        if sampled.cfg_scale != 1.0 and steps:
             t = batch.gen_t.to(batch.gen_xt)
             with torch.no_grad():
                 v_u = model.unconditional_velocity(batch.gen_xt, t)
             v_u_ref = reference(lambda m, b=batch, t=t: m.unconditional_velocity(b.gen_xt, t))
-            velocity = v_u + plan.cfg_scale * (velocity - v_u)
-            velocity_ref = v_u_ref + plan.cfg_scale * (velocity_ref - v_u_ref)
+            velocity = v_u + sampled.cfg_scale * (velocity - v_u)
+            velocity_ref = v_u_ref + sampled.cfg_scale * (velocity_ref - v_u_ref)
         x_t, sample = batch.gen_xt, batch.gen_sample
         anchored = [k for k, s in enumerate(steps) if isinstance(s, AnchorStep)]
         if anchored:
@@ -119,7 +121,7 @@ def policy_terms(
             x_t, sample = x_t[sde], sample[sde]
             velocity, velocity_ref = velocity[sde], velocity_ref[sde]
             steps = [steps[k] for k in sde]
-        logp, kl = image_terms(x_t, velocity, velocity_ref, steps, plan.noise_level)
+        logp, kl = image_terms(x_t, velocity, velocity_ref, steps, sampled.noise_level)
         image["logp"].append(logp)
         image["kl"].append(kl)
         image["sample"].append(sample.cpu())  # one per SDE block, as `steps`

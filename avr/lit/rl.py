@@ -333,14 +333,11 @@ class RLModule(BackboneModule):
         return total, stats
 
     def _replay_plan(self) -> ReplayPlan:
-        """The sampler's settings and this update's choice of SDE steps (`Replay.steps`) and,
-        with `ode_anchor`, of the untrained steps each image replays for the anchor, both drawn
-        from the step's own stream (`Seeding.replay`)."""
+        """This update's choice of SDE steps (`Replay.steps`) and, with `ode_anchor`, of the
+        untrained steps each image replays for the anchor, both drawn from the step's own stream
+        (`Seeding.replay`). The sampler's settings come from the rollouts' samples."""
         rng, replay = Seeding.replay(self.seed, self.global_step), self.replay
         return ReplayPlan(
-            temperature=self.sampling.temperature or 1.0,
-            noise_level=self.sampling.noise_level,
-            cfg_scale=self.sampling.cfg_scale,
             max_len=replay.max_len,
             sde_steps=lambda total: replay.steps(rng, total),
             anchor_steps=(

@@ -171,16 +171,24 @@ def test_training_every_window_step_is_the_mean_of_training_each_step_alone():
         Replay(steps_per_image=0)
 
 
-def test_cfg_rollouts_are_replayed_with_the_guided_velocity():
+def test_cfg_rollouts_are_replayed_with_the_guidance_their_samples_recorded():
     sampling = SamplingConfig(steps=3, max_text_tokens=4, noise_level=0.7, cfg_scale=3.0)
     module = RLModule(model=None, seed=0, group_size=2, sampling=sampling, mode="direct")
     trajectories, _, _ = module.rollout(sample_specs(2, seed=10))
     loss, stats = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     assert stats["image/logprob_gap"].item() < 1e-3  # the sampler's guided step, replayed
-    module.sampling = SamplingConfig(steps=3, max_text_tokens=4, noise_level=0.7)
+    # the replay reads the guidance each sample recorded, not the trainer's settings: record none
+    guided = [t.images[0].sample for t in trajectories]
+    for t in trajectories:
+        t.images[0].sample = replace(t.images[0].sample, cfg_scale=1.0)
     _, unguided = module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
     # without guidance the replay is another policy: its step log-probs are far off
     assert unguided["image/logprob_gap"].item() > 100 * stats["image/logprob_gap"].item()
+    trajectories[0].images[0].sample = guided[0]  # one rollout guided, the others not: refused
+    with pytest.raises(ValueError, match=r"different cfg_scale values \(\[1\.0, 3\.0\]\)"):
+        module.policy_loss(trajectories, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    for t, sample in zip(trajectories, guided, strict=True):
+        t.images[0].sample = sample
     loss.backward()
     assert module.backbone.velocity_out.weight.grad.abs().sum() > 0
 
