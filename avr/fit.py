@@ -313,13 +313,7 @@ def check_init_args(args: list[str]) -> None:
         given += [
             a[len(prefix) :].split("=")[0].split(".")[0] for a in args if a.startswith(prefix)
         ]
-        for key in given:
-            if key not in valid:
-                hint = difflib.get_close_matches(key, valid, n=1)
-                maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
-                fail(
-                    f"error: {section}: {class_path} takes no argument {key!r}{maybe}; valid: {', '.join(valid)}"
-                )
+        _refuse_unknown(given, valid, f"{section}: {class_path} takes no argument")
         _check_settings_keys(section, cls, spec, args)
     _check_reward_classes(args, config)
 
@@ -345,14 +339,19 @@ def _check_settings_keys(section: str, cls: type, spec, args: list[str]) -> None
             for a in args
             if a.startswith(f"{prefix}{name}.")
         ]
-        for key in given:
-            if key not in fields:
-                hint_ = difflib.get_close_matches(key, fields, n=1)
-                maybe = f" (did you mean {hint_[0]!r}?)" if hint_ else ""
-                fail(
-                    f"error: {section}.init_args.{name}: {settings[0].__name__} has no key "
-                    f"{key!r}{maybe}; valid: {', '.join(fields)}"
-                )
+        _refuse_unknown(
+            given, fields, f"{section}.init_args.{name}: {settings[0].__name__} has no key"
+        )
+
+
+def _refuse_unknown(given: list[str], valid: list[str], what: str) -> None:
+    """Fail at the first of `given` not in `valid`: `error: {what} 'key' (did you mean …?);
+    valid: …`."""
+    for key in given:
+        if key not in valid:
+            hint = difflib.get_close_matches(key, valid, n=1)
+            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+            fail(f"error: {what} {key!r}{maybe}; valid: {', '.join(valid)}")
 
 
 def _check_reward_classes(args: list[str], config: dict) -> None:

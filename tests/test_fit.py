@@ -66,6 +66,15 @@ def test_a_misspelt_key_names_the_valid_ones():
         fit(["experiments/rl.yaml", "--model.init_args.group_sise", "3"])
 
 
+def test_a_misspelt_key_inside_a_settings_group_names_the_group_and_its_keys():
+    with pytest.raises(
+        SystemExit,
+        match=r"model\.init_args\.objective: Objective has no key 'kl_txt' \(did you mean "
+        r"'kl_text'\?\); valid: clip_eps, kl_text",
+    ):
+        fit(["experiments/rl.yaml", "--model.init_args.objective.kl_txt", "0.1"])
+
+
 def test_an_unknown_class_names_the_known_ones():
     with pytest.raises(
         SystemExit,
