@@ -33,3 +33,33 @@ def describe() -> str:
     """One line naming the machine: CPU model, cores available, Python."""
     cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{cpu}, {len(os.sched_getaffinity(0))} core(s), Python {platform.python_version()}"
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory glibc's allocator keeps after frees back to the system (`malloc_trim`).
+    Large tensors freed in one step otherwise stay in the process's heap (glibc raises its mmap
+    threshold after each large free), so the resident set grows toward the sum of every step's
+    high-water marks. Returns whether anything was called (False off glibc)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+_LIBC: list = []
+
+
+def _glibc():
+    """glibc, loaded once (None on another C library or system)."""
+    if not _LIBC:
+        lib = None
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            import ctypes
+
+            try:
+                lib = ctypes.CDLL("libc.so.6")
+            except OSError:
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]

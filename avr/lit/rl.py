@@ -32,6 +32,7 @@ from avr.backbone.protocol import ReplayPlan
 from avr.grpo import PolicyLoss, behaviour_correction, group_advantages
 from avr.lit.base import BackboneModule, ModelSettings
 from avr.lit.rl_settings import Advantages, Objective, Replay, Seeding
+from avr.machine import release_freed_memory
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
@@ -198,6 +199,9 @@ class RLModule(BackboneModule):
 
     # ---- the algorithm ----------------------------------------------------------------------
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        release_freed_memory()  # the update's activations, before the next rollouts
+
     def on_fit_start(self) -> None:
         if self.reference is not None:  # frozen and in eval mode on purpose: not worth a warning
             warnings.filterwarnings(
@@ -243,6 +247,7 @@ class RLModule(BackboneModule):
         )
         if image_rewards is not None:
             parts = {**parts, "images": image_rewards}  # logged as train/reward/images
+        release_freed_memory()  # the rollouts' caches, before the update allocates its own
         seconds = (rolled - start, time.perf_counter() - rolled)
         return RolloutBatch(
             trajectories, groups, rewards, parts, advantages, image_advantages, seconds
