@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("avr.export", "turn a training checkpoint into a model folder"),
     "data": ("avr.data.__main__", "build SFT trajectory data"),
     "world": ("avr.world.__main__", "ShapeWorld prompts, renders and scores"),
-    "bench": ("avr.bench", "benchmarks (speed, memory, the conditioning ladder)"),
+    "bench": ("avr.bench", "benchmarks (speed and memory, the machine named)"),
     "registry": ("avr.registry", "list the registered modes and rewards"),
     "curves": ("avr.curves", "plot runs' logged curves; does the reward rise?"),
     "claims": ("avr.research.claims", "the papers' claims as paired comparisons over evaluations"),
