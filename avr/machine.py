@@ -3,6 +3,7 @@ choose the training precision, and `avr.bench` prints). A leaf: imports nothing 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -47,19 +48,14 @@ def release_freed_memory() -> bool:
     return True
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _glibc():
     """glibc, loaded once (None on another C library or system)."""
-    if not _LIBC:
-        lib = None
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            import ctypes
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    import ctypes
 
-            try:
-                lib = ctypes.CDLL("libc.so.6")
-            except OSError:
-                lib = None
-        _LIBC.append(lib)
-    return _LIBC[0]
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

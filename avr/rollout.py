@@ -34,13 +34,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from avr.backbone.generation import ImageSample, Session, TextSample
+from avr.backbone.generation import ImageSample, Session
 from avr.policy import PolicyActor, SamplingConfig
 from avr.protocol import Actor, Mode
 from avr.sequence import Trajectory
@@ -288,8 +288,8 @@ class _Batch:
         )
         self._split(group, merged)
         for b, call in enumerate(group):
-            call.result = TextSample(
-                [sample.ids[b]], [sample.logprobs[b]], [sample.text[b]], sample.temperature
+            call.result = replace(
+                sample, ids=[sample.ids[b]], logprobs=[sample.logprobs[b]], text=[sample.text[b]]
             )
 
     def _generate_image(self, group: list[_Call]) -> None:
@@ -308,14 +308,11 @@ class _Batch:
             group[0].result = sample
             return
         for b, call in enumerate(group):
-            call.result = ImageSample(
-                sample.pixels[b : b + 1],
-                sample.latents[:, b : b + 1],
-                sample.timesteps,
-                None if sample.logprobs is None else sample.logprobs[b : b + 1],
-                sample.nfe,
-                sample.noise_level,
-                sample.cfg_scale,
+            call.result = replace(  # one row; the sampler's settings carried as they are
+                sample,
+                pixels=sample.pixels[b : b + 1],
+                latents=sample.latents[:, b : b + 1],
+                logprobs=None if sample.logprobs is None else sample.logprobs[b : b + 1],
             )
 
 

@@ -37,7 +37,7 @@ from avr.policy import SamplingConfig
 from avr.protocol import Mode
 from avr.registry import MODES, REWARDS
 from avr.reward import CompositeReward, RewardTerm, Rollouts
-from avr.rollout import Job, rollout
+from avr.rollout import Job, replay_rng, rollout
 from avr.sequence import Trajectory
 from avr.world import PromptSpec, complexity
 from avr.world.complexity import LEVELS
@@ -340,8 +340,8 @@ class RLModule(BackboneModule):
     def _replay_plan(self) -> ReplayPlan:
         """This update's choice of SDE steps (`Replay.steps`) and, with `ode_anchor`, of the
         untrained steps each image replays for the anchor, both drawn from the step's own stream
-        (`Seeding.replay`). The sampler's settings come from the rollouts' samples."""
-        rng, replay = Seeding.replay(self.seed, self.global_step), self.replay
+        (`avr.rollout.replay_rng`). The sampler's settings come from the rollouts' samples."""
+        rng, replay = replay_rng(self.seed, self.global_step), self.replay
         return ReplayPlan(
             max_len=replay.max_len,
             sde_steps=lambda total: replay.steps(rng, total),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avr.rollout import SHARED_NOISE, replay_rng, rollout_seed
+from avr.rollout import SHARED_NOISE, rollout_seed
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,3 @@ class Seeding:
         seed (None: from its own seed). `stream`: the step, or the prompt's digest."""
         noise = rollout_seed(seed, prompt, SHARED_NOISE, stream) if self.shared_noise else None
         return rollout_seed(seed, prompt, sample, stream), noise
-
-    @staticmethod
-    def replay(seed: int, step: int) -> np.random.Generator:
-        """The generator of step `step`'s choice of replayed steps (the same when resumed)."""
-        return replay_rng(seed, step)
