@@ -1,7 +1,8 @@
 """Does the image generator use its prompt? Measurements, and a ladder of toy tasks.
 
-- `sample_direct`: draw one image per prompt straight after it (`<bos> prompt <mode:direct> <img>`),
-  as the direct mode does, with the ODE sampler and fixed noise;
+- `sample_direct`: draw one image per prompt in `direct` mode (`<bos> prompt <mode:direct> <img>`)
+  through the rollout engine, with the ODE sampler and an evaluation's seeds (`sample_copy` after
+  an input image, `ReadThenDraw`);
 - `prompt_fidelity`: those images judged by the verifier, as `avr.world.fidelity.Fidelity` ratios
   (colour and shape precision, objects per image, exact scenes);
 - `shuffled_loss_ratio`: the teacher-forced image flow loss of direct trajectories with their
@@ -22,12 +23,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from einops import rearrange
+from PIL import Image
 
 from avr.backbone import UnifiedLoss, pack
 from avr.backbone.model import UnifiedModel, require_unified
 from avr.backbone.packing import FlowSettings
 from avr.backbone.tokenizer import mode_token
+from avr.policy import SamplingConfig
+from avr.protocol import Mode
+from avr.registry import MODES
+from avr.rollout import Job, rollout, rollout_seed
 from avr.sequence import ImageRole, Segment, Trajectory
 from avr.world import (
     PromptSpec,
@@ -64,58 +69,72 @@ def copy_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajecto
 
 
 def sample_direct(
-    model: UnifiedModel, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0
+    model, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0, batch_size: int = 32
 ) -> np.ndarray:
-    """One image per prompt `[B, H, W, 3]` (uint8), drawn in a batch after `<mode:direct>` with
-    the ODE sampler; the noise comes from `seed`."""
-    require_unified(model, "avr.conditioning.sample_direct")
-    return _sample(model, specs, None, steps, seed)
+    """One image per prompt `[B, H, W, 3]` (uint8), rolled out in `direct` mode (`<bos> prompt
+    <mode:direct> <img>`) by the rollout engine with the ODE sampler; prompt `i`'s noise comes
+    from `avr.rollout.rollout_seed(seed, i)`, as an evaluation's does."""
+    return _sample(model, [MODES.get("direct")() for _ in specs], specs, steps, seed, batch_size)
 
 
 def sample_copy(
-    model: UnifiedModel,
+    model,
     specs: Sequence[PromptSpec],
     inputs: np.ndarray,
     steps: int = 10,
     seed: int = 0,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """One image per prompt `[B, H, W, 3]` (uint8) drawn after `<bos> prompt <img>input</img>
-    <mode:direct>` (`copy_trajectory`'s context) with the ODE sampler; `inputs` `[B, H, W, 3]`
-    uint8."""
-    require_unified(model, "avr.conditioning.sample_copy")
-    return _sample(model, specs, inputs, steps, seed)
+    <mode:direct>` (`copy_trajectory`'s context), rolled out like `sample_direct`; `inputs`
+    `[B, H, W, 3]` uint8."""
+    if len(inputs) != len(specs):
+        raise ValueError(
+            f"sample_copy needs one input per prompt, got {len(inputs)} for {len(specs)}"
+        )
+    modes = [ReadThenDraw(Image.fromarray(np.asarray(x, np.uint8), "RGB")) for x in inputs]
+    return _sample(model, modes, specs, steps, seed, batch_size)
 
 
-@torch.no_grad()
-def _sample(
-    model: UnifiedModel,
-    specs: Sequence[PromptSpec],
-    inputs: np.ndarray | None,
-    steps: int,
-    seed: int,
-) -> np.ndarray:
-    """`<bos> prompt [<img>input</img>] <mode:direct>`, then one ODE image per row (uint8)."""
+class ReadThenDraw(Mode):
+    """The copy rung's rollout: the prompt, `image` read as an input (`PolicyActor.read`), the
+    direct mode's token, one image drawn."""
+
+    name = "direct"
+    announced = False  # its token comes after the input image
+
+    def __init__(self, image: Image.Image) -> None:
+        super().__init__()
+        self.image = image
+
+    def run(self, actor, episode) -> None:
+        actor.read(episode, self.image)
+        actor.announce(episode, "direct")
+        self.draft(actor, episode)
+
+    def draft(self, actor, episode) -> None:
+        actor.draft(episode, ImageRole.FINAL)
+
+
+def _sample(model, modes, specs, steps: int, seed: int, batch_size: int) -> np.ndarray:
+    """Roll out `modes[i]` on `specs[i]` (greedy text, the ODE with `steps`) in eval mode; the
+    final images as uint8 `[B, H, W, 3]`."""
     was_training = model.training
     model.eval()
-    session = model.session(len(specs))
-    session.append_tokens([[model.tokenizer.bos_token_id]] * len(specs))
-    if inputs is None:
-        session.append_text([f"{s.prompt}{mode_token('direct')}" for s in specs])
-    else:
-        session.append_text([s.prompt for s in specs])
-        pixels = torch.from_numpy(np.ascontiguousarray(inputs)).float().div(255)
-        session.append_image(rearrange(pixels, "b h w c -> b c h w").to(session.device))
-        session.append_text([mode_token("direct")] * len(specs))
-    image = session.generate_image(
-        steps=steps, read=False, generator=torch.Generator().manual_seed(seed)
-    )
-    model.train(was_training)
-    drawn = rearrange(image.pixels.float().cpu(), "b c h w -> b h w c").numpy()
-    return (drawn * 255).round().astype(np.uint8)
+    jobs = [
+        Job(m, s, rollout_seed(seed, i)) for i, (m, s) in enumerate(zip(modes, specs, strict=True))
+    ]
+    try:
+        trajectories = rollout(
+            model, jobs, SamplingConfig(steps=steps, temperature=0.0), batch_size
+        )
+    finally:
+        model.train(was_training)
+    return np.stack([np.asarray(t.final_image, np.uint8) for t in trajectories])
 
 
 def copy_error(
-    model: UnifiedModel,
+    model,
     specs: Sequence[PromptSpec],
     scenes: Sequence[Scene],
     steps: int = 10,
@@ -126,7 +145,6 @@ def copy_error(
     scene's input (cyclically: what an image that ignores its input scores); returns
     (own, other, images). A model that copies has own ≪ other; one that ignores its input,
     own ≈ other."""
-    require_unified(model, "avr.conditioning.copy_error")
     if len(scenes) < 2:
         raise ValueError("copy_error needs at least two scenes")
     side = model.config.image_size
@@ -138,19 +156,14 @@ def copy_error(
 
 
 def prompt_fidelity(
-    model: UnifiedModel,
+    model,
     specs: Sequence[PromptSpec],
     steps: int = 10,
     seed: int = 0,
     batch_size: int = 32,
 ) -> tuple[dict[str, float], np.ndarray]:
     """`Fidelity` ratios of direct samples for `specs`, and the images themselves."""
-    require_unified(model, "avr.conditioning.prompt_fidelity")
-    images = [
-        sample_direct(model, specs[start : start + batch_size], steps, seed + start)
-        for start in range(0, len(specs), batch_size)
-    ]
-    images = np.concatenate(images)
+    images = sample_direct(model, specs, steps, seed, batch_size)
     return judge(images, specs), images
 
 

@@ -22,7 +22,7 @@ from avr.backbone.model import UnifiedModel
 from avr.backbone.tokenizer import IMAGE_START, mode_token
 from avr.data.critique import is_verdict_ok
 from avr.protocol import Critique, Episode
-from avr.sequence import ImageRole, Segment
+from avr.sequence import ImageRole, Segment, image_to_array
 
 _STEP = re.compile(r"step (\d+) of (\d+)")
 
@@ -172,6 +172,14 @@ class PolicyActor:
         token = mode_token(mode)
         episode.state.session.append_text([token])
         episode.add_text(token)  # scaffolding: forced, not sampled (no log-probs)
+
+    def read(self, episode: Episode, image: Image.Image) -> None:
+        """Read `image` as an input (an image the prompt comes with, not one the model draws): into
+        the context and the trajectory, as an `INPUT` segment that is never trained."""
+        size = self.model.config.image_size
+        pixels = torch.from_numpy(image_to_array(image, size))
+        episode.state.session.append_image(rearrange(pixels, "h w c -> 1 c h w"))
+        episode.trajectory.segments.append(Segment(image=image, role=ImageRole.INPUT, loss=False))
 
     def plan(self, episode: Episode, step: int) -> bool:
         steps = episode.state.steps

@@ -3,8 +3,10 @@
 # on a 2-core CPU (measured stage by stage in each model's history, docs/models/). Run from the repo root:
 #   bash experiments/reproduce-tiny.sh            (outputs under runs/, models under checkpoints/)
 # Deviation from the runs that made the shipped files: stages 1 and 1b were stopped by hand before
-# the end of their cosine schedules (7,750 of 20,000 and 4,000 of 6,000 steps); here max_steps ends
-# them there, so the learning rate decays fully within the run.
+# the end of their cosine schedules (7,750 of 20,000 and 4,000 of 6,000 steps); here their
+# "as-shipped" overlays end the schedules there, so the learning rate decays fully within the run.
+# Every stage is a config file (experiments/*.yaml and its overlays); the command lines add only
+# where outputs go and, for the three RL seeds, the seed.
 set -euo pipefail
 OUT=runs/tiny
 mkdir -p "$OUT"
@@ -12,12 +14,13 @@ last() { echo "$(ls -d "$1"/logs/version_* | tail -1)/checkpoints/last.ckpt"; }
 
 # 1. Text→image on direct trajectories (simple and medium prompts), shift 3: clean shapes.
 python -m avr.data build --overwrite --n 24000 --mode direct --mix simple=0.5,medium=0.5 --seed 0 -o runs/t2i-data
-python -m avr.fit experiments/t2i.yaml --trainer.max_steps 7750 --trainer.default_root_dir "$OUT/t2i"
+python -m avr.fit experiments/t2i.yaml --config experiments/overlays/t2i-as-shipped.yaml --trainer.default_root_dir "$OUT/t2i"
 python -m avr.export "$(last "$OUT/t2i")" --weights ema -o runs/t2i-7750-ema
 
 # 1b. Text→image with complex prompts, lr 3e-4 → 3e-5: as many objects as asked.
 python -m avr.data build --overwrite --n 48000 --mode direct --mix simple=0.3,medium=0.4,complex=0.3 --seed 1 -o runs/t2i-data2
-python -m avr.fit experiments/t2i.yaml --config experiments/overlays/counts.yaml --trainer.max_steps 4000 --trainer.default_root_dir "$OUT/t2i2"
+python -m avr.fit experiments/t2i.yaml --config experiments/overlays/counts.yaml --config experiments/overlays/counts-as-shipped.yaml \
+  --trainer.default_root_dir "$OUT/t2i2"
 python -m avr.export "$(last "$OUT/t2i2")" --weights raw -o checkpoints/shapeworld-tiny-t2i
 
 # 2. Interleaved SFT (direct / reflect / plan, adaptive labels by complexity) from the t2i weights,
@@ -46,9 +49,11 @@ python -m avr.export "$(last "$OUT/ft-grid-copy-sft")" --weights raw -o checkpoi
 #     same round on the same prompts with the complexity labels; both judged on the claims prompts.
 python -m avr.data build --overwrite --n 2000 --seed 21 --label-model checkpoints/shapeworld-tiny-edit -o runs/relabel-data
 python -m avr.data build --overwrite --n 2000 --seed 21 -o runs/control-data
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/relabel.yaml \
+  --trainer.default_root_dir "$OUT/relabel"
+python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/relabel.yaml \
+  --config experiments/overlays/relabel-control.yaml --trainer.default_root_dir "$OUT/control"
 for arm in relabel control; do
-  python -m avr.fit experiments/sft.yaml --config experiments/overlays/interleaved.yaml --config experiments/overlays/relabel.yaml \
-    --trainer.default_root_dir "$OUT/$arm" --data.init_args.path "runs/$arm-data"
   python -m avr.export "$(last "$OUT/$arm")" --weights raw -o "$OUT/$arm-model"
 done
 # 2e. Rounds of self-improvement from the edit model (docs/self-improvement.md): each round's

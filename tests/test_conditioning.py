@@ -11,6 +11,8 @@ from avr.conditioning import (
     context_loss_ratio,
     copy_error,
     prompt_fidelity,
+    sample_copy,
+    sample_direct,
     shuffled_loss_ratio,
     swapped_input_loss,
 )
@@ -138,7 +140,7 @@ def test_the_ladder_starts_a_rung_from_an_exported_model(tmp_path, capsys):
     assert "ladder rung 7, 2 steps x 2" in out and "copy error" in out
 
 
-def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():
+def test_the_flow_loss_diagnostics_refuse_another_backbone_at_once_naming_themselves():
     import avr.conditioning as conditioning
     from avr.defaults import tiny_janus
     from avr.world import sample_scene, sample_spec
@@ -147,12 +149,7 @@ def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():
     rng = np.random.default_rng(0)
     specs = [sample_spec("two_object", rng) for _ in range(2)]
     scenes = [sample_scene(s, rng) for s in specs]
-    inputs = np.zeros((2, 64, 64, 3), np.uint8)
     calls = {
-        "sample_direct": (specs,),
-        "sample_copy": (specs, inputs),
-        "copy_error": (specs, scenes),
-        "prompt_fidelity": (specs,),
         "shuffled_loss_ratio": (specs, scenes),
         "context_loss_ratio": (specs, scenes),
         "swapped_input_loss": (specs, scenes),
@@ -160,3 +157,33 @@ def test_the_diagnostics_refuse_another_backbone_at_once_naming_themselves():
     for name, args in calls.items():
         with pytest.raises(TypeError, match=rf"avr\.conditioning\.{name} needs a UnifiedModel"):
             getattr(conditioning, name)(janus, *args)
+
+
+def test_sampled_diagnostics_roll_out_through_the_engine_on_any_backbone():
+    """`prompt_fidelity` and `copy_error` draw through `avr.rollout` (the trajectories an
+    evaluation would roll out), so they run on the Janus backbone too; `sample_direct` draws what
+    a greedy `direct` evaluation draws with the same seeds."""
+    from avr.defaults import tiny_janus
+    from avr.policy import SamplingConfig
+    from avr.registry import MODES
+    from avr.rollout import Job, rollout, rollout_seed
+    from avr.world import sample_scene, sample_spec
+
+    rng = np.random.default_rng(1)
+    specs = [sample_spec("two_object", rng) for _ in range(3)]
+    scenes = [sample_scene(s, rng) for s in specs]
+    janus = tiny_janus(0)
+    summary, images = prompt_fidelity(janus, specs, steps=2)
+    assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+    assert summary["asked_per_image"] == 2.0
+    own, other, drawn = copy_error(janus, specs, scenes, steps=2)
+    assert drawn.shape == (3, 64, 64, 3) and 0 < own < 1 and 0 < other < 1
+
+    model = tiny_model(0)
+    drawn = sample_direct(model, specs, steps=2, seed=5, batch_size=2)
+    jobs = [Job(MODES.get("direct")(), s, rollout_seed(5, i)) for i, s in enumerate(specs)]
+    evaluated = rollout(model.eval(), jobs, SamplingConfig(steps=2, temperature=0.0))
+    for image, trajectory in zip(drawn, evaluated, strict=True):
+        assert np.array_equal(image, np.asarray(trajectory.final_image))
+    with pytest.raises(ValueError, match="one input per prompt, got 1 for 3"):
+        sample_copy(model, specs, images[:1])

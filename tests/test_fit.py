@@ -3,6 +3,7 @@
 import csv
 import glob
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,28 @@ def test_sft_with_lora_and_activation_checkpointing_exports_merged_weights(tmp_p
     start = tiny_model(0)  # sft.yaml: random init from seed 0; what LoRA freezes stays so
     assert torch.equal(model.lm.model.embed_tokens.weight, start.lm.model.embed_tokens.weight)
     assert not torch.equal(model.latent_in.weight, start.latent_in.weight)  # trained in full
+
+
+def test_every_stage_of_the_tiny_recipe_is_a_config_file(capsys):
+    """Each `avr.fit` run of `experiments/reproduce-tiny.sh` parses (`--print_config`), and its
+    command line adds nothing of the recipe: only where outputs go and, for the RL seed curves,
+    the seed."""
+    script = Path("experiments/reproduce-tiny.sh").read_text(encoding="utf-8")
+    commands = [
+        shlex.split(line.split("python -m avr.fit", 1)[1])
+        for line in script.replace("\\\n", " ").splitlines()
+        if "python -m avr.fit" in line
+    ]
+    assert len(commands) >= 15
+    allowed = {"--trainer.default_root_dir", "--seed_everything"} | {
+        f"--{part}.init_args.seed" for part in ("model", "data")
+    }
+    for argv in commands:
+        flags = [a for a in argv if a.startswith("--") and a != "--config"]
+        assert set(flags) <= allowed, argv
+        loops = {"$OUT": "runs/tiny", "$seed": "0", "$ablation": "no-penalty"}  # its variables
+        for name, value in loops.items():
+            argv = [a.replace(name, value) for a in argv]
+        with pytest.raises(SystemExit):
+            fit([*argv, "--print_config"])
+        assert "max_steps" in capsys.readouterr().out

@@ -181,19 +181,23 @@ class PromptUse(L.Callback):
         _log(trainer, {f"val/prompt_use/{name}": value for name, value in measured.items()})
 
     def measure(self, backbone) -> dict[str, float]:
-        """The ratios for `backbone`; empty for a backbone that is not a `UnifiedModel` (the
-        shuffled-prompt loss is a flow loss), with a warning the first time."""
+        """The ratios for `backbone`: the direct samples' for any backbone (they roll out through
+        `avr.rollout`); the two loss ratios for a `UnifiedModel` only (they are flow losses; a
+        warning says so the first time)."""
         from avr.backbone import UnifiedModel
         from avr.conditioning import context_loss_ratio, prompt_fidelity, shuffled_loss_ratio
 
-        if not isinstance(backbone, UnifiedModel):
-            rank_zero_warn(f"PromptUse measures unified models only, not {type(backbone).__name__}")
-            return {}
         summary, _ = prompt_fidelity(backbone, self.specs, self.steps, self.seed)
-        right, shuffled = shuffled_loss_ratio(backbone, self.specs, self.scenes, self.seed)
-        summary["shuffled_loss_ratio"] = shuffled / right
-        own, other = context_loss_ratio(backbone, self.specs, self.scenes, self.seed)
-        summary["context_loss_ratio"] = other / own
+        if isinstance(backbone, UnifiedModel):
+            right, shuffled = shuffled_loss_ratio(backbone, self.specs, self.scenes, self.seed)
+            summary["shuffled_loss_ratio"] = shuffled / right
+            own, other = context_loss_ratio(backbone, self.specs, self.scenes, self.seed)
+            summary["context_loss_ratio"] = other / own
+        else:
+            rank_zero_warn(
+                "PromptUse measures the flow-loss ratios of unified models only, not "
+                f"{type(backbone).__name__}: logging the direct samples' figures alone"
+            )
         return {k: v for k, v in summary.items() if v == v}  # NaN: nothing to count
 
 
