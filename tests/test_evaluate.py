@@ -198,7 +198,7 @@ def test_intervals_and_paired_comparisons():
 
 
 def test_runs_on_the_same_point_are_labelled_once_together():
-    from avr.evaluate import point_labels
+    from avr.report import point_labels
 
     def run(nfe, overall):
         return {"per_prompt": {"nfe": nfe}, "overall": overall}
