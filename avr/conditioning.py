@@ -28,6 +28,7 @@ from PIL import Image
 from avr.backbone import UnifiedLoss, pack
 from avr.backbone.model import UnifiedModel, require_unified
 from avr.backbone.packing import FlowSettings
+from avr.backbone.protocol import Backbone
 from avr.backbone.tokenizer import mode_token
 from avr.policy import SamplingConfig
 from avr.protocol import Mode
@@ -69,7 +70,11 @@ def copy_trajectory(spec: PromptSpec, scene: Scene, resolution: int) -> Trajecto
 
 
 def sample_direct(
-    model, specs: Sequence[PromptSpec], steps: int = 10, seed: int = 0, batch_size: int = 32
+    model: Backbone,
+    specs: Sequence[PromptSpec],
+    steps: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """One image per prompt `[B, H, W, 3]` (uint8), rolled out in `direct` mode (`<bos> prompt
     <mode:direct> <img>`) by the rollout engine with the ODE sampler; prompt `i`'s noise comes
@@ -78,7 +83,7 @@ def sample_direct(
 
 
 def sample_copy(
-    model,
+    model: Backbone,
     specs: Sequence[PromptSpec],
     inputs: np.ndarray,
     steps: int = 10,
@@ -116,7 +121,9 @@ class ReadThenDraw(Mode):
         actor.draft(episode, ImageRole.FINAL)
 
 
-def _sample(model, modes, specs, steps: int, seed: int, batch_size: int) -> np.ndarray:
+def _sample(
+    model: Backbone, modes: Sequence[Mode], specs, steps: int, seed: int, batch_size: int
+) -> np.ndarray:
     """Roll out `modes[i]` on `specs[i]` (greedy text, the ODE with `steps`) in eval mode; the
     final images as uint8 `[B, H, W, 3]`."""
     was_training = model.training
@@ -134,7 +141,7 @@ def _sample(model, modes, specs, steps: int, seed: int, batch_size: int) -> np.n
 
 
 def copy_error(
-    model,
+    model: Backbone,
     specs: Sequence[PromptSpec],
     scenes: Sequence[Scene],
     steps: int = 10,
@@ -156,7 +163,7 @@ def copy_error(
 
 
 def prompt_fidelity(
-    model,
+    model: Backbone,
     specs: Sequence[PromptSpec],
     steps: int = 10,
     seed: int = 0,
