@@ -176,10 +176,13 @@ class PolicyActor:
     def read(self, episode: Episode, image: Image.Image) -> None:
         """Read `image` as an input (an image the prompt comes with, not one the model draws): into
         the context and the trajectory, as an `INPUT` segment that is never trained."""
-        size = self.model.config.image_size
-        pixels = torch.from_numpy(image_to_array(image, size))
-        episode.state.session.append_image(rearrange(pixels, "h w c -> 1 c h w"))
+        self._append_image(episode, image)
         episode.trajectory.segments.append(Segment(image=image, role=ImageRole.INPUT, loss=False))
+
+    def _append_image(self, episode: Episode, image: Image.Image) -> None:
+        """Put `image`, drawn by someone else, into the episode's context (not its trajectory)."""
+        pixels = torch.from_numpy(image_to_array(image, self.model.config.image_size))
+        episode.state.session.append_image(rearrange(pixels, "h w c -> 1 c h w"))
 
     def plan(self, episode: Episode, step: int) -> bool:
         steps = episode.state.steps

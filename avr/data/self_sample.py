@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from einops import rearrange
 
 from avr.data.teacher import ShapeWorldTeacher
 from avr.policy import PolicyActor, PolicyState, SamplingConfig
 from avr.protocol import Critique, Episode
-from avr.sequence import ImageRole, Segment, Trajectory, image_to_array
+from avr.sequence import ImageRole, Segment, Trajectory
 from avr.world.edit import correct_scene, detected_scene
 from avr.world.render import render
 from avr.world.scene import Scene
@@ -147,8 +146,7 @@ class SelfSampleActor(PolicyActor):
         episode.add_image(image, role)
         episode.trajectory.segments[-1].meta["drawn_by"] = "teacher"
         episode.trajectory.meta["refine_targets"].append(kind)
-        pixels = torch.from_numpy(image_to_array(image, self.model.config.image_size))
-        episode.state.session.append_image(rearrange(pixels, "h w c -> 1 c h w"))
+        self._append_image(episode, image)
 
     def finish(self, episode: Episode) -> None:
         super().finish(episode)
