@@ -165,21 +165,20 @@ def renders(out: Path, n: int, seed: int, split: str) -> dict:
     """The same file of teacher renders instead of drafts: a scene that satisfies the prompt, or
     (half the time) that scene with one planted error, judged by the verifier (the reader's
     sanity check: on renders the picture decides)."""
-    from avr.data.teacher import ShapeWorldTeacher
-    from avr.world import render, sample_scene
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from render_views import right_or_planted
 
     verifier, rng = Verifier(), np.random.default_rng(seed)
     images, rows = [], []
     for spec in sample_specs(n, seed=seed, split=split):
         if complexity(spec).level not in LEVELS:
             continue
-        try:
-            scene = sample_scene(spec, rng)
-        except ValueError:
+        drawn = right_or_planted(spec, rng, verifier)
+        if drawn is None:
             continue
-        if rng.random() < 0.5:
-            scene = ShapeWorldTeacher(scene, rng, verifier=verifier)._corrupt(scene, spec)
-        image = np.asarray(render(scene, 64), np.uint8)
+        image = np.asarray(drawn, np.uint8)
         images.append(image)
         rows.append((spec.prompt, complexity(spec).level, verifier.verify(image, spec).correct))
     ok = np.array([r[2] for r in rows])

@@ -77,6 +77,18 @@ def _view(spec, image: Image.Image, verdict) -> Trajectory:
     return Trajectory(segments, {**meta, "view": {"position": "first", "ok": verdict.correct}})
 
 
+def right_or_planted(spec, rng: np.random.Generator, verifier: Verifier) -> Image.Image | None:
+    """A render of a scene that satisfies `spec`, or (half the time) of that scene with one of
+    the teacher's planted errors; None where no scene satisfies it."""
+    try:
+        scene = sample_scene(spec, rng)
+    except ValueError:
+        return None
+    if rng.random() < 0.5:
+        scene = ShapeWorldTeacher(scene, rng, verifier=verifier)._corrupt(scene, spec)
+    return render(scene, 64)
+
+
 def build(out: Path, n: int, seed: int, split: str, degraded: float) -> dict:
     out.mkdir()
     verifier, rng = Verifier(), np.random.default_rng(seed)
@@ -86,13 +98,9 @@ def build(out: Path, n: int, seed: int, split: str, degraded: float) -> dict:
         level = complexity(spec).level
         if level not in LEVELS:
             continue
-        try:
-            scene = sample_scene(spec, rng)
-        except ValueError:
+        image = right_or_planted(spec, rng, verifier)
+        if image is None:
             continue
-        if rng.random() < 0.5:
-            scene = ShapeWorldTeacher(scene, rng, verifier=verifier)._corrupt(scene, spec)
-        image = render(scene, 64)
         if rng.random() < degraded:
             image = degrade(image, rng)
         verdict = verifier.verify(image, spec)
