@@ -41,6 +41,7 @@ import argparse
 import itertools
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ from torch.nn import functional as F
 from avr.backbone import from_pretrained
 from avr.conditioning import sample_direct
 from avr.world import Verifier, complexity, sample_specs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from render_views import _view, critique, right_or_planted, write_folder
 
 LEVELS = ("simple", "medium")
 
@@ -67,14 +71,7 @@ def sample(out: Path, model_dir: str, n: int, seed: int, split: str, draws: int)
         for spec, image in zip(specs, drawn, strict=True):
             images.append(image)
             rows.append((spec.prompt, complexity(spec).level, verifier.verify(image, spec).correct))
-    np.savez_compressed(
-        out,
-        images=np.stack(images),
-        prompts=np.array([r[0] for r in rows]),
-        levels=np.array([r[1] for r in rows]),
-        ok=np.array([r[2] for r in rows]),
-    )
-    ok = np.array([r[2] for r in rows])
+    ok = _save(out, images, rows)
     return {
         "drafts": len(rows),
         "right": round(float(ok.mean()), 3),
@@ -82,16 +79,23 @@ def sample(out: Path, model_dir: str, n: int, seed: int, split: str, draws: int)
     }
 
 
+def _save(out: Path, images: list[np.ndarray], rows: list[tuple[str, str, bool]]) -> np.ndarray:
+    """Write images and their (prompt, level, verdict) rows to `out` (`.npz`); the verdicts."""
+    ok = np.array([r[2] for r in rows])
+    np.savez_compressed(
+        out,
+        images=np.stack(images),
+        prompts=np.array([r[0] for r in rows]),
+        levels=np.array([r[1] for r in rows]),
+        ok=ok,
+    )
+    return ok
+
+
 def views(data: Path, out: Path, n: int, seed: int, split: str) -> dict:
     """First-critique views of the drafts in `data` (sampled with the same `n`, `seed`, `split`
     and one draw: row i is the i-th kept spec), balanced per level and verdict."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from render_views import _view
-
-    from avr.data.build import content_id, write_shard
-    from avr.sequence import FORMAT_VERSION, trajectory_to_record
+    from avr.sequence import trajectory_to_record
 
     found = dict(np.load(data))
     specs = [s for s in sample_specs(n, seed=seed, split=split) if complexity(s).level in LEVELS]
@@ -109,30 +113,15 @@ def views(data: Path, out: Path, n: int, seed: int, split: str) -> dict:
         keep += [int(i) for c in cells for i in rng.choice(c, size, replace=False)]
     rng.shuffle(keep)
     out.mkdir()
-    lines, shards = [], []
+    lines = []
     for i in keep:
         image = Image.fromarray(found["images"][i])
         verdict = verifier.verify(image, specs[i])
         lines.append(
             json.dumps(trajectory_to_record(_view(specs[i], image, verdict), f"{i:07d}o", out))
         )
-        if len(lines) == 1000:
-            shards.append(write_shard(out / f"shard-{len(shards):05d}.jsonl", lines))
-            lines = []
-    if lines:
-        shards.append(write_shard(out / f"shard-{len(shards):05d}.jsonl", lines))
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n": len(keep),
-        "split": split,
-        "mode": "reflect",
-        "resolution": 64,
-        "shards": shards,
-        "source": "experiments/probes/reader_apart.py views",
-    }
-    manifest["build_id"] = content_id(out, shards)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    settings = {"seed": seed, "n": len(keep), "split": split}
+    manifest = write_folder(out, lines, settings, "reader_apart.py views")
     return {k: manifest[k] for k in ("n", "build_id")}
 
 
@@ -165,11 +154,6 @@ def renders(out: Path, n: int, seed: int, split: str) -> dict:
     """The same file of teacher renders instead of drafts: a scene that satisfies the prompt, or
     (half the time) that scene with one planted error, judged by the verifier (the reader's
     sanity check: on renders the picture decides)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from render_views import right_or_planted
-
     verifier, rng = Verifier(), np.random.default_rng(seed)
     images, rows = [], []
     for spec in sample_specs(n, seed=seed, split=split):
@@ -181,14 +165,7 @@ def renders(out: Path, n: int, seed: int, split: str) -> dict:
         image = np.asarray(drawn, np.uint8)
         images.append(image)
         rows.append((spec.prompt, complexity(spec).level, verifier.verify(image, spec).correct))
-    ok = np.array([r[2] for r in rows])
-    np.savez_compressed(
-        out,
-        images=np.stack(images),
-        prompts=np.array([r[0] for r in rows]),
-        levels=np.array([r[1] for r in rows]),
-        ok=ok,
-    )
+    ok = _save(out, images, rows)
     return {"renders": len(rows), "right": round(float(ok.mean()), 3)}
 
 
@@ -196,11 +173,6 @@ def renders(out: Path, n: int, seed: int, split: str) -> dict:
 def critic(data: Path, model_dir: str, key: str = "said_ok") -> dict:
     """The model's own first critique of every draft in `data`: `said_ok` in the file itself,
     another `key` in `DATA.KEY.npy` beside it."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from render_views import critique
-
     from avr.data.critique import is_verdict_ok
 
     found = dict(np.load(data))
@@ -331,51 +303,42 @@ def train(
                 f"step {step + 1} loss {loss.item():.3f} held-out balanced {curve[-1][1]}",
                 flush=True,
             )
-    model.eval()
-    with torch.no_grad():
-        said = (
-            torch.cat(
-                [
-                    model(test_images[i : i + 512], test_tokens[i : i + 512])
-                    for i in range(0, len(test_tokens), 512)
-                ]
-            )
-            > 0
-        )
+    said = _predict(model, test_images, test_tokens)
     result = {
         "params": params,
         "train_drafts": len(ok),
         "steps": steps,
         "s": round(time.time() - start),
         "curve": curve,
-        "reader": score(held["ok"], said.numpy(), held["levels"]),
+        "reader": score(held["ok"], said, held["levels"]),
     }
     if "said_ok" in held:
         result["own_critic"] = score(held["ok"], held["said_ok"], held["levels"])
     if tail is not None:
-        tail_images, tail_tokens, _ = _tensors(tail, vocab)
-        with torch.no_grad():
-            said = torch.cat(
-                [
-                    model(tail_images[i : i + 512], tail_tokens[i : i + 512])
-                    for i in range(0, len(tail_tokens), 512)
-                ]
-            )
-        result["reader_train_split"] = score(tail["ok"], said.numpy() > 0, tail["levels"])
+        said = _predict(model, *_tensors(tail, vocab)[:2])
+        result["reader_train_split"] = score(tail["ok"], said, tail["levels"])
     return result
 
 
 @torch.no_grad()
-def _test(model, images, tokens, held) -> float:
+def _predict(model: Reader, images: torch.Tensor, tokens: torch.Tensor) -> np.ndarray:
+    """The reader's verdicts (True: right), in eval mode, 512 at a time; its mode restored."""
+    was_training = model.training
     model.eval()
-    said = (
-        torch.cat(
-            [model(images[i : i + 512], tokens[i : i + 512]) for i in range(0, len(tokens), 512)]
-        )
-        > 0
-    )
-    model.train()
-    return score(held["ok"], said.numpy(), held["levels"])["all"]["balanced"]
+    logits = [model(images[i : i + 512], tokens[i : i + 512]) for i in range(0, len(tokens), 512)]
+    model.train(was_training)
+    return (torch.cat(logits) > 0).numpy()
+
+
+def _test(model, images, tokens, held) -> float:
+    return score(held["ok"], _predict(model, images, tokens), held["levels"])["all"]["balanced"]
+
+
+def _prompts_drawn(command: argparse.ArgumentParser, seed: int) -> None:
+    """The flags that say which prompts a file holds (`views` must repeat its `sample`'s)."""
+    command.add_argument("--n", type=int, default=24000, help="prompts drawn (simple, medium kept)")
+    command.add_argument("--seed", type=int, default=seed)
+    command.add_argument("--split", default="train")
 
 
 def main() -> None:
@@ -384,9 +347,7 @@ def main() -> None:
     s = commands.add_parser("sample", help="the model's own drafts, judged by the verifier")
     s.add_argument("out", type=Path)
     s.add_argument("--model", default="checkpoints/shapeworld-tiny-self")
-    s.add_argument("--n", type=int, default=24000, help="prompts drawn (simple and medium kept)")
-    s.add_argument("--seed", type=int, default=81)
-    s.add_argument("--split", default="train")
+    _prompts_drawn(s, seed=81)
     s.add_argument("--draws", type=int, default=1, help="drafts per prompt")
     c = commands.add_parser("critic", help="the model's own first critique of each draft")
     c.add_argument("data", type=Path)
@@ -394,15 +355,11 @@ def main() -> None:
     c.add_argument("--key", default="said_ok", help="where the verdicts are stored in the file")
     r = commands.add_parser("renders", help="the same file of teacher renders")
     r.add_argument("out", type=Path)
-    r.add_argument("--n", type=int, default=24000)
-    r.add_argument("--seed", type=int, default=71)
-    r.add_argument("--split", default="train")
+    _prompts_drawn(r, seed=71)
     v = commands.add_parser("views", help="first-critique views of sampled drafts")
     v.add_argument("data", type=Path)
     v.add_argument("out", type=Path)
-    v.add_argument("--n", type=int, default=24000)
-    v.add_argument("--seed", type=int, default=81)
-    v.add_argument("--split", default="train")
+    _prompts_drawn(v, seed=81)
     w = commands.add_parser("widen", help="a model with a new, larger reader")
     w.add_argument("out", type=Path)
     w.add_argument("--model", default="checkpoints/shapeworld-tiny-self")

@@ -93,7 +93,7 @@ def build(out: Path, n: int, seed: int, split: str, degraded: float) -> dict:
     out.mkdir()
     verifier, rng = Verifier(), np.random.default_rng(seed)
     want = {(level, ok): n // 4 for level in LEVELS for ok in (True, False)}
-    counts, lines, shards = Counter(), [], []
+    counts, lines = Counter(), []
     for i, spec in enumerate(sample_specs(4 * n, seed=seed, split=split)):
         level = complexity(spec).level
         if level not in LEVELS:
@@ -109,24 +109,30 @@ def build(out: Path, n: int, seed: int, split: str, degraded: float) -> dict:
         counts[(level, verdict.correct)] += 1
         view = _view(spec, image, verdict)
         lines.append(json.dumps(trajectory_to_record(view, f"{i:07d}r", out)))
-        if len(lines) == 1000:
-            shards.append(write_shard(out / f"shard-{len(shards):05d}.jsonl", lines))
-            lines = []
         if sum(counts.values()) >= 4 * (n // 4):
             break
-    if lines:
-        shards.append(write_shard(out / f"shard-{len(shards):05d}.jsonl", lines))
+    settings = {"seed": seed, "n": sum(counts.values()), "split": split, "degraded": degraded}
+    counted = {f"{level}/{ok}": c for (level, ok), c in sorted(counts.items())}
+    return write_folder(out, lines, {**settings, "counts": counted}, "render_views.py")
+
+
+def write_folder(out: Path, lines: list[str], settings: dict, source: str) -> dict:
+    """Write critique-view records (`lines`, JSON) to `out` as a data folder `avr.fit` reads:
+    shards of 1,000, and a manifest of `settings`, the shards and the folder's build id."""
+    shards = [
+        write_shard(out / f"shard-{k // 1000:05d}.jsonl", lines[k : k + 1000])
+        for k in range(0, len(lines), 1000)
+    ]
     manifest = {
         "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n": sum(counts.values()),
-        "split": split,
+        "seed": settings["seed"],
+        "n": settings["n"],
+        "split": settings["split"],
         "mode": "reflect",
         "resolution": 64,
-        "degraded": degraded,
+        **{k: v for k, v in settings.items() if k not in ("seed", "n", "split")},
         "shards": shards,
-        "counts": {f"{level}/{ok}": c for (level, ok), c in sorted(counts.items())},
-        "source": "experiments/probes/render_views.py",
+        "source": f"experiments/probes/{source}",
     }
     manifest["build_id"] = content_id(out, shards)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
