@@ -103,8 +103,20 @@ def views(data: Path, out: Path, n: int, seed: int, split: str) -> dict:
         s.prompt != str(p) for s, p in zip(specs, found["prompts"], strict=True)
     ):
         raise ValueError(f"{data}: not sampled with --n {n} --seed {seed} --split {split}")
-    rng, verifier = np.random.default_rng(seed), Verifier()
-    keep = []
+    keep = balanced(found, seed)
+    out.mkdir()
+    lines = [
+        json.dumps(trajectory_to_record(view, f"{i:07d}o", out))
+        for i, view in zip(keep, draft_views(found, specs, keep, Verifier()), strict=True)
+    ]
+    settings = {"seed": seed, "n": len(keep), "split": split}
+    manifest = write_folder(out, lines, settings, "reader_apart.py views")
+    return {k: manifest[k] for k in ("n", "build_id")}
+
+
+def balanced(found: dict, seed: int) -> list[int]:
+    """Rows of a sampled file, as many right drafts as wrong ones within each level, shuffled."""
+    rng, keep = np.random.default_rng(seed), []
     for level in LEVELS:
         cells = [
             np.flatnonzero((found["levels"] == level) & (found["ok"] == ok)) for ok in (True, False)
@@ -112,17 +124,16 @@ def views(data: Path, out: Path, n: int, seed: int, split: str) -> dict:
         size = min(map(len, cells))
         keep += [int(i) for c in cells for i in rng.choice(c, size, replace=False)]
     rng.shuffle(keep)
-    out.mkdir()
-    lines = []
-    for i in keep:
+    return keep
+
+
+def draft_views(found: dict, specs: list, rows: list[int], verifier: Verifier) -> list:
+    """The first-critique view of each draft in `rows`: the verifier's critique of it, trained."""
+    views = []
+    for i in rows:
         image = Image.fromarray(found["images"][i])
-        verdict = verifier.verify(image, specs[i])
-        lines.append(
-            json.dumps(trajectory_to_record(_view(specs[i], image, verdict), f"{i:07d}o", out))
-        )
-    settings = {"seed": seed, "n": len(keep), "split": split}
-    manifest = write_folder(out, lines, settings, "reader_apart.py views")
-    return {k: manifest[k] for k in ("n", "build_id")}
+        views.append(_view(specs[i], image, verifier.verify(image, specs[i])))
+    return views
 
 
 def widen(out: Path, model_dir: str, patch: int, width: int, layers: int, seed: int) -> dict:
