@@ -40,7 +40,7 @@ from avr.world.scene import COLORS, SHAPES
 from avr.world.verify import _FILL, Detection
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reader_apart import score
+from reader_apart import prompts_drawn, score
 
 CLASSES = 1 + len(COLORS) * len(SHAPES)  # background, then colour-major (colour, shape)
 SIZE = 64
@@ -244,23 +244,16 @@ def train(
     return result
 
 
-def _drawn(command: argparse.ArgumentParser) -> None:
-    """Which `sample_specs` the scored file's prompts were drawn from (`reader_apart.py sample`)."""
-    command.add_argument("--n", type=int, default=600)
-    command.add_argument("--seed-drawn", type=int, default=11)
-    command.add_argument("--split", default="heldout")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     o = commands.add_parser("oracle", help="the verifier's own label maps read back")
     o.add_argument("data", type=Path)
-    _drawn(o)
+    prompts_drawn(o, 11, 600, "heldout", "--seed-drawn")  # the scored file's prompts
     t = commands.add_parser("train", help="fit and score the segmenting reader")
     t.add_argument("train", type=Path, nargs="+", help="sampled or rendered .npz files")
     t.add_argument("test", type=Path)
-    _drawn(t)
+    prompts_drawn(t, 11, 600, "heldout", "--seed-drawn")
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--width", type=int, default=32)
     t.add_argument("--batch", type=int, default=64)

@@ -345,11 +345,17 @@ def _test(model, images, tokens, held) -> float:
     return score(held["ok"], _predict(model, images, tokens), held["levels"])["all"]["balanced"]
 
 
-def _prompts_drawn(command: argparse.ArgumentParser, seed: int) -> None:
+def prompts_drawn(
+    command: argparse.ArgumentParser,
+    seed: int,
+    n: int = 24000,
+    split: str = "train",
+    seed_flag: str = "--seed",
+) -> None:
     """The flags that say which prompts a file holds (`views` must repeat its `sample`'s)."""
-    command.add_argument("--n", type=int, default=24000, help="prompts drawn (simple, medium kept)")
-    command.add_argument("--seed", type=int, default=seed)
-    command.add_argument("--split", default="train")
+    command.add_argument("--n", type=int, default=n, help="prompts drawn (simple, medium kept)")
+    command.add_argument(seed_flag, type=int, default=seed)
+    command.add_argument("--split", default=split)
 
 
 def main() -> None:
@@ -358,7 +364,7 @@ def main() -> None:
     s = commands.add_parser("sample", help="the model's own drafts, judged by the verifier")
     s.add_argument("out", type=Path)
     s.add_argument("--model", default="checkpoints/shapeworld-tiny-self")
-    _prompts_drawn(s, seed=81)
+    prompts_drawn(s, seed=81)
     s.add_argument("--draws", type=int, default=1, help="drafts per prompt")
     c = commands.add_parser("critic", help="the model's own first critique of each draft")
     c.add_argument("data", type=Path)
@@ -366,11 +372,11 @@ def main() -> None:
     c.add_argument("--key", default="said_ok", help="where the verdicts are stored in the file")
     r = commands.add_parser("renders", help="the same file of teacher renders")
     r.add_argument("out", type=Path)
-    _prompts_drawn(r, seed=71)
+    prompts_drawn(r, seed=71)
     v = commands.add_parser("views", help="first-critique views of sampled drafts")
     v.add_argument("data", type=Path)
     v.add_argument("out", type=Path)
-    _prompts_drawn(v, seed=81)
+    prompts_drawn(v, seed=81)
     w = commands.add_parser("widen", help="a model with a new, larger reader")
     w.add_argument("out", type=Path)
     w.add_argument("--model", default="checkpoints/shapeworld-tiny-self")
