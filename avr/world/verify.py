@@ -297,6 +297,15 @@ _FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 _PAD = 2
 
 
+def shape_box(shape: str, area: float, cx: float, cy: float) -> tuple[float, float, float, float]:
+    """The box `(x0, y0, x1, y1)` of `shape` drawn with `area` pixels and centroid `(cx, cy)`:
+    how the shape fit places a blob."""
+    side = float(np.sqrt(area / _FILL[shape]))
+    # A triangle's centroid lies 2/3 of the way down from its apex: its box centre is side/6 up.
+    top = cy - side / 2 - (side / 6 if shape == "triangle" else 0.0)
+    return (cx - side / 2, top, cx + side / 2, top + side)
+
+
 def _fit(
     mask: np.ndarray, alpha: np.ndarray, others: np.ndarray, min_area: float, max_error: float
 ):
@@ -320,10 +329,7 @@ def _fit(
     cx, cy = float((observed * gx).sum() / area), float((observed * gy).sum() / area)
     best = None
     for shape in SHAPES:
-        side = float(np.sqrt(area / _FILL[shape]))
-        # A triangle's centroid lies 2/3 of the way down from its apex: its box centre is side/6 up.
-        top = cy - side / 2 - (side / 6 if shape == "triangle" else 0.0)
-        box = (cx - side / 2, top, cx + side / 2, top + side)
+        box = shape_box(shape, area, cx, cy)
         error = float((((observed - coverage(shape, box, (x0, y0, x1, y1))) * valid) ** 2).sum())
         if best is None or error < best[0]:
             best = (error, shape, box)

@@ -37,7 +37,7 @@ from avr.machine import cpu_bf16
 from avr.world import Verifier, sample_specs
 from avr.world.render import coverage
 from avr.world.scene import COLORS, SHAPES
-from avr.world.verify import _FILL, Detection
+from avr.world.verify import Detection, shape_box
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reader_apart import prompts_drawn, score
@@ -75,11 +75,7 @@ def detections(label: np.ndarray, verifier: Verifier) -> list[Detection]:
                 continue
             color, shape = COLORS[(c - 1) // len(SHAPES)], SHAPES[(c - 1) % len(SHAPES)]
             cx, cy = float(xs.mean() + 0.5), float(ys.mean() + 0.5)
-            side = float(np.sqrt(area / _FILL[shape]))
-            top = cy - side / 2 - (side / 6 if shape == "triangle" else 0.0)
-            found.append(
-                Detection(shape, color, (cx - side / 2, top, cx + side / 2, top + side), area)
-            )
+            found.append(Detection(shape, color, shape_box(shape, area, cx, cy), area))
     return sorted(found, key=lambda d: -d.area)
 
 

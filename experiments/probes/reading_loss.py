@@ -8,8 +8,8 @@ its own drafts (the prompt and `<mode:reflect>` read, the draft read, the verifi
 trained, balanced per level and verdict, as `reader_apart.py views` builds them), and beside the
 usual loss a linear head on the model's last hidden states at the draft's read tokens labels every
 pixel of the draft as `canvas_reader.py` does (`--aux 0` is the control: the same loop, the views
-alone shaping the model, the head trained on its detached states as a probe). The head is thrown away afterwards: only the model is saved, and its critic is scored
-with `reader_apart.py critic`. `readout` scores what the head reads (the verdict from its label
+alone shaping the model, the head trained on its detached states as a probe). The head is thrown
+away afterwards: only the model is saved, and its critic is scored with `reader_apart.py critic`. `readout` scores what the head reads (the verdict from its label
 maps): how much of the canvas the model's states hold, beside what its critique says.
 
     python experiments/probes/reading_loss.py train runs/apart-train.npz runs/aux-1 --aux 1
@@ -40,7 +40,7 @@ from avr.world import Verifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from canvas_reader import CLASSES, SIZE, labels, specs_of, verdicts
-from reader_apart import balanced, draft_views, score
+from reader_apart import balanced, draft_views, prompts_drawn, score
 
 
 class PixelHead(nn.Module):
@@ -84,14 +84,15 @@ def train(
     batch: int,
     lr: float,
     seed: int,
-    background: float = 0.3,
+    background: float,
+    drawn: tuple[int, int, str],
 ) -> dict:
-    """Views of the drafts in `data` (`reader_apart.py sample --n 30000 --seed 81`), `steps`
+    """Views of the drafts in `data` (sampled from the prompts `drawn`), `steps`
     steps of `batch`, AdamW with 20 warmup steps and a cosine to 0.1·lr, bf16 autocast where the
     CPU has it; the model saved to `out` (the head beside it, `reading_head.safetensors`)."""
     torch.manual_seed(seed)
     found, verifier = dict(np.load(data)), Verifier()
-    specs = specs_of(found["prompts"], 30000, 81, "train")
+    specs = specs_of(found["prompts"], *drawn)
     rows = balanced(found, seed)
     model = from_pretrained(model_dir).train()
     patch = model.config.vision.get("patch_size", 16)
@@ -153,11 +154,11 @@ def train(
 
 
 @torch.no_grad()
-def readout(model_dir: Path, data: Path) -> dict:
+def readout(model_dir: Path, data: Path, drawn: tuple[int, int, str]) -> dict:
     """The head's label maps of the drafts in `data` (each read in its first-critique view),
     scored as `canvas_reader.py` scores its reader: the verdict from the maps alone."""
     found, verifier = dict(np.load(data)), Verifier()
-    specs = specs_of(found["prompts"], 600, 11, "heldout")
+    specs = specs_of(found["prompts"], *drawn)
     model = from_pretrained(str(model_dir)).eval()
     head = PixelHead(model.lm.config.hidden_size, model.config.vision.get("patch_size", 16))
     head.load_state_dict(load_file(str(model_dir / "reading_head.safetensors")))
@@ -194,9 +195,11 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--background", type=float, default=0.3, help="weight of background pixels")
+    prompts_drawn(t, 81, 30000, "train", "--seed-drawn")  # the drafts' prompts
     r = commands.add_parser("readout", help="score what the reading head reads")
     r.add_argument("model", type=Path)
     r.add_argument("data", type=Path)
+    prompts_drawn(r, 11, 600, "heldout", "--seed-drawn")
     args = parser.parse_args()
     if args.command == "train":
         result = train(
@@ -209,9 +212,10 @@ def main() -> None:
             args.lr,
             args.seed,
             args.background,
+            (args.n, args.seed_drawn, args.split),
         )
     else:
-        result = readout(args.model, args.data)
+        result = readout(args.model, args.data, (args.n, args.seed_drawn, args.split))
     print(json.dumps(result, indent=1))
 
 
